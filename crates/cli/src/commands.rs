@@ -1,0 +1,355 @@
+//! Client commands: each builds and signs what it sends, then prints a table or JSON.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::json;
+use signpost_client::{Client, ClientConfig};
+use signpost_proto::v1::{BindingPayload, DeregisterPayload, Endpoint, RecordPayload};
+
+use crate::output;
+use crate::ClientOpts;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn load_config(opts: &ClientOpts) -> anyhow::Result<ClientConfig> {
+    let path = opts
+        .config
+        .clone()
+        .context("no client config: pass --config DIR/client.toml or set SIGNPOST_CONFIG")?;
+    let mut config = ClientConfig::load(&path)?;
+    if let (Some(cert), Some(key)) = (&opts.cert, &opts.cert_key) {
+        config.tls.cert = cert.clone();
+        config.tls.key = key.clone();
+    }
+    Ok(config)
+}
+
+fn connect(opts: &ClientOpts) -> anyhow::Result<(ClientConfig, Client)> {
+    let config = load_config(opts)?;
+    let client = Client::connect(&config)?;
+    Ok((config, client))
+}
+
+pub(crate) fn keygen(out: &Path) -> anyhow::Result<()> {
+    let key = signpost_record::generate_signing_key();
+    signpost_record::write_key_files(out, &key)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} (private, 0600) and {}",
+        out.display(),
+        signpost_record::public_key_path(out).display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BindArgs {
+    /// Service name.
+    service: String,
+    /// Public key file(s) allowed to sign for the service (FILE.pub from keygen).
+    #[arg(long = "pubkey", required = true)]
+    pubkeys: Vec<PathBuf>,
+    /// Binding version (default: the current time in ms, which only increases).
+    #[arg(long)]
+    version: Option<u64>,
+    /// Admin signing key (default: admin_key from the client config).
+    #[arg(long = "admin-key")]
+    admin_key: Option<PathBuf>,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn bind(args: BindArgs) -> anyhow::Result<()> {
+    let (config, client) = connect(&args.opts)?;
+    let admin_key_path = args
+        .admin_key
+        .or(config.admin_key.clone())
+        .context("no admin key: pass --admin-key or set admin_key in the client config")?;
+    let admin_key = signpost_record::read_signing_key(&admin_key_path)
+        .with_context(|| format!("reading {}", admin_key_path.display()))?;
+    let mut public_keys = Vec::new();
+    for path in &args.pubkeys {
+        let key = signpost_record::read_verifying_key(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        public_keys.push(key.to_bytes().to_vec());
+    }
+    let payload = BindingPayload {
+        service: args.service.clone(),
+        public_keys,
+        version: args.version.unwrap_or_else(now_ms),
+        issued_at_ms: now_ms(),
+        not_before_ms: 0,
+        not_after_ms: 0,
+    };
+    let envelope = signpost_record::sign_binding(&admin_key, &payload);
+    let revision = client.bind(envelope).await?;
+    output::write_result(
+        args.opts.json,
+        &format!(
+            "bound {} key(s) to {} at revision {revision}",
+            args.pubkeys.len(),
+            args.service
+        ),
+        json!({"revision": revision, "service": args.service, "version": payload.version}),
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RegisterArgs {
+    /// Service name.
+    service: String,
+    /// Instance id.
+    #[arg(long)]
+    instance: String,
+    /// Endpoint HOST:PORT, optionally HOST:PORT/PROTOCOL (repeatable).
+    #[arg(long = "endpoint", required = true)]
+    endpoints: Vec<String>,
+    /// Metadata K=V (repeatable).
+    #[arg(long = "meta")]
+    meta: Vec<String>,
+    /// The service's signing key (bound with `signpost bind`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Lease TTL in seconds.
+    #[arg(long, default_value_t = 30)]
+    ttl: u32,
+    /// TLS identity the instance serves with (default: spiffe://<td>/service/<SERVICE>).
+    #[arg(long = "tls-identity")]
+    tls_identity: Option<String>,
+    /// Sequence number (default: the current time in ms, which only increases).
+    #[arg(long)]
+    sequence: Option<u64>,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+fn parse_endpoint(text: &str) -> anyhow::Result<Endpoint> {
+    let (addr, protocol) = match text.split_once('/') {
+        Some((a, p)) => (a, p.to_string()),
+        None => (text, "grpc".to_string()),
+    };
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("endpoint {text:?} is not HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("endpoint {text:?} has an invalid port"))?;
+    if host.is_empty() || port == 0 {
+        bail!("endpoint {text:?} needs a host and a port in 1..=65535");
+    }
+    Ok(Endpoint {
+        host: host.to_string(),
+        port: u32::from(port),
+        protocol,
+    })
+}
+
+pub(crate) async fn register(args: RegisterArgs) -> anyhow::Result<()> {
+    let (config, client) = connect(&args.opts)?;
+    let key = signpost_record::read_signing_key(&args.key)
+        .with_context(|| format!("reading {}", args.key.display()))?;
+    let endpoints = args
+        .endpoints
+        .iter()
+        .map(|e| parse_endpoint(e))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut metadata = HashMap::new();
+    for kv in &args.meta {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--meta {kv:?} is not K=V"))?;
+        metadata.insert(k.to_string(), v.to_string());
+    }
+    let now = now_ms();
+    let payload = RecordPayload {
+        service: args.service.clone(),
+        instance: args.instance.clone(),
+        endpoints,
+        metadata,
+        tls_identity: args.tls_identity.unwrap_or_else(|| {
+            format!("spiffe://{}/service/{}", config.trust_domain, args.service)
+        }),
+        sequence: args.sequence.unwrap_or(now),
+        issued_at_ms: now,
+        ttl_secs: args.ttl,
+    };
+    signpost_record::validate_record_payload(&payload)?;
+    let envelope = signpost_record::sign_record(&key, &payload);
+    let revision = client.register(envelope).await?;
+    output::write_result(
+        args.opts.json,
+        &format!(
+            "registered {}/{} at revision {revision}",
+            args.service, args.instance
+        ),
+        json!({"revision": revision, "service": args.service, "instance": args.instance, "sequence": payload.sequence}),
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeregisterArgs {
+    /// Service name.
+    service: String,
+    /// Instance id.
+    #[arg(long)]
+    instance: String,
+    /// The service's signing key (or an admin key).
+    #[arg(long)]
+    key: PathBuf,
+    /// Sequence number (default: the current time in ms).
+    #[arg(long)]
+    sequence: Option<u64>,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn deregister(args: DeregisterArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let key = signpost_record::read_signing_key(&args.key)
+        .with_context(|| format!("reading {}", args.key.display()))?;
+    let now = now_ms();
+    let payload = DeregisterPayload {
+        service: args.service.clone(),
+        instance: args.instance.clone(),
+        sequence: args.sequence.unwrap_or(now),
+        issued_at_ms: now,
+    };
+    let envelope = signpost_record::sign_deregister(&key, &payload);
+    let revision = client.deregister(envelope).await?;
+    output::write_result(
+        args.opts.json,
+        &format!(
+            "deregistered {}/{} at revision {revision}",
+            args.service, args.instance
+        ),
+        json!({"revision": revision, "service": args.service, "instance": args.instance}),
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ResolveArgs {
+    /// Service name.
+    service: String,
+    /// Read from the local node without a read-index round (may lag).
+    #[arg(long)]
+    stale: bool,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn resolve(args: ResolveArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let resolved = client.resolve(&args.service, args.stale).await?;
+    if args.opts.json {
+        output::print_json(&output::resolved_json(&resolved));
+    } else {
+        output::print_instances(std::slice::from_ref(&resolved));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// Read from the local node without a read-index round (may lag).
+    #[arg(long)]
+    stale: bool,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn list(args: ListArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let services = client.list(args.stale).await?;
+    if args.opts.json {
+        let revision = services.iter().map(|s| s.revision).max().unwrap_or(0);
+        output::print_json(&json!({
+            "revision": revision,
+            "services": services.iter().map(output::resolved_json).collect::<Vec<_>>(),
+        }));
+    } else {
+        output::print_instances(&services);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let first = client.status().await?;
+    // Ask every member for its own view: commit and applied indexes are per node.
+    let mut rows = Vec::new();
+    for member in &first.members {
+        let own = client.status_of(&member.addr).await;
+        rows.push((member.clone(), own));
+    }
+    let leader_id = rows
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .map(|s| s.leader_id)
+        .find(|l| *l != 0)
+        .unwrap_or(first.leader_id);
+    if args.opts.json {
+        let members: Vec<_> = rows
+            .iter()
+            .map(|(m, s)| match s {
+                Ok(s) => json!({
+                    "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
+                    "role": if m.id == leader_id { "leader" } else { s.role.as_str() },
+                    "term": s.term, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index,
+                    "reachable": true, "alarms": s.alarms,
+                }),
+                Err(e) => json!({
+                    "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
+                    "role": "unreachable", "reachable": false, "error": e.to_string(),
+                }),
+            })
+            .collect();
+        output::print_json(
+            &json!({"leader_id": leader_id, "term": first.term, "members": members}),
+        );
+    } else {
+        output::print_status(leader_id, &rows);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_endpoint;
+
+    #[test]
+    fn endpoints_parse_host_port_and_optional_protocol() {
+        let e = parse_endpoint("10.0.0.5:443/https").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.protocol.as_str()),
+            ("10.0.0.5", 443, "https")
+        );
+        let e = parse_endpoint("[::1]:80").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.protocol.as_str()),
+            ("::1", 80, "grpc")
+        );
+        assert!(parse_endpoint("nohost").is_err());
+        assert!(parse_endpoint("h:0").is_err());
+        assert!(parse_endpoint("h:99999").is_err());
+    }
+}

@@ -1,0 +1,296 @@
+//! `signpost dev`: a local three-node cluster with generated certificates.
+//!
+//! Layout of the directory (kept across runs, so a second `signpost dev --dir D` restarts the
+//! same cluster with its data):
+//!
+//! ```text
+//! D/ca/{ca.crt,ca.key,crl.pem}    the CA; `signpost ca issue --ca-dir D/ca` adds identities
+//! D/admin.key, D/admin.key.pub    the genesis admin signing key
+//! D/admin-cert.{crt,key}          the admin client certificate used by client.toml
+//! D/node<i>/{config.toml,node.crt,node.key,data/,server.log}
+//! D/client.toml                   what `--config` / SIGNPOST_CONFIG points at
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use signpost_client::{Client, ClientConfig, ClientTls, TrustConfig};
+use signpost_identity::{Ca, Identity, IssueOptions};
+use signpost_server::config::{
+    BootstrapConfig, Config, LimitsConfig, MemberConfig, RaftConfig, TlsConfig,
+};
+
+const TRUST_DOMAIN: &str = "signpost.local";
+/// How long `dev` waits for the cluster to elect a leader and take its genesis entry.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    /// Directory for certificates, keys, configs and data.
+    #[arg(long, default_value = "signpost-dev")]
+    dir: PathBuf,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Client listeners use BASE+i, Raft listeners BASE+100+i.
+    #[arg(long = "base-port", default_value_t = 7400)]
+    base_port: u16,
+}
+
+fn node_dir(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node{id}"))
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates whatever is missing in `dir`; existing CA, keys and data are reused.
+fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
+    let dir = &args.dir;
+    if !(1..=7).contains(&args.nodes) {
+        bail!("--nodes must be between 1 and 7");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca_dir = dir.join("ca");
+    let ca = if ca_dir.join("ca.crt").exists() {
+        Ca::load(&ca_dir)?
+    } else {
+        Ca::init(&ca_dir, TRUST_DOMAIN, Duration::from_secs(365 * 86_400))?
+    };
+    let admin_key_path = dir.join("admin.key");
+    if !admin_key_path.exists() {
+        signpost_record::write_key_files(
+            &admin_key_path,
+            &signpost_record::generate_signing_key(),
+        )?;
+    }
+    let admin_pub =
+        signpost_record::read_verifying_key(&signpost_record::public_key_path(&admin_key_path))?;
+    let admin_pub_hex = signpost_record::public_key_hex(&admin_pub);
+    // Client certificates are short-lived; re-issue on every start so a dev cluster left for a
+    // day still works.
+    ca.issue(
+        &Identity::Admin("admin".into()),
+        &IssueOptions::default(),
+        &dir.join("admin-cert"),
+    )?;
+
+    let members: Vec<MemberConfig> = (1..=args.nodes)
+        .map(|id| MemberConfig {
+            id,
+            client_addr: format!("127.0.0.1:{}", args.base_port + id as u16),
+            raft_addr: format!("127.0.0.1:{}", args.base_port + 100 + id as u16),
+        })
+        .collect();
+    for member in &members {
+        let nd = node_dir(dir, member.id);
+        std::fs::create_dir_all(&nd).with_context(|| format!("creating {}", nd.display()))?;
+        ca.issue(
+            &Identity::Node(member.id),
+            &IssueOptions {
+                dns_names: vec!["localhost".into()],
+                ip_addrs: vec!["127.0.0.1".parse().context("loopback address")?],
+                ..Default::default()
+            },
+            &nd.join("node"),
+        )?;
+        let config = Config {
+            node_id: member.id,
+            data_dir: PathBuf::from("data"),
+            client_addr: member.client_addr.clone(),
+            raft_addr: member.raft_addr.clone(),
+            trust_domain: TRUST_DOMAIN.into(),
+            tls: TlsConfig {
+                ca: PathBuf::from("../ca/ca.crt"),
+                cert: PathBuf::from("node.crt"),
+                key: PathBuf::from("node.key"),
+                crl: Some(PathBuf::from("../ca/crl.pem")),
+                allow_tls12: false,
+                handshake_timeout_ms: 5_000,
+            },
+            members: members.clone(),
+            bootstrap: BootstrapConfig {
+                admin_keys: vec![admin_pub_hex.clone()],
+                admin_threshold: 1,
+                instances_per_service_max: 1024,
+                services_max: 10_000,
+                state_bytes_max: 256 * 1024 * 1024,
+            },
+            raft: RaftConfig::default(),
+            limits: LimitsConfig::default(),
+        };
+        write_file(
+            &nd.join("config.toml"),
+            &toml::to_string_pretty(&config).context("encoding node config")?,
+        )?;
+    }
+    let client = ClientConfig {
+        endpoints: members.iter().map(|m| m.client_addr.clone()).collect(),
+        trust_domain: TRUST_DOMAIN.into(),
+        tls: ClientTls {
+            ca: PathBuf::from("ca/ca.crt"),
+            cert: PathBuf::from("admin-cert.crt"),
+            key: PathBuf::from("admin-cert.key"),
+            crl: None,
+        },
+        trust: TrustConfig {
+            admin_keys: vec![admin_pub_hex],
+            admin_threshold: 1,
+        },
+        admin_key: Some(PathBuf::from("admin.key")),
+        timeout_ms: 10_000,
+    };
+    Ok(client)
+}
+
+struct Children(Vec<(u64, Child)>);
+
+impl Children {
+    fn stop(&mut self) {
+        for (_, child) in &self.0 {
+            // SIGTERM lets each node close its listeners and RocksDB cleanly.
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (id, child) in &mut self.0 {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("node {id} did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let mut client_config = prepare(&args)?;
+    let dir = args.dir.canonicalize().context("resolving --dir")?;
+    let exe = std::env::current_exe().context("locating the signpost binary")?;
+    let mut children = Children(Vec::new());
+    for id in 1..=args.nodes {
+        let nd = node_dir(&dir, id);
+        let log = std::fs::File::create(nd.join("server.log"))
+            .with_context(|| format!("creating {}/server.log", nd.display()))?;
+        let child = std::process::Command::new(&exe)
+            .arg("server")
+            .arg("--config")
+            .arg(nd.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("log file")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {id}"))?;
+        children.0.push((id, child));
+    }
+    let client_toml = dir.join("client.toml");
+    write_file(
+        &client_toml,
+        &toml::to_string_pretty(&client_config).context("encoding client config")?,
+    )?;
+    client_config = ClientConfig::load(&client_toml)?;
+    let client = Client::connect(&client_config)?;
+
+    let started = Instant::now();
+    let leader = loop {
+        if let Some(dead) = children
+            .0
+            .iter_mut()
+            .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (*id, s)))
+        {
+            bail!(
+                "node {} exited during startup ({}); see {}/server.log",
+                dead.0,
+                dead.1,
+                node_dir(&dir, dead.0).display()
+            );
+        }
+        if let Ok(status) = client.status().await {
+            if status.leader_id != 0 {
+                break status.leader_id;
+            }
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            bail!(
+                "no leader after {READY_TIMEOUT:?}; see {}/node*/server.log",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let cfg = client_toml.display();
+    println!(
+        "signpost dev cluster is up: {} nodes, leader is node {leader} ({:.1}s)",
+        args.nodes,
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+    println!("  export SIGNPOST_CONFIG={cfg}");
+    println!("  signpost status");
+    println!("  signpost keygen --out {}/payments.key", dir.display());
+    println!(
+        "  signpost bind payments --pubkey {}/payments.key.pub",
+        dir.display()
+    );
+    println!(
+        "  signpost ca issue --service payments --ca-dir {}/ca --out {}/payments-cert",
+        dir.display(),
+        dir.display()
+    );
+    println!(
+        "  signpost register payments --instance p1 --endpoint 127.0.0.1:9000 --key {d}/payments.key --cert {d}/payments-cert.crt --cert-key {d}/payments-cert.key",
+        d = dir.display()
+    );
+    println!("  signpost resolve payments");
+    println!();
+    println!(
+        "logs: {}/node*/server.log — Ctrl-C stops the cluster",
+        dir.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = poll.tick() => {
+                for (id, child) in &mut children.0 {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        eprintln!("node {id} exited ({status}); see {}/server.log", node_dir(&dir, *id).display());
+                    }
+                }
+                children.0.retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
+                if children.0.is_empty() {
+                    bail!("every node has exited");
+                }
+            }
+        }
+    }
+    println!("stopping the cluster…");
+    children.stop();
+    Ok(())
+}

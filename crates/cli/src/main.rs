@@ -1,0 +1,130 @@
+//! `signpost`: run a node, start a local dev cluster, and talk to a cluster.
+#![deny(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unused_must_use
+)]
+
+mod ca;
+mod commands;
+mod dev;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Signpost: a service registry that stays trustworthy when parts of it are not.
+#[derive(Debug, Parser)]
+#[command(name = "signpost", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every command that talks to a cluster.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct ClientOpts {
+    /// Client configuration (written by `signpost dev` as DIR/client.toml).
+    #[arg(long, env = "SIGNPOST_CONFIG", global = true)]
+    pub(crate) config: Option<PathBuf>,
+    /// Present this certificate instead of the one in the client config.
+    #[arg(long, global = true, requires = "cert_key")]
+    pub(crate) cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(long = "cert-key", global = true, requires = "cert")]
+    pub(crate) cert_key: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a local three-node cluster with generated certificates (Ctrl-C stops it).
+    Dev(dev::DevArgs),
+    /// Run one node.
+    Server {
+        /// Node configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Generate an ed25519 signing key: FILE (0600) and FILE.pub.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Certificate authority: init, issue, revoke.
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCommand,
+    },
+    /// Admin: bind public keys to a service name.
+    Bind(commands::BindArgs),
+    /// Register (or replace) an instance of a service.
+    Register(commands::RegisterArgs),
+    /// Remove an instance of a service.
+    Deregister(commands::DeregisterArgs),
+    /// Show the verified instances of a service.
+    Resolve(commands::ResolveArgs),
+    /// Show every service with live instances.
+    List(commands::ListArgs),
+    /// Show members, leader, term, commit and applied index per node.
+    Status(commands::StatusArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Server { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line an operator can act on; the chain is joined, not a backtrace.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Server { config } => {
+            signpost_server::run_from_file(&config).await?;
+            Ok(())
+        }
+        Command::Keygen { out } => commands::keygen(&out),
+        Command::Ca { command } => ca::run(command),
+        Command::Bind(args) => commands::bind(args).await,
+        Command::Register(args) => commands::register(args).await,
+        Command::Deregister(args) => commands::deregister(args).await,
+        Command::Resolve(args) => commands::resolve(args).await,
+        Command::List(args) => commands::list(args).await,
+        Command::Status(args) => commands::status(args).await,
+    }
+}

@@ -1,0 +1,90 @@
+//! `client.toml`: where the cluster is, which certificate to present, which admin keys to trust.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ClientError;
+
+/// A client configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Client listener addresses (host:port) of some or all nodes.
+    pub endpoints: Vec<String>,
+    /// SPIFFE trust domain of the cluster.
+    pub trust_domain: String,
+    /// Certificate files.
+    pub tls: ClientTls,
+    /// Admin keys pinned at bootstrap: every record is verified back to them.
+    pub trust: TrustConfig,
+    /// Admin signing key (ed25519 seed file) used by `bind` and admin deregistration.
+    #[serde(default)]
+    pub admin_key: Option<PathBuf>,
+    /// Request timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Certificate files presented by the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Client certificate (PEM) with a SPIFFE URI SAN.
+    pub cert: PathBuf,
+    /// Client private key (PEM).
+    pub key: PathBuf,
+    /// Optional CRL (PEM) to check servers against.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+/// The pinned genesis admin set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Genesis admin public keys (hex).
+    pub admin_keys: Vec<String>,
+    /// Genesis threshold.
+    #[serde(default = "one")]
+    pub admin_threshold: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ClientConfig {
+    /// Reads a config file, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> Result<ClientConfig, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Config(format!("reading {}: {e}", path.display())))?;
+        let mut config: ClientConfig = toml::from_str(&text)
+            .map_err(|e| ClientError::Config(format!("parsing {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut config.tls.ca);
+        fix(&mut config.tls.cert);
+        fix(&mut config.tls.key);
+        if let Some(crl) = &mut config.tls.crl {
+            fix(crl);
+        }
+        if let Some(k) = &mut config.admin_key {
+            fix(k);
+        }
+        if config.endpoints.is_empty() {
+            return Err(ClientError::Config("endpoints must not be empty".into()));
+        }
+        Ok(config)
+    }
+}

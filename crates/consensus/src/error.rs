@@ -1,0 +1,32 @@
+use crate::type_config::NodeAddr;
+
+/// Errors of the consensus layer, as the server needs to tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// This node is not the leader; the request must go to `leader` (if one is known).
+    #[error("not the leader; leader is {}", leader.as_ref().map(|(id, a)| format!("node {id} at {}", a.client_addr)).unwrap_or_else(|| "unknown".into()))]
+    NotLeader {
+        /// The current leader, when this node knows it.
+        leader: Option<(u64, NodeAddr)>,
+    },
+    /// Raft could not complete the request now (no quorum, shutting down); safe to retry.
+    #[error("consensus unavailable: {0}")]
+    Unavailable(String),
+    /// The request is invalid for the cluster (bad membership change and the like).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The local store failed; the node cannot continue safely.
+    #[error("storage: {0}")]
+    Storage(#[from] signpost_storage::StorageError),
+    /// Persisted data could not be decoded.
+    #[error("corrupt {what}: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// The decode error.
+        detail: String,
+    },
+    /// The registry state could not be loaded.
+    #[error("state: {0}")]
+    State(#[from] signpost_state::StateError),
+}

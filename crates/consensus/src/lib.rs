@@ -1,0 +1,39 @@
+//! Consensus for Signpost: one replicated registry log, driven by openraft.
+//!
+//! The model: every write is a [`signpost_state::Request`] appended to the Raft log by the
+//! leader. Once a quorum has the entry, every node's [`StateMachine`] applies it with
+//! [`signpost_state::Registry::apply`], a pure function, so every replica reaches the same state
+//! and returns the same [`signpost_state::Outcome`]. The outcome computed on the leader is the
+//! answer to the client.
+//!
+//! This is the only crate that links openraft. It owns:
+//! - the type configuration and the byte codec for Raft messages ([`codec`]);
+//! - the log store ([`LogStore`]) and state machine ([`StateMachine`]) over RocksDB through
+//!   `signpost-storage`;
+//! - the gRPC network: the client side ([`Network`]) and the node-only `Raft` service
+//!   ([`RaftService`]);
+//! - [`Consensus`], the handle the server uses to propose, read and observe.
+#![deny(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unused_must_use
+)]
+
+pub mod codec;
+mod consensus;
+mod error;
+mod log_store;
+mod network;
+mod raft_service;
+mod state_machine;
+mod type_config;
+
+pub use consensus::{Consensus, ConsensusConfig, MemberStatus, NodeStatus};
+pub use error::ConsensusError;
+pub use log_store::LogStore;
+pub use network::Network;
+pub use raft_service::RaftService;
+pub use state_machine::{Applied, SharedState, StateMachine};
+pub use type_config::{NodeAddr, TypeConfig};

@@ -1,0 +1,229 @@
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{
+    AnyError, Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, RaftLogReader,
+    StorageError, StorageIOError, Vote,
+};
+use signpost_storage::Store;
+
+use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX};
+use crate::type_config::TypeConfig;
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "purged";
+
+/// Entries returned by one read, so a lagging follower cannot make the leader load the whole
+/// log into memory at once.
+const READ_ENTRIES_MAX: usize = 4096;
+
+/// The Raft log on RocksDB. Cloning is cheap; clones share the database.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    store: Arc<Store>,
+    // Mirrors the persisted committed index for status reporting without a disk read.
+    committed: Arc<AtomicU64>,
+}
+
+impl LogStore {
+    /// A log store over an open database.
+    pub fn new(store: Arc<Store>) -> LogStore {
+        LogStore {
+            store,
+            committed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Highest index this node has persisted as committed.
+    pub fn committed_index(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &'static str,
+        subject: ErrorSubject<u64>,
+    ) -> Result<Option<T>, StorageError<u64>> {
+        let bytes = self
+            .store
+            .raft_get(key)
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
+        match bytes {
+            None => Ok(None),
+            Some(b) => codec::decode(&b, RAFT_MESSAGE_BYTES_MAX)
+                .map(Some)
+                .map_err(|e| io_error(subject, ErrorVerb::Read, &e)),
+        }
+    }
+
+    fn write_meta<T: serde::Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        subject: ErrorSubject<u64>,
+    ) -> Result<(), StorageError<u64>> {
+        let bytes = codec::encode(value, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Write, &e))?;
+        self.store
+            .raft_put(key, &bytes)
+            .map_err(|e| io_error(subject, ErrorVerb::Write, &e))
+    }
+
+    fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageError<u64>> {
+        let entry: Entry<TypeConfig> = codec::decode(bytes, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?;
+        // What we read must be what we wrote under this key.
+        if entry.log_id.index != index {
+            return Err(io_error(
+                ErrorSubject::Logs,
+                ErrorVerb::Read,
+                &std::io::Error::other(format!(
+                    "log key {index} holds entry {}",
+                    entry.log_id.index
+                )),
+            ));
+        }
+        Ok(entry)
+    }
+}
+
+fn io_error<E: std::error::Error + 'static>(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: &E,
+) -> StorageError<u64> {
+    StorageError::IO {
+        source: StorageIOError::new(subject, verb, AnyError::new(e)),
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let store = self.store.clone();
+        let raw =
+            tokio::task::spawn_blocking(move || store.log_range(start, end, READ_ENTRIES_MAX))
+                .await
+                .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?
+                .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?;
+        raw.iter()
+            .map(|(index, bytes)| Self::decode_entry(*index, bytes))
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
+        let last_purged: Option<LogId<u64>> = self.read_meta(KEY_PURGED, ErrorSubject::Logs)?;
+        let last = self
+            .store
+            .log_last()
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?;
+        let last_log_id = match last {
+            Some((index, bytes)) => Some(*Self::decode_entry(index, &bytes)?.get_log_id()),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        self.write_meta(KEY_VOTE, vote, ErrorSubject::Vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        self.read_meta(KEY_VOTE, ErrorSubject::Vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<u64>>,
+    ) -> Result<(), StorageError<u64>> {
+        self.write_meta(KEY_COMMITTED, &committed, ErrorSubject::Store)?;
+        self.committed
+            .store(committed.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        let committed: Option<Option<LogId<u64>>> =
+            self.read_meta(KEY_COMMITTED, ErrorSubject::Store)?;
+        let committed = committed.flatten();
+        self.committed
+            .store(committed.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
+        Ok(committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        for entry in entries {
+            let bytes = codec::encode(&entry, RAFT_MESSAGE_BYTES_MAX)
+                .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
+            encoded.push((entry.log_id.index, bytes));
+        }
+        let store = self.store.clone();
+        // The write is synced (fsync of the WAL) before we report it flushed: only then may Raft
+        // count this node towards a quorum for these entries.
+        let result = tokio::task::spawn_blocking(move || store.log_append(&encoded))
+            .await
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(io_error(ErrorSubject::Logs, ErrorVerb::Write, &e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        self.store
+            .log_truncate(log_id.index)
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let marker = codec::encode(&log_id, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.log_purge(log_id.index, KEY_PURGED, &marker))
+            .await
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))?
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))
+    }
+}

@@ -1,0 +1,221 @@
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, Snapshot, Vote};
+use signpost_proto::v1::raft_client::RaftClient;
+use signpost_proto::v1::{snapshot_chunk, RaftMessage, SnapshotChunk, SnapshotHeader};
+use tonic::transport::Channel;
+
+use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
+use crate::type_config::{NodeAddr, TypeConfig};
+
+/// Size of the chunks a snapshot is streamed in (below the receiver's chunk limit).
+const SNAPSHOT_SEND_CHUNK_BYTES: usize = 1024 * 1024;
+/// Connection timeout towards a peer: short, because openraft retries with backoff.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Creates connections to peers. One gRPC channel per peer address is kept and reused by every
+/// RPC and every reconnect, so Raft never pays a TLS handshake per message.
+#[derive(Clone)]
+pub struct Network {
+    tls: Arc<rustls::ClientConfig>,
+    channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").finish_non_exhaustive()
+    }
+}
+
+impl Network {
+    /// A network whose connections present the node's certificate and accept only node peers
+    /// (as encoded in `tls`).
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Network {
+        Network {
+            tls,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn channel(
+        &self,
+        target: u64,
+        addr: &str,
+    ) -> Result<Channel, signpost_identity::IdentityError> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((known, channel)) = channels.get(&target) {
+            if known == addr {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = signpost_identity::connect_channel(addr, self.tls.clone(), CONNECT_TIMEOUT)?;
+        channels.insert(target, (addr.to_string(), channel.clone()));
+        Ok(channel)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, node: &NodeAddr) -> Self::Network {
+        // An unusable address is not fatal here: every RPC on this connection reports the
+        // peer unreachable, and openraft backs off and retries with the next membership.
+        let client = self
+            .channel(target, &node.raft_addr)
+            .map(|channel| {
+                RaftClient::new(channel)
+                    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            })
+            .map_err(|e| e.to_string());
+        Connection { target, client }
+    }
+}
+
+/// A connection to one peer.
+#[derive(Debug)]
+pub struct Connection {
+    target: u64,
+    client: Result<RaftClient<Channel>, String>,
+}
+
+fn to_rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<u64, NodeAddr, E> {
+    match status.code() {
+        // Transport failures surface as Unavailable/Unknown: back off before retrying.
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+fn codec_error<E: std::error::Error>(e: bincode::Error) -> RPCError<u64, NodeAddr, E> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl Connection {
+    fn client(&mut self) -> Result<&mut RaftClient<Channel>, tonic::Status> {
+        self.client
+            .as_mut()
+            .map_err(|e| tonic::Status::unavailable(format!("peer address: {e}")))
+    }
+
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, NodeAddr, E>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error,
+    {
+        let data = codec::encode(req, RAFT_MESSAGE_BYTES_MAX).map_err(codec_error)?;
+        let mut request = tonic::Request::new(RaftMessage { data });
+        request.set_timeout(option.hard_ttl());
+        let client = self.client().map_err(to_rpc_error)?;
+        let response = match kind {
+            "vote" => client.vote(request).await,
+            _ => client.append_entries(request).await,
+        }
+        .map_err(to_rpc_error)?;
+        codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX).map_err(codec_error)
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
+        self.call("append_entries", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
+        self.call("vote", &rpc, &option).await
+    }
+
+    /// Not used: snapshots are streamed whole by [`RaftNetwork::full_snapshot`] below, which
+    /// openraft's replication calls instead of the chunked protocol.
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, NodeAddr, RaftError<u64, InstallSnapshotError>>,
+    > {
+        Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
+            "chunked InstallSnapshot is not part of the Signpost protocol; snapshots are streamed",
+        ))))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        let body = snapshot.snapshot.into_inner();
+        if body.len() > SNAPSHOT_BYTES_MAX {
+            return Err(StreamingError::Network(NetworkError::new(
+                &std::io::Error::other(format!("snapshot of {} bytes exceeds limit", body.len())),
+            )));
+        }
+        let header = SnapshotHeader {
+            vote: codec::encode(&vote, RAFT_MESSAGE_BYTES_MAX)
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?,
+            meta: codec::encode(&snapshot.meta, RAFT_MESSAGE_BYTES_MAX)
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?,
+            total_bytes: body.len() as u64,
+        };
+        let mut chunks = vec![SnapshotChunk {
+            chunk: Some(snapshot_chunk::Chunk::Header(header)),
+        }];
+        debug_assert!(SNAPSHOT_SEND_CHUNK_BYTES <= SNAPSHOT_CHUNK_BYTES_MAX);
+        for piece in body.chunks(SNAPSHOT_SEND_CHUNK_BYTES) {
+            chunks.push(SnapshotChunk {
+                chunk: Some(snapshot_chunk::Chunk::Data(piece.to_vec())),
+            });
+        }
+        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        request.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
+        let target = self.target;
+        let client = self
+            .client()
+            .map_err(|status| StreamingError::Unreachable(Unreachable::new(&status)))?;
+        let send = client.install_snapshot(request);
+        let response = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = send => r,
+        };
+        let response = response.map_err(|status| {
+            tracing::warn!(target, %status, "snapshot transfer failed");
+            StreamingError::Unreachable(Unreachable::new(&status))
+        })?;
+        codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}

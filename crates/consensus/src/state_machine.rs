@@ -1,0 +1,368 @@
+use std::io::Cursor;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use signpost_state::{Event, Outcome, Registry};
+use signpost_storage::Store;
+use tokio::sync::broadcast;
+
+use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX};
+use crate::error::ConsensusError;
+use crate::type_config::{NodeAddr, TypeConfig};
+
+const KEY_APPLIED: &str = "applied";
+const KEY_MEMBERSHIP: &str = "membership";
+const KEY_SNAPSHOT: &str = "snapshot";
+
+/// Capacity of the applied-batch broadcast. A subscriber that falls further behind than this
+/// sees `Lagged` and must resynchronise; apply never waits for subscribers.
+const APPLIED_CHANNEL_CAPACITY: usize = 4096;
+
+/// What one apply batch (or snapshot install) did, for watchers and lease tracking.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// Entries applied in order; `revision` is the last applied index.
+    Events {
+        /// Index of the last entry in the batch.
+        revision: u64,
+        /// Watch events, in revision order.
+        events: Vec<Event>,
+    },
+    /// The state was replaced by a snapshot: history before `revision` is not available here.
+    Reset {
+        /// Index the snapshot covers.
+        revision: u64,
+    },
+}
+
+/// The registry as readers see it: consistent with `last_applied`.
+#[derive(Debug)]
+pub struct SharedState {
+    /// The registry state machine.
+    pub registry: Registry,
+    /// The last applied log id.
+    pub last_applied: Option<LogId<u64>>,
+    /// The last applied membership.
+    pub membership: StoredMembership<u64, NodeAddr>,
+}
+
+impl SharedState {
+    /// Index of the last applied entry (0 before anything was applied).
+    pub fn revision(&self) -> u64 {
+        self.last_applied.map(|l| l.index).unwrap_or(0)
+    }
+}
+
+/// Serialized snapshot body: the registry's key/value export.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    format: u8,
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+const SNAPSHOT_FORMAT: u8 = 1;
+
+/// A stored snapshot: metadata and body together, so they can never disagree.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, NodeAddr>,
+    body: Vec<u8>,
+}
+
+/// The registry state machine over RocksDB. Cloning is cheap; clones share state.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    store: Arc<Store>,
+    shared: Arc<RwLock<SharedState>>,
+    applied_tx: broadcast::Sender<Arc<Applied>>,
+}
+
+fn io_error<E: std::error::Error + 'static>(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: &E,
+) -> StorageError<u64> {
+    StorageError::IO {
+        source: StorageIOError::new(subject, verb, AnyError::new(e)),
+    }
+}
+
+fn sm_error<E: std::error::Error + 'static>(verb: ErrorVerb, e: &E) -> StorageError<u64> {
+    io_error(ErrorSubject::StateMachine, verb, e)
+}
+
+impl StateMachine {
+    /// Loads the state machine from the store (empty on a new node).
+    pub fn open(store: Arc<Store>) -> Result<StateMachine, ConsensusError> {
+        let pairs = store.state_scan()?;
+        let registry = Registry::load(pairs)?;
+        let last_applied = decode_opt(&store, KEY_APPLIED)?;
+        let membership = decode_opt(&store, KEY_MEMBERSHIP)?.unwrap_or_default();
+        let (applied_tx, _) = broadcast::channel(APPLIED_CHANNEL_CAPACITY);
+        Ok(StateMachine {
+            store,
+            shared: Arc::new(RwLock::new(SharedState {
+                registry,
+                last_applied,
+                membership,
+            })),
+            applied_tx,
+        })
+    }
+
+    /// Read access to the registry and its revision.
+    pub fn read(&self) -> RwLockReadGuard<'_, SharedState> {
+        // A poisoned lock means a panic during apply: state may be half-updated, so stopping
+        // is the only safe answer.
+        self.shared
+            .read()
+            .unwrap_or_else(|_| panic!("state machine lock poisoned by a panic during apply"))
+    }
+
+    /// Subscribe to applied batches (watch, leases).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Applied>> {
+        self.applied_tx.subscribe()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SharedState> {
+        self.shared
+            .write()
+            .unwrap_or_else(|_| panic!("state machine lock poisoned by a panic during apply"))
+    }
+
+    fn snapshot_id(last: Option<LogId<u64>>) -> String {
+        match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+            None => "empty".to_string(),
+        }
+    }
+}
+
+fn decode_opt<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    key: &'static str,
+) -> Result<Option<T>, ConsensusError> {
+    match store.machine_get(key)? {
+        None => Ok(None),
+        Some(bytes) => codec::decode(&bytes, SNAPSHOT_BYTES_MAX)
+            .map(Some)
+            .map_err(|e| ConsensusError::Corrupt {
+                what: key,
+                detail: e.to_string(),
+            }),
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let (pairs, last_applied, membership) = {
+            let shared = self.read();
+            (
+                shared.registry.export(),
+                shared.last_applied,
+                shared.membership.clone(),
+            )
+        };
+        let body = codec::encode(
+            &SnapshotBody {
+                format: SNAPSHOT_FORMAT,
+                pairs,
+            },
+            SNAPSHOT_BYTES_MAX,
+        )
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id: Self::snapshot_id(last_applied),
+        };
+        let stored = codec::encode(
+            &StoredSnapshot {
+                meta: meta.clone(),
+                body: body.clone(),
+            },
+            SNAPSHOT_BYTES_MAX + 4096,
+        )
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.machine_put(KEY_SNAPSHOT, &stored))
+            .await
+            .map_err(|e| sm_error(ErrorVerb::Write, &e))?
+            .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = body.len(), "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(body)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, NodeAddr>), StorageError<u64>> {
+        let shared = self.read();
+        Ok((shared.last_applied, shared.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut outcomes = Vec::new();
+        let mut changes = Vec::new();
+        let mut events = Vec::new();
+        let (last_applied, membership) = {
+            let mut shared = self.write();
+            for entry in entries {
+                let index = entry.log_id.index;
+                // Apply is strictly sequential: a gap or a repeat is a broken invariant.
+                if let Some(prev) = shared.last_applied {
+                    assert!(
+                        index == prev.index + 1,
+                        "apply out of order: last applied {} then {}",
+                        prev.index,
+                        index
+                    );
+                }
+                match entry.payload {
+                    EntryPayload::Blank => outcomes.push(Outcome::Applied { revision: index }),
+                    EntryPayload::Normal(request) => {
+                        let applied = shared.registry.apply(index, &request);
+                        changes.extend(applied.changes.into_iter().map(|c| (c.key, c.value)));
+                        events.extend(applied.events);
+                        outcomes.push(applied.outcome);
+                    }
+                    EntryPayload::Membership(m) => {
+                        shared.membership = StoredMembership::new(Some(entry.log_id), m);
+                        outcomes.push(Outcome::Applied { revision: index });
+                    }
+                }
+                shared.last_applied = Some(entry.log_id);
+            }
+            (shared.last_applied, shared.membership.clone())
+        };
+        if outcomes.is_empty() {
+            return Ok(outcomes);
+        }
+        let applied_bytes = codec::encode(&last_applied, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let membership_bytes = codec::encode(&membership, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.state_commit(
+                &changes,
+                &[
+                    (KEY_APPLIED, &applied_bytes),
+                    (KEY_MEMBERSHIP, &membership_bytes),
+                ],
+            )
+        })
+        .await
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let revision = last_applied.map(|l| l.index).unwrap_or(0);
+        // Nobody listening is fine: send only fails when there are no receivers.
+        let _ = self
+            .applied_tx
+            .send(Arc::new(Applied::Events { revision, events }));
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, NodeAddr>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let body = snapshot.into_inner();
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let decoded: SnapshotBody = codec::decode(&body, SNAPSHOT_BYTES_MAX)
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
+        if decoded.format != SNAPSHOT_FORMAT {
+            return Err(io_error(
+                subject,
+                ErrorVerb::Read,
+                &std::io::Error::other(format!("unknown snapshot format {}", decoded.format)),
+            ));
+        }
+        // Validate the whole snapshot before touching the store: a bad snapshot must leave the
+        // old state intact.
+        let registry = Registry::load(decoded.pairs.clone())
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
+        let applied_bytes = codec::encode(&meta.last_log_id, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let membership_bytes = codec::encode(&meta.last_membership, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let stored = codec::encode(
+            &StoredSnapshot {
+                meta: meta.clone(),
+                body,
+            },
+            SNAPSHOT_BYTES_MAX + 4096,
+        )
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.state_replace(
+                &decoded.pairs,
+                &[
+                    (KEY_APPLIED, &applied_bytes),
+                    (KEY_MEMBERSHIP, &membership_bytes),
+                    (KEY_SNAPSHOT, &stored),
+                ],
+            )
+        })
+        .await
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?
+        .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        {
+            let mut shared = self.write();
+            shared.registry = registry;
+            shared.last_applied = meta.last_log_id;
+            shared.membership = meta.last_membership.clone();
+        }
+        let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
+        let _ = self.applied_tx.send(Arc::new(Applied::Reset { revision }));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let stored: Option<StoredSnapshot> = match self
+            .store
+            .machine_get(KEY_SNAPSHOT)
+            .map_err(|e| sm_error(ErrorVerb::Read, &e))?
+        {
+            None => None,
+            Some(bytes) => Some(
+                codec::decode(&bytes, SNAPSHOT_BYTES_MAX + 4096)
+                    .map_err(|e| sm_error(ErrorVerb::Read, &e))?,
+            ),
+        };
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.body)),
+        }))
+    }
+}

@@ -1,0 +1,241 @@
+//! `TlsIncoming`: a TCP listener that hands tonic only connections whose mutual-TLS
+//! handshake has completed.
+//!
+//! The accept loop never waits on a handshake. Each accepted socket gets its own task with a
+//! deadline; a silent or slow client costs one task and one permit until the deadline, and
+//! never delays anybody else. Permits bound the handshakes in progress overall and per
+//! source IP; a connection beyond either bound is closed at once (the kernel backlog is the
+//! only queue). Finished handshakes go through a bounded channel, so a server that stops
+//! pulling connections stops the handshakes from piling up.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::Stream;
+
+use crate::error::{IdentityError, Result};
+use crate::tls_config::TlsSettings;
+
+/// Completed handshakes waiting for the server to take them.
+const ACCEPTED_QUEUE_MAX: usize = 64;
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A stream of established server-side TLS connections, for
+/// `tonic::transport::Server::builder().serve_with_incoming(incoming)`.
+///
+/// tonic implements `Connected` for `tokio_rustls::server::TlsStream<TcpStream>`, so handlers
+/// can call `request.peer_certs()` (or `peer_identity`). Items are never `Err`: failed
+/// handshakes are logged at debug level and dropped. Dropping the stream stops accepting.
+#[derive(Debug)]
+pub struct TlsIncoming {
+    local_addr: SocketAddr,
+    accepted: mpsc::Receiver<TlsStream<TcpStream>>,
+    accept_task: JoinHandle<()>,
+}
+
+impl TlsIncoming {
+    /// Binds `addr` (e.g. "0.0.0.0:7000", or port 0 for tests) and starts accepting. Must be
+    /// called inside a tokio runtime.
+    pub async fn bind(
+        addr: &str,
+        config: Arc<ServerConfig>,
+        settings: &TlsSettings,
+    ) -> Result<TlsIncoming> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| IdentityError::Net {
+                action: "bind",
+                addr: addr.to_string(),
+                source,
+            })?;
+        TlsIncoming::from_listener(listener, config, settings)
+    }
+
+    /// Starts accepting on an already bound listener. Must be called inside a tokio runtime.
+    pub fn from_listener(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        settings: &TlsSettings,
+    ) -> Result<TlsIncoming> {
+        let local_addr = listener.local_addr().map_err(|source| IdentityError::Net {
+            action: "query local address of",
+            addr: "listener".to_string(),
+            source,
+        })?;
+        if settings.handshakes_concurrent_max == 0 || settings.handshakes_per_ip_max == 0 {
+            return Err(IdentityError::InvalidAddress {
+                addr: local_addr.to_string(),
+                reason: "handshake limits must be > 0".to_string(),
+            });
+        }
+        let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE_MAX);
+        let accept_loop = AcceptLoop {
+            listener,
+            acceptor: TlsAcceptor::from(config),
+            handshake_timeout: settings.handshake_timeout,
+            permits: Arc::new(Semaphore::new(settings.handshakes_concurrent_max)),
+            per_ip: PerIpLimit::new(settings.handshakes_per_ip_max),
+            accepted: tx,
+        };
+        Ok(TlsIncoming {
+            local_addr,
+            accepted: rx,
+            accept_task: tokio::spawn(accept_loop.run()),
+        })
+    }
+
+    /// The bound address (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Stream for TlsIncoming {
+    type Item = std::result::Result<TlsStream<TcpStream>, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.accepted.poll_recv(cx).map(|stream| stream.map(Ok))
+    }
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        // Closes the listening socket; handshakes in flight end at their deadline or when
+        // they find the channel closed.
+        self.accept_task.abort();
+    }
+}
+
+struct AcceptLoop {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    permits: Arc<Semaphore>,
+    per_ip: PerIpLimit,
+    accepted: mpsc::Sender<TlsStream<TcpStream>>,
+}
+
+impl AcceptLoop {
+    async fn run(self) {
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            };
+            // Dropping `tcp` closes it: that is the whole response to a flood.
+            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                tracing::debug!(%peer, "too many handshakes in progress; closing connection");
+                continue;
+            };
+            let Some(ip_slot) = self.per_ip.try_acquire(peer.ip()) else {
+                tracing::debug!(%peer, "too many handshakes from this address; closing connection");
+                continue;
+            };
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
+            tokio::spawn(handshake(
+                tcp,
+                peer,
+                self.acceptor.clone(),
+                self.handshake_timeout,
+                self.accepted.clone(),
+                (permit, ip_slot),
+            ));
+        }
+    }
+}
+
+/// One handshake under its deadline; the permits are released when it ends.
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    accepted: mpsc::Sender<TlsStream<TcpStream>>,
+    _permits: (OwnedSemaphorePermit, PerIpSlot),
+) {
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            // Err only when the TlsIncoming is gone; the connection is dropped with it.
+            let _ = accepted.send(stream).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, ?timeout, "TLS handshake timed out"),
+    }
+}
+
+/// Counts handshakes in progress per source IP. The map holds only IPs with a handshake in
+/// progress, so it is bounded by the global handshake limit.
+#[derive(Clone)]
+struct PerIpLimit {
+    max: usize,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerIpLimit {
+    fn new(max: usize) -> PerIpLimit {
+        PerIpLimit {
+            max,
+            counts: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn try_acquire(&self, ip: IpAddr) -> Option<PerIpSlot> {
+        let mut counts = self.lock();
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(PerIpSlot {
+            ip,
+            limit: self.clone(),
+        })
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self.lock();
+        if let Some(count) = counts.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Plain counters: a panic while holding the lock cannot leave them half-updated.
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One handshake's claim on its source IP's budget, returned on drop.
+struct PerIpSlot {
+    ip: IpAddr,
+    limit: PerIpLimit,
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        self.limit.release(self.ip);
+    }
+}

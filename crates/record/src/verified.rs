@@ -1,0 +1,75 @@
+use prost::Message;
+use signpost_proto::v1::{BindingPayload, DeregisterPayload, Envelope, RecordPayload};
+
+use crate::binding::Binding;
+use crate::error::RecordError;
+use crate::limits::PUBLIC_KEY_BYTES;
+use crate::payload_kind::PayloadKind;
+use crate::reason::Reason;
+use crate::validate::{validate_deregister_payload, validate_record_payload};
+use crate::verify::verify_envelope;
+
+/// A payload whose signature verified and whose every field passed validation.
+///
+/// This says nothing about authorization (whether `key` may sign for the payload's service);
+/// that is the caller's check against a [`Binding`] or an [`crate::AdminSet`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified<P> {
+    /// The decoded, validated payload.
+    pub payload: P,
+    /// The raw ed25519 public key that signed it.
+    pub key: [u8; PUBLIC_KEY_BYTES],
+}
+
+/// A verified `RecordPayload`.
+pub type VerifiedRecord = Verified<RecordPayload>;
+/// A verified `DeregisterPayload`.
+pub type VerifiedDeregister = Verified<DeregisterPayload>;
+/// A verified `BindingPayload`, parsed into a [`Binding`].
+pub type VerifiedBinding = Verified<Binding>;
+
+/// Verifies `envelope` as a record, then decodes and validates the payload.
+pub fn open_record(envelope: &Envelope) -> Result<VerifiedRecord, RecordError> {
+    let key = verify_envelope(PayloadKind::Record, envelope)?;
+    let payload: RecordPayload = decode_payload(PayloadKind::Record, &envelope.payload)?;
+    validate_record_payload(&payload)?;
+    Ok(Verified {
+        payload,
+        key: key.to_bytes(),
+    })
+}
+
+/// Verifies `envelope` as a deregistration, then decodes and validates the payload.
+pub fn open_deregister(envelope: &Envelope) -> Result<VerifiedDeregister, RecordError> {
+    let key = verify_envelope(PayloadKind::Deregister, envelope)?;
+    let payload: DeregisterPayload = decode_payload(PayloadKind::Deregister, &envelope.payload)?;
+    validate_deregister_payload(&payload)?;
+    Ok(Verified {
+        payload,
+        key: key.to_bytes(),
+    })
+}
+
+/// Verifies `envelope` as a binding, then decodes and validates the payload. Whether the signer
+/// is an admin is not checked here; see [`crate::verify_binding`].
+pub fn open_binding(envelope: &Envelope) -> Result<VerifiedBinding, RecordError> {
+    let key = verify_envelope(PayloadKind::Binding, envelope)?;
+    let payload: BindingPayload = decode_payload(PayloadKind::Binding, &envelope.payload)?;
+    Ok(Verified {
+        payload: Binding::from_payload(&payload)?,
+        key: key.to_bytes(),
+    })
+}
+
+/// Decodes payload bytes whose signature has already been checked.
+pub(crate) fn decode_payload<P: Message + Default>(
+    kind: PayloadKind,
+    bytes: &[u8],
+) -> Result<P, RecordError> {
+    P::decode(bytes).map_err(|e| {
+        RecordError::new(
+            Reason::Malformed,
+            format!("{} payload does not decode: {e}", kind.context()),
+        )
+    })
+}

@@ -1,0 +1,66 @@
+//! The `Cluster` gRPC service: a node's view of the cluster.
+
+use signpost_consensus::Consensus;
+use signpost_proto::v1::cluster_server::Cluster;
+use signpost_proto::v1::{Member, StatusRequest, StatusResponse};
+use tonic::{Request, Response, Status};
+
+use crate::authz::Caller;
+
+/// Serves `Cluster.Status` to any authenticated client identity.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    consensus: Consensus,
+    trust_domain: String,
+}
+
+impl ClusterService {
+    /// A status service over `consensus`.
+    pub fn new(consensus: Consensus, trust_domain: String) -> Self {
+        ClusterService {
+            consensus,
+            trust_domain,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Caller::from_request(&request, &self.trust_domain)?.check_read()?;
+        let status = self.consensus.status();
+        let alarms = self.consensus.state().registry.alarms();
+        let leader = status.leader_id;
+        let members = status
+            .members
+            .iter()
+            .map(|m| Member {
+                id: m.id,
+                addr: m.addr.client_addr.clone(),
+                raft_addr: m.addr.raft_addr.clone(),
+                role: if Some(m.id) == leader {
+                    "leader".to_string()
+                } else if m.voter {
+                    "follower".to_string()
+                } else {
+                    "learner".to_string()
+                },
+            })
+            .collect();
+        Ok(Response::new(StatusResponse {
+            node_id: status.node_id,
+            leader_id: leader.unwrap_or(0),
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+            members,
+            role: status.role.to_string(),
+            snapshot_index: status.snapshot_index,
+            purged_index: status.purged_index,
+            alarms,
+        }))
+    }
+}

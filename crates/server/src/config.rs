@@ -1,0 +1,229 @@
+//! Node configuration, read from a TOML file. Relative paths are relative to the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServerError;
+
+/// A node's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id; must appear in `members` for a new cluster.
+    pub node_id: u64,
+    /// Directory for the node's RocksDB database.
+    pub data_dir: PathBuf,
+    /// Listen address (host:port) of the client listener.
+    pub client_addr: String,
+    /// Listen address (host:port) of the node-only Raft listener.
+    pub raft_addr: String,
+    /// SPIFFE trust domain of every certificate in the cluster.
+    pub trust_domain: String,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Initial members, used once to initialize a new cluster.
+    pub members: Vec<MemberConfig>,
+    /// Genesis admin keys and quotas, proposed once as the first registry entry.
+    pub bootstrap: BootstrapConfig,
+    /// Raft timing and log compaction.
+    #[serde(default)]
+    pub raft: RaftConfig,
+    /// Client-side limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Certificate files of the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM) every peer and client must chain to.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), with a `spiffe://<td>/node/<id>` URI SAN.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// Certificate revocation list (PEM); reloaded when it changes and on SIGHUP.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// Accept TLS 1.2 as well as 1.3.
+    #[serde(default)]
+    pub allow_tls12: bool,
+    /// A handshake not finished within this time is dropped.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
+
+/// One initial member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Node id.
+    pub id: u64,
+    /// host:port of its client listener.
+    pub client_addr: String,
+    /// host:port of its Raft listener.
+    pub raft_addr: String,
+}
+
+/// What the first leader proposes as the genesis entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Genesis admin public keys (hex ed25519).
+    pub admin_keys: Vec<String>,
+    /// Signatures needed to change the admin set.
+    #[serde(default = "one")]
+    pub admin_threshold: u32,
+    /// Max live instances of one service.
+    #[serde(default = "default_instances_per_service")]
+    pub instances_per_service_max: u32,
+    /// Max services with live instances.
+    #[serde(default = "default_services_max")]
+    pub services_max: u32,
+    /// Max bytes of registry state; beyond it only deletes are accepted.
+    #[serde(default = "default_state_bytes_max")]
+    pub state_bytes_max: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_instances_per_service() -> u32 {
+    1024
+}
+fn default_services_max() -> u32 {
+    10_000
+}
+fn default_state_bytes_max() -> u64 {
+    256 * 1024 * 1024
+}
+
+/// Raft timing and compaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomized election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot.
+    pub log_entries_kept: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 1_000,
+            election_timeout_max_ms: 2_000,
+            snapshot_after_entries: 10_000,
+            log_entries_kept: 1_000,
+        }
+    }
+}
+
+/// Limits on the client listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest gRPC message accepted on the client listener.
+    pub message_bytes_max: usize,
+    /// Concurrent connections (HTTP/2) per client listener.
+    pub connections_max: usize,
+    /// Concurrent gRPC streams per connection.
+    pub streams_per_connection_max: u32,
+    /// Proposals in flight to Raft from this node; above it writes are shed.
+    pub proposals_in_flight_max: usize,
+    /// Per-request timeout on the client listener.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            message_bytes_max: 64 * 1024,
+            connections_max: 4096,
+            streams_per_connection_max: 256,
+            proposals_in_flight_max: 1024,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file, resolving relative paths against its directory.
+    pub fn load(path: &Path) -> Result<Config, ServerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Config(format!("reading {}: {e}", path.display())))?;
+        let mut config: Config = toml::from_str(&text)
+            .map_err(|e| ServerError::Config(format!("parsing {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        if let Some(crl) = &mut self.tls.crl {
+            fix(crl);
+        }
+    }
+
+    /// Checks what can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |m: String| Err(ServerError::Config(m));
+        if self.node_id == 0 {
+            return bad("node_id must be > 0".into());
+        }
+        if self.members.is_empty() {
+            return bad("members must list at least this node".into());
+        }
+        let mut ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.members.len() || ids.contains(&0) {
+            return bad("member ids must be unique and > 0".into());
+        }
+        if self.bootstrap.admin_keys.is_empty() {
+            return bad("bootstrap.admin_keys must not be empty".into());
+        }
+        for key in &self.bootstrap.admin_keys {
+            signpost_record::parse_public_key_hex(key)
+                .map_err(|e| ServerError::Config(format!("bootstrap.admin_keys: {e}")))?;
+        }
+        let t = self.bootstrap.admin_threshold as usize;
+        if t == 0 || t > self.bootstrap.admin_keys.len() {
+            return bad("bootstrap.admin_threshold must be in 1..=len(admin_keys)".into());
+        }
+        if self.raft.election_timeout_min_ms <= self.raft.heartbeat_ms * 2
+            || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
+        {
+            return bad(
+                "raft: need heartbeat*2 < election_timeout_min < election_timeout_max".into(),
+            );
+        }
+        if self.limits.message_bytes_max < 16 * 1024 {
+            return bad("limits.message_bytes_max must be at least 16384 (one envelope)".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,214 @@
+//! Wiring of one node: TLS, consensus, the two listeners, bootstrap and genesis.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use signpost_consensus::{Consensus, ConsensusConfig, NodeAddr};
+use signpost_identity::{PeerRule, TlsFiles, TlsIncoming, TlsSettings, Trust};
+use signpost_proto::v1::cluster_server::ClusterServer;
+use signpost_proto::v1::registry_server::RegistryServer;
+use signpost_state::{Command, Quotas, Request as LogRequest};
+use tokio::sync::watch;
+
+use crate::cluster_service::ClusterService;
+use crate::config::Config;
+use crate::error::ServerError;
+use crate::registry_service::RegistryService;
+
+/// How often the genesis task checks whether the registry still needs its genesis entry.
+const GENESIS_RETRY: Duration = Duration::from_millis(300);
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let files = TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+        crl: config.tls.crl.clone(),
+    };
+    let settings = TlsSettings {
+        allow_tls12: config.tls.allow_tls12,
+        handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
+        ..TlsSettings::default()
+    };
+    let trust = Trust::from_files(&files)?;
+    signpost_identity::spawn_crl_watcher(trust.clone(), Duration::from_secs(1));
+    signpost_identity::spawn_sighup_reloader(trust.clone())?;
+    // The client listener accepts any identity of our trust domain (authorization decides per
+    // RPC); the Raft listener refuses every non-node certificate during the handshake.
+    let server_tls = signpost_identity::server_config(&files, &trust, &settings)?;
+    let raft_tls =
+        signpost_identity::server_config_for_peers(&files, &trust, &settings, PeerRule::AnyNode)?;
+    let peer_tls = signpost_identity::client_config(&files, &trust, &settings, PeerRule::AnyNode)?;
+
+    let members: BTreeMap<u64, NodeAddr> = config
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                NodeAddr {
+                    raft_addr: m.raft_addr.clone(),
+                    client_addr: m.client_addr.clone(),
+                },
+            )
+        })
+        .collect();
+    let mut consensus_config = ConsensusConfig::new(
+        config.node_id,
+        config.data_dir.clone(),
+        members,
+        config.trust_domain.clone(),
+        peer_tls,
+    );
+    consensus_config.heartbeat_ms = config.raft.heartbeat_ms;
+    consensus_config.election_timeout_min_ms = config.raft.election_timeout_min_ms;
+    consensus_config.election_timeout_max_ms = config.raft.election_timeout_max_ms;
+    consensus_config.snapshot_after_entries = config.raft.snapshot_after_entries;
+    consensus_config.log_entries_kept = config.raft.log_entries_kept;
+    let consensus = Consensus::open(consensus_config).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Raft listener first: peers may already be waiting for our vote.
+    let raft_incoming = TlsIncoming::bind(&config.raft_addr, raft_tls, &settings)
+        .await
+        .map_err(|e| ServerError::Listener {
+            addr: config.raft_addr.clone(),
+            detail: e.to_string(),
+        })?;
+    let raft_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(consensus.raft_service())
+        .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
+    let raft_task = tokio::spawn(raft_server);
+
+    let registry = RegistryService::new(
+        consensus.clone(),
+        config.trust_domain.clone(),
+        config.limits.proposals_in_flight_max,
+    );
+    let cluster = ClusterService::new(consensus.clone(), config.trust_domain.clone());
+    let client_incoming = TlsIncoming::bind(&config.client_addr, server_tls, &settings)
+        .await
+        .map_err(|e| ServerError::Listener {
+            addr: config.client_addr.clone(),
+            detail: e.to_string(),
+        })?;
+    let max = config.limits.message_bytes_max;
+    let client_server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.limits.streams_per_connection_max))
+        .concurrency_limit_per_connection(config.limits.streams_per_connection_max as usize)
+        .timeout(Duration::from_millis(config.limits.request_timeout_ms))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(
+            RegistryServer::new(registry)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(64 * 1024 * 1024),
+        )
+        .add_service(
+            ClusterServer::new(cluster)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(client_incoming, stopped(stop_rx.clone()));
+    let client_task = tokio::spawn(client_server);
+
+    if consensus.bootstrap().await? {
+        tracing::info!(node = config.node_id, "initialized a new cluster");
+    }
+    let genesis = tokio::spawn(propose_genesis(consensus.clone(), config.clone(), stop_rx));
+    tracing::info!(
+        node = config.node_id,
+        client = %config.client_addr,
+        raft = %config.raft_addr,
+        "node serving"
+    );
+
+    shutdown.await;
+    tracing::info!(node = config.node_id, "shutting down");
+    let _ = stop_tx.send(true);
+    genesis.abort();
+    let _ = client_task.await;
+    let _ = raft_task.await;
+    consensus.shutdown().await;
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The registry's first entry is the genesis admin set. Whichever node is leader while the
+/// registry has none proposes it; apply accepts only the first, so a race between leaders is
+/// harmless.
+async fn propose_genesis(consensus: Consensus, config: Config, stop: watch::Receiver<bool>) {
+    let keys: Vec<[u8; 32]> = config
+        .bootstrap
+        .admin_keys
+        .iter()
+        .filter_map(|k| signpost_record::parse_public_key_hex(k).ok())
+        .map(|k| k.to_bytes())
+        .collect();
+    let quotas = Quotas {
+        instances_per_service_max: config.bootstrap.instances_per_service_max,
+        services_max: config.bootstrap.services_max,
+        state_bytes_max: config.bootstrap.state_bytes_max,
+    };
+    loop {
+        if *stop.borrow() || consensus.state().registry.admin_set().is_some() {
+            return;
+        }
+        if consensus.leader().map(|(id, _)| id) == Some(consensus.node_id()) {
+            let request = LogRequest {
+                time_ms: 0,
+                caller: format!("spiffe://{}/node/{}", config.trust_domain, config.node_id),
+                command: Command::Genesis {
+                    admin_keys: keys.clone(),
+                    admin_threshold: config.bootstrap.admin_threshold,
+                    quotas: quotas.clone(),
+                },
+            };
+            match consensus.propose(request).await {
+                Ok((index, outcome)) => {
+                    tracing::info!(index, ?outcome, "proposed genesis");
+                }
+                Err(e) => tracing::debug!(error = %e, "genesis proposal failed; will retry"),
+            }
+        }
+        tokio::time::sleep(GENESIS_RETRY).await;
+    }
+}
+
+/// Loads the config at `path` and runs the node until Ctrl-C or SIGTERM.
+pub async fn run_from_file(path: &std::path::Path) -> Result<(), ServerError> {
+    let config = Config::load(path)?;
+    run(config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,279 @@
+//! The `Registry` gRPC service: the path of a write is authorize → admit → pre-check → propose
+//! → map the apply outcome. Reads are authorize → (read index) → serve from local state.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use signpost_consensus::Consensus;
+use signpost_proto::v1::registry_server::Registry;
+use signpost_proto::v1::{
+    BindRequest, DeregisterRequest, Envelope, KeepAliveRequest, KeepAliveResponse, ListRequest,
+    ListResponse, MultiEnvelope, RegisterRequest, ResolveRequest, ResolveResponse,
+    RotateAdminsRequest, ServiceRecords, WatchEvent, WatchRequest, WriteResponse,
+};
+use signpost_record::{self as record, Reason};
+use signpost_state::{Command, Outcome, Request as LogRequest, ServiceView};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::authz::Caller;
+use crate::error::{consensus_status, refusal, shed};
+
+/// Shared handles of the client-facing services.
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    consensus: Consensus,
+    trust_domain: String,
+    proposals: Arc<Semaphore>,
+}
+
+impl RegistryService {
+    /// A service over `consensus` admitting at most `proposals_in_flight_max` concurrent writes.
+    pub fn new(consensus: Consensus, trust_domain: String, proposals_in_flight_max: usize) -> Self {
+        RegistryService {
+            consensus,
+            trust_domain,
+            proposals: Arc::new(Semaphore::new(proposals_in_flight_max)),
+        }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        Caller::from_request(request, &self.trust_domain)
+    }
+
+    /// Proposes a command after admission. Shedding is immediate: a full pipeline answers
+    /// RESOURCE_EXHAUSTED with a retry hint instead of queueing without bound.
+    async fn propose(
+        &self,
+        caller: &Caller,
+        command: Command,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let _permit = self
+            .proposals
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| shed("too many writes in flight on this node", 50))?;
+        let request = LogRequest {
+            time_ms: now_ms(),
+            caller: caller.uri(),
+            command,
+        };
+        let (_, outcome) = self
+            .consensus
+            .propose(request)
+            .await
+            .map_err(consensus_status)?;
+        match outcome {
+            Outcome::Applied { revision } => Ok(Response::new(WriteResponse { revision })),
+            Outcome::Rejected { reason, detail } => Err(refusal(reason, &detail)),
+        }
+    }
+
+    /// Linearizable reads go through the leader's read index; stale reads are local.
+    async fn read_revision(&self, stale: bool) -> Result<u64, Status> {
+        if stale {
+            return Ok(self.consensus.state().revision());
+        }
+        self.consensus
+            .read_barrier()
+            .await
+            .map_err(consensus_status)
+    }
+
+    fn admin_chain(&self) -> Result<Vec<MultiEnvelope>, Status> {
+        let chain = self.consensus.state().registry.admin_chain();
+        chain
+            .iter()
+            .map(|bytes| {
+                MultiEnvelope::decode(bytes.as_slice())
+                    .map_err(|e| Status::internal(format!("stored admin chain is corrupt: {e}")))
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn required(envelope: Option<Envelope>) -> Result<Envelope, Status> {
+    envelope.ok_or_else(|| refusal(Reason::Malformed, "the request carries no envelope"))
+}
+
+fn precheck<T>(result: Result<T, record::RecordError>) -> Result<T, Status> {
+    result.map_err(|e| refusal(e.reason(), &e.to_string()))
+}
+
+fn service_records(view: ServiceView) -> Result<ServiceRecords, Status> {
+    let corrupt =
+        |e: prost::DecodeError| Status::internal(format!("stored record is corrupt: {e}"));
+    let binding = if view.binding.is_empty() {
+        None
+    } else {
+        Some(Envelope::decode(view.binding.as_slice()).map_err(corrupt)?)
+    };
+    let records = view
+        .records
+        .iter()
+        .map(|r| Envelope::decode(r.as_slice()).map_err(corrupt))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceRecords {
+        service: view.service,
+        binding,
+        records,
+    })
+}
+
+type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchEvent, Status>> + Send + 'static>>;
+type KeepAliveStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<KeepAliveResponse, Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let envelope = required(request.into_inner().envelope)?;
+        // Cheap rejection before the log: garbage never costs a Raft round.
+        let verified = precheck(record::open_record(&envelope))?;
+        caller.check_register(&verified.payload.service)?;
+        self.propose(
+            &caller,
+            Command::Register {
+                envelope: envelope.encode_to_vec(),
+            },
+        )
+        .await
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let envelope = required(request.into_inner().envelope)?;
+        let verified = precheck(record::open_deregister(&envelope))?;
+        caller.check_deregister(&verified.payload.service)?;
+        self.propose(
+            &caller,
+            Command::Deregister {
+                envelope: envelope.encode_to_vec(),
+            },
+        )
+        .await
+    }
+
+    async fn bind(&self, request: Request<BindRequest>) -> Result<Response<WriteResponse>, Status> {
+        let caller = self.caller(&request)?;
+        caller.check_admin("change bindings")?;
+        let envelope = required(request.into_inner().envelope)?;
+        precheck(record::open_binding(&envelope))?;
+        self.propose(
+            &caller,
+            Command::Bind {
+                envelope: envelope.encode_to_vec(),
+            },
+        )
+        .await
+    }
+
+    async fn rotate_admins(
+        &self,
+        request: Request<RotateAdminsRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let caller = self.caller(&request)?;
+        caller.check_admin("change the admin set")?;
+        let envelope = request
+            .into_inner()
+            .envelope
+            .ok_or_else(|| refusal(Reason::Malformed, "the request carries no envelope"))?;
+        self.propose(
+            &caller,
+            Command::RotateAdmins {
+                envelope: envelope.encode_to_vec(),
+            },
+        )
+        .await
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let caller = self.caller(&request)?;
+        caller.check_read()?;
+        let request = request.into_inner();
+        precheck(record::validate_service_name(&request.service))?;
+        let barrier = self.read_revision(request.stale).await?;
+        let (view, revision) = {
+            let state = self.consensus.state();
+            (state.registry.resolve(&request.service), state.revision())
+        };
+        debug_assert!(revision >= barrier || request.stale);
+        let view = view.ok_or_else(|| {
+            refusal(
+                Reason::NotFound,
+                &format!("service {} is not registered", request.service),
+            )
+        })?;
+        Ok(Response::new(ResolveResponse {
+            service: Some(service_records(view)?),
+            revision,
+            admin_chain: self.admin_chain()?,
+        }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let caller = self.caller(&request)?;
+        caller.check_read()?;
+        let stale = request.into_inner().stale;
+        self.read_revision(stale).await?;
+        let (views, revision) = {
+            let state = self.consensus.state();
+            (state.registry.list(), state.revision())
+        };
+        let services = views
+            .into_iter()
+            .map(service_records)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(ListResponse {
+            services,
+            revision,
+            admin_chain: self.admin_chain()?,
+        }))
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let caller = self.caller(&request)?;
+        let _ = caller;
+        Err(Status::unimplemented(
+            "keep-alive leases are not available in this release",
+        ))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.caller(&request)?;
+        caller.check_read()?;
+        Err(Status::unimplemented(
+            "watch is not available in this release",
+        ))
+    }
+}

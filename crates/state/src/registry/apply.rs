@@ -1,0 +1,604 @@
+//! `Registry::apply`: one command in, one outcome and the writes it caused out.
+//!
+//! Every handler checks everything first and mutates only after the last check has passed, so
+//! a rejection leaves the state untouched; `apply` asserts that.
+
+use prost::Message;
+use signpost_record::{
+    decode_envelope, decode_multi_envelope, open_admin_set, open_binding, open_deregister,
+    open_record, AdminSet, Reason, RecordError, ADMIN_CHAIN_ENTRIES_MAX, PUBLIC_KEY_BYTES,
+};
+
+use super::{Admins, BindingEntry, Registry};
+use crate::applied::{Applied, Change, Event, EventKind, Outcome};
+use crate::request::{Command, Quotas, Request};
+use crate::storage_key::StorageKey;
+use crate::stored::{
+    encode_value, encoded_len, StoredAdminSet, StoredBinding, StoredChainEntry, StoredRecord,
+    StoredTombstone,
+};
+
+/// How far a signer's `issued_at_ms` may be ahead of the leader's `time_ms`.
+pub const MAX_SKEW_MS: u64 = 30_000;
+/// How far a signer's `issued_at_ms` may be behind the leader's `time_ms`.
+pub const MAX_AGE_MS: u64 = 300_000;
+/// Most tombstones one apply drops; the rest wait for the next apply, so no single entry does
+/// unbounded work.
+pub const TOMBSTONE_DROPS_PER_APPLY_MAX: usize = 1024;
+/// The alarm raised while the state is at or above its byte quota.
+pub const NOSPACE: &str = "NOSPACE";
+
+type Rejection = RecordError;
+
+fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Rejection> {
+    Err(RecordError::new(reason, detail))
+}
+
+/// The writes and events of the apply in progress.
+struct Txn {
+    revision: u64,
+    time_ms: u64,
+    changes: Vec<Change>,
+    events: Vec<Event>,
+}
+
+impl Txn {
+    fn event(&mut self, kind: EventKind, service: &str, instance: &str, record: Option<Vec<u8>>) {
+        self.events.push(Event {
+            revision: self.revision,
+            kind,
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+            record,
+        });
+    }
+}
+
+/// After this time a tombstone may go: any write it guards against carries an `issued_at_ms` of
+/// at most `issued_at_max_ms`, and is refused as expired by every leader whose clock is within
+/// `MAX_SKEW_MS` of the one that dropped it.
+fn tombstone_due_ms(issued_at_max_ms: u64) -> u64 {
+    issued_at_max_ms.saturating_add(MAX_AGE_MS + MAX_SKEW_MS)
+}
+
+impl Registry {
+    /// Applies one log entry at `revision` (its log index). Reads nothing but its arguments and
+    /// the registry, so every replica computes the same [`Applied`].
+    pub fn apply(&mut self, revision: u64, request: &Request) -> Applied {
+        let mut txn = Txn {
+            revision,
+            time_ms: request.time_ms,
+            changes: Vec::new(),
+            events: Vec::new(),
+        };
+        let result = match &request.command {
+            Command::Genesis {
+                admin_keys,
+                admin_threshold,
+                quotas,
+            } => self.genesis_command(&mut txn, admin_keys, *admin_threshold, quotas),
+            Command::Register { envelope } => self.register(&mut txn, envelope),
+            Command::Deregister { envelope } => self.deregister(&mut txn, envelope),
+            Command::Bind { envelope } => self.bind(&mut txn, envelope),
+            Command::RotateAdmins { envelope } => self.rotate_admins(&mut txn, envelope),
+            Command::Expire {
+                service,
+                instance,
+                sequence,
+            } => self.expire(&mut txn, service, instance, *sequence),
+            Command::Noop => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                self.drop_due_tombstones(&mut txn);
+                Applied {
+                    outcome: Outcome::Applied { revision },
+                    changes: txn.changes,
+                    events: txn.events,
+                }
+            }
+            Err(error) => {
+                assert!(
+                    txn.changes.is_empty() && txn.events.is_empty(),
+                    "invariant: a rejected command ({}) must not write state",
+                    error.reason()
+                );
+                Applied {
+                    outcome: Outcome::Rejected {
+                        reason: error.reason(),
+                        detail: error.detail(),
+                    },
+                    changes: Vec::new(),
+                    events: Vec::new(),
+                }
+            }
+        }
+    }
+
+    fn genesis_command(
+        &mut self,
+        txn: &mut Txn,
+        admin_keys: &[[u8; PUBLIC_KEY_BYTES]],
+        admin_threshold: u32,
+        quotas: &Quotas,
+    ) -> Result<(), Rejection> {
+        if let Some(admins) = &self.admins {
+            return reject(
+                Reason::AlreadyInitialized,
+                format!(
+                    "genesis already applied; the admin set is at version {}",
+                    admins.current.version
+                ),
+            );
+        }
+        let genesis = AdminSet::new(admin_keys, admin_threshold, AdminSet::GENESIS_VERSION)?;
+        if quotas.instances_per_service_max == 0
+            || quotas.services_max == 0
+            || quotas.state_bytes_max == 0
+        {
+            return reject(
+                Reason::InvalidField,
+                format!("every quota must be at least 1: {quotas:?}"),
+            );
+        }
+        let stored = encode_value(&StoredAdminSet::from_admin_set(&genesis));
+        self.write(txn, StorageKey::AdminGenesis, None, Some(stored.clone()));
+        self.write(txn, StorageKey::AdminCurrent, None, Some(stored));
+        self.write(txn, StorageKey::Quotas, None, Some(encode_value(quotas)));
+        self.quotas = *quotas;
+        self.admins = Some(Admins {
+            current: genesis.clone(),
+            genesis,
+            chain: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn register(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+        let envelope = decode_envelope(bytes)?;
+        let verified = open_record(&envelope)?;
+        let payload = &verified.payload;
+        let (service, instance) = (payload.service.as_str(), payload.instance.as_str());
+        self.authorize(service, &verified.key, txn.time_ms, false)?;
+        check_sequence(
+            service,
+            instance,
+            payload.sequence,
+            self.last_sequence(service, instance),
+        )?;
+        check_issued_at(payload.issued_at_ms, txn.time_ms)?;
+
+        // The envelope wrapper is not signed, so it is stored re-encoded (unknown fields
+        // dropped); the signed payload bytes inside are kept exactly.
+        let record = StoredRecord {
+            envelope: envelope.encode_to_vec(),
+            sequence: payload.sequence,
+            key: verified.key,
+            issued_at_ms: payload.issued_at_ms,
+            issued_at_max_ms: payload
+                .issued_at_ms
+                .max(self.issued_at_max_seen(service, instance)),
+            ttl_secs: payload.ttl_secs,
+            revision: txn.revision,
+        };
+        self.check_register_quotas(service, instance, &record)?;
+
+        let event_record = record.envelope.clone();
+        self.put_record(txn, service, instance, record);
+        txn.event(EventKind::Put, service, instance, Some(event_record));
+        Ok(())
+    }
+
+    fn deregister(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+        let envelope = decode_envelope(bytes)?;
+        let verified = open_deregister(&envelope)?;
+        let payload = &verified.payload;
+        let (service, instance) = (payload.service.as_str(), payload.instance.as_str());
+        self.authorize(service, &verified.key, txn.time_ms, true)?;
+        let Some(live) = self.services.get(service).and_then(|s| s.get(instance)) else {
+            return reject(
+                Reason::NotFound,
+                format!("{service}/{instance} is not registered"),
+            );
+        };
+        check_sequence(service, instance, payload.sequence, Some(live.sequence))?;
+        check_issued_at(payload.issued_at_ms, txn.time_ms)?;
+        let issued_at_max_ms = live.issued_at_max_ms.max(payload.issued_at_ms);
+        self.bury(txn, service, instance, payload.sequence, issued_at_max_ms);
+        Ok(())
+    }
+
+    fn bind(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+        let Some(admins) = &self.admins else {
+            return reject(Reason::NoAdminSet, "bind before genesis");
+        };
+        let envelope = decode_envelope(bytes)?;
+        let verified = open_binding(&envelope)?;
+        let binding = verified.payload;
+        if !admins.current.contains(&verified.key) {
+            return reject(
+                Reason::NotAdmin,
+                format!(
+                    "binding of {} is signed by {}, not in admin set version {}",
+                    binding.service,
+                    hex::encode(verified.key),
+                    admins.current.version
+                ),
+            );
+        }
+        if let Some(old) = self.bindings.get(&binding.service) {
+            if binding.version <= old.binding.version {
+                return reject(
+                    Reason::StaleVersion,
+                    format!(
+                        "binding of {} has version {}, current is {}",
+                        binding.service, binding.version, old.binding.version
+                    ),
+                );
+            }
+        }
+
+        // Key rotation: records signed by a key the new binding drops lose their authority now,
+        // not when their leases run out.
+        let unbound: Vec<(String, u64, u64)> = self
+            .services
+            .get(&binding.service)
+            .into_iter()
+            .flatten()
+            .filter(|(_, record)| !binding.contains_key(&record.key))
+            .map(|(instance, record)| (instance.clone(), record.sequence, record.issued_at_max_ms))
+            .collect();
+        let service = binding.service.clone();
+        let entry = BindingEntry {
+            binding,
+            stored: StoredBinding {
+                envelope: envelope.encode_to_vec(),
+                revision: txn.revision,
+            },
+        };
+        self.put_binding(txn, entry);
+        for (instance, sequence, issued_at_max_ms) in unbound {
+            self.bury(txn, &service, &instance, sequence, issued_at_max_ms);
+        }
+        Ok(())
+    }
+
+    fn rotate_admins(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+        let Some(admins) = &self.admins else {
+            return reject(Reason::NoAdminSet, "admin rotation before genesis");
+        };
+        if admins.chain.len() >= ADMIN_CHAIN_ENTRIES_MAX {
+            return reject(
+                Reason::InvalidField,
+                format!("the admin chain holds its maximum of {ADMIN_CHAIN_ENTRIES_MAX} rotations"),
+            );
+        }
+        let envelope = decode_multi_envelope(bytes)?;
+        let next = open_admin_set(&envelope, &admins.current)?;
+        let index = u32::try_from(admins.chain.len())
+            .unwrap_or_else(|_| panic!("invariant: admin chain is bounded far below u32"));
+        let chain_entry = envelope.encode_to_vec();
+        let old_len = encoded_len(&StoredAdminSet::from_admin_set(&admins.current));
+        self.write(
+            txn,
+            StorageKey::AdminChain { index },
+            None,
+            Some(encode_value(&StoredChainEntry {
+                envelope: chain_entry.clone(),
+            })),
+        );
+        self.write(
+            txn,
+            StorageKey::AdminCurrent,
+            Some(old_len),
+            Some(encode_value(&StoredAdminSet::from_admin_set(&next))),
+        );
+        if let Some(admins) = &mut self.admins {
+            admins.chain.push(chain_entry);
+            admins.current = next;
+        }
+        Ok(())
+    }
+
+    fn expire(
+        &mut self,
+        txn: &mut Txn,
+        service: &str,
+        instance: &str,
+        sequence: u64,
+    ) -> Result<(), Rejection> {
+        let Some(live) = self.services.get(service).and_then(|s| s.get(instance)) else {
+            return reject(
+                Reason::NotFound,
+                format!("{service}/{instance} is not registered"),
+            );
+        };
+        if live.sequence != sequence {
+            return reject(
+                Reason::StaleSequence,
+                format!(
+                    "{service}/{instance} is at sequence {}, expiry was for {sequence}",
+                    live.sequence
+                ),
+            );
+        }
+        let issued_at_max_ms = live.issued_at_max_ms;
+        self.bury(txn, service, instance, sequence, issued_at_max_ms);
+        Ok(())
+    }
+
+    /// May `key` sign for `service` at `time_ms`? A bound key inside the binding's window may;
+    /// so may a current admin key where `admin_may_sign`.
+    fn authorize(
+        &self,
+        service: &str,
+        key: &[u8; PUBLIC_KEY_BYTES],
+        time_ms: u64,
+        admin_may_sign: bool,
+    ) -> Result<(), Rejection> {
+        if admin_may_sign && self.admin_set().is_some_and(|admins| admins.contains(key)) {
+            return Ok(());
+        }
+        let Some(entry) = self.bindings.get(service) else {
+            return reject(Reason::NoBinding, format!("no binding for {service}"));
+        };
+        if !entry.binding.contains_key(key) {
+            return reject(
+                Reason::UnboundKey,
+                format!(
+                    "key {} is not bound to {service} (binding version {})",
+                    hex::encode(key),
+                    entry.binding.version
+                ),
+            );
+        }
+        entry.binding.check_window(time_ms)
+    }
+
+    /// The last accepted sequence of an instance, live or tombstoned.
+    fn last_sequence(&self, service: &str, instance: &str) -> Option<u64> {
+        if let Some(live) = self.services.get(service).and_then(|s| s.get(instance)) {
+            return Some(live.sequence);
+        }
+        self.tombstones
+            .get(&(service.to_owned(), instance.to_owned()))
+            .map(|t| t.sequence)
+    }
+
+    fn issued_at_max_seen(&self, service: &str, instance: &str) -> u64 {
+        if let Some(live) = self.services.get(service).and_then(|s| s.get(instance)) {
+            return live.issued_at_max_ms;
+        }
+        self.tombstones
+            .get(&(service.to_owned(), instance.to_owned()))
+            .map_or(0, |t| t.issued_at_max_ms)
+    }
+
+    fn check_register_quotas(
+        &self,
+        service: &str,
+        instance: &str,
+        record: &StoredRecord,
+    ) -> Result<(), Rejection> {
+        let instances = self.services.get(service);
+        let replaces = instances.and_then(|s| s.get(instance));
+        if replaces.is_none() {
+            match instances {
+                Some(instances) => {
+                    if instances.len() >= self.quotas.instances_per_service_max as usize {
+                        return reject(
+                            Reason::QuotaInstances,
+                            format!(
+                                "{service} has {} live instances, the maximum is {}",
+                                instances.len(),
+                                self.quotas.instances_per_service_max
+                            ),
+                        );
+                    }
+                }
+                None => {
+                    if self.services.len() >= self.quotas.services_max as usize {
+                        return reject(
+                            Reason::QuotaServices,
+                            format!(
+                                "{} services have live instances, the maximum is {}",
+                                self.services.len(),
+                                self.quotas.services_max
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let record_key_len = StorageKey::record(service, instance).encode().len() as u64;
+        let added = record_key_len + encoded_len(record);
+        let mut removed = replaces.map_or(0, |old| record_key_len + encoded_len(old));
+        let tombstone_key = (service.to_owned(), instance.to_owned());
+        if let Some(tombstone) = self.tombstones.get(&tombstone_key) {
+            removed += StorageKey::tombstone(service, instance).encode().len() as u64
+                + encoded_len(tombstone);
+        }
+        if added > removed && self.state_bytes >= self.quotas.state_bytes_max {
+            return reject(
+                Reason::QuotaStateBytes,
+                format!(
+                    "state is {} bytes, at or above the quota of {}; only writes that do not grow it are accepted",
+                    self.state_bytes, self.quotas.state_bytes_max
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Stores a live record, replacing any previous record or tombstone of the instance.
+    fn put_record(&mut self, txn: &mut Txn, service: &str, instance: &str, record: StoredRecord) {
+        self.remove_tombstone(txn, service, instance);
+        let old_len = self
+            .services
+            .get(service)
+            .and_then(|s| s.get(instance))
+            .map(encoded_len);
+        self.write(
+            txn,
+            StorageKey::record(service, instance),
+            old_len,
+            Some(encode_value(&record)),
+        );
+        self.services
+            .entry(service.to_owned())
+            .or_default()
+            .insert(instance.to_owned(), record);
+    }
+
+    /// Removes a live record and leaves a tombstone holding its last sequence, unless any
+    /// replay would already be refused as expired. Emits the Delete event.
+    fn bury(
+        &mut self,
+        txn: &mut Txn,
+        service: &str,
+        instance: &str,
+        sequence: u64,
+        issued_at_max_ms: u64,
+    ) {
+        let Some(instances) = self.services.get_mut(service) else {
+            panic!("invariant: bury({service}/{instance}) is only called for live records");
+        };
+        let Some(old) = instances.remove(instance) else {
+            panic!("invariant: bury({service}/{instance}) is only called for live records");
+        };
+        if instances.is_empty() {
+            self.services.remove(service);
+        }
+        self.write(
+            txn,
+            StorageKey::record(service, instance),
+            Some(encoded_len(&old)),
+            None,
+        );
+        let due_ms = tombstone_due_ms(issued_at_max_ms);
+        if txn.time_ms <= due_ms {
+            let tombstone = StoredTombstone {
+                sequence,
+                issued_at_max_ms,
+                revision: txn.revision,
+            };
+            self.write(
+                txn,
+                StorageKey::tombstone(service, instance),
+                None,
+                Some(encode_value(&tombstone)),
+            );
+            self.tombstones
+                .insert((service.to_owned(), instance.to_owned()), tombstone);
+            self.tombstones_due
+                .insert((due_ms, service.to_owned(), instance.to_owned()));
+        }
+        txn.event(EventKind::Delete, service, instance, None);
+    }
+
+    fn remove_tombstone(&mut self, txn: &mut Txn, service: &str, instance: &str) {
+        let key = (service.to_owned(), instance.to_owned());
+        let Some(tombstone) = self.tombstones.remove(&key) else {
+            return;
+        };
+        let due = (tombstone_due_ms(tombstone.issued_at_max_ms), key.0, key.1);
+        assert!(
+            self.tombstones_due.remove(&due),
+            "invariant: every tombstone of {service}/{instance} is in the due index"
+        );
+        self.write(
+            txn,
+            StorageKey::tombstone(service, instance),
+            Some(encoded_len(&tombstone)),
+            None,
+        );
+    }
+
+    fn put_binding(&mut self, txn: &mut Txn, entry: BindingEntry) {
+        let service = entry.binding.service.clone();
+        let old_len = self
+            .bindings
+            .get(&service)
+            .map(|old| encoded_len(&old.stored));
+        self.write(
+            txn,
+            StorageKey::binding(&service),
+            old_len,
+            Some(encode_value(&entry.stored)),
+        );
+        self.bindings.insert(service, entry);
+    }
+
+    /// Drops the tombstones whose replay window has closed by `txn.time_ms`, oldest first.
+    fn drop_due_tombstones(&mut self, txn: &mut Txn) {
+        for _ in 0..TOMBSTONE_DROPS_PER_APPLY_MAX {
+            let Some((due_ms, service, instance)) = self.tombstones_due.first().cloned() else {
+                return;
+            };
+            if txn.time_ms <= due_ms {
+                return;
+            }
+            self.remove_tombstone(txn, &service, &instance);
+        }
+    }
+
+    /// Records one key/value write and keeps `state_bytes` equal to the export's size.
+    /// `old_value_len` is the length of the value being replaced or deleted, if any.
+    fn write(
+        &mut self,
+        txn: &mut Txn,
+        key: StorageKey,
+        old_value_len: Option<u64>,
+        value: Option<Vec<u8>>,
+    ) {
+        let key = key.encode();
+        let key_len = key.len() as u64;
+        if let Some(old_len) = old_value_len {
+            self.state_bytes = self
+                .state_bytes
+                .checked_sub(key_len + old_len)
+                .unwrap_or_else(|| {
+                    panic!("invariant: state_bytes covers every stored key and value")
+                });
+        }
+        if let Some(value) = &value {
+            self.state_bytes += key_len + value.len() as u64;
+        }
+        txn.changes.push(Change { key, value });
+    }
+}
+
+fn check_sequence(
+    service: &str,
+    instance: &str,
+    sequence: u64,
+    last: Option<u64>,
+) -> Result<(), Rejection> {
+    match last {
+        Some(last) if sequence <= last => reject(
+            Reason::StaleSequence,
+            format!("{service}/{instance}: sequence {sequence} is not above {last}"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn check_issued_at(issued_at_ms: u64, time_ms: u64) -> Result<(), Rejection> {
+    if issued_at_ms > time_ms.saturating_add(MAX_SKEW_MS) {
+        return reject(
+            Reason::FutureIssuedAt,
+            format!(
+                "issued_at_ms {issued_at_ms} is more than {MAX_SKEW_MS} ms after the leader's {time_ms}"
+            ),
+        );
+    }
+    if issued_at_ms.saturating_add(MAX_AGE_MS) < time_ms {
+        return reject(
+            Reason::Expired,
+            format!(
+                "issued_at_ms {issued_at_ms} is more than {MAX_AGE_MS} ms before the leader's {time_ms}"
+            ),
+        );
+    }
+    Ok(())
+}

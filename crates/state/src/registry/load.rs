@@ -1,0 +1,276 @@
+//! `Registry::load`: rebuilds the registry from its key/value export and checks, value by value
+//! and then as a whole, that it is a state `apply` could have produced.
+//!
+//! Signatures are verified again: storage is trusted to be durable, not to be correct, and a
+//! record that does not verify must never be served as if it did.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+
+use signpost_proto::v1::MultiEnvelope;
+use signpost_record::{
+    decode_envelope, decode_multi_envelope, open_binding, open_record, verify_admin_chain,
+    AdminSet, ADMIN_CHAIN_ENTRIES_MAX,
+};
+
+use super::{apply::MAX_AGE_MS, apply::MAX_SKEW_MS, Admins, BindingEntry, Registry};
+use crate::error::{escape_key, StateError};
+use crate::request::Quotas;
+use crate::storage_key::StorageKey;
+use crate::stored::{
+    decode_value, StoredAdminSet, StoredBinding, StoredChainEntry, StoredRecord, StoredTombstone,
+};
+
+type Names = (String, String);
+
+#[derive(Default)]
+struct Loader {
+    genesis: Option<AdminSet>,
+    current: Option<AdminSet>,
+    chain: BTreeMap<u32, (Vec<u8>, MultiEnvelope)>,
+    quotas: Option<Quotas>,
+    bindings: BTreeMap<String, BindingEntry>,
+    records: BTreeMap<Names, StoredRecord>,
+    tombstones: BTreeMap<Names, StoredTombstone>,
+    state_bytes: u64,
+}
+
+impl Registry {
+    /// Rebuilds a registry from the pairs of [`Registry::export`] (in any order), refusing
+    /// anything `apply` could not have written: unknown keys, undecodable values, values that
+    /// contradict their key, signatures that do not verify, an admin chain that does not lead
+    /// to the current admin set, records without a binding that authorizes them.
+    pub fn load(kvs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<Registry, StateError> {
+        let mut loader = Loader::default();
+        for (key, value) in kvs {
+            loader.add(&key, &value)?;
+        }
+        loader.finish()
+    }
+}
+
+impl Loader {
+    fn add(&mut self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        let corrupt = |detail: String| StateError::CorruptValue {
+            key: escape_key(key),
+            detail,
+        };
+        self.state_bytes += (key.len() + value.len()) as u64;
+        let inserted = match StorageKey::parse(key)? {
+            StorageKey::AdminGenesis => {
+                let set = decode_admin_set(value).map_err(corrupt)?;
+                if set.version != AdminSet::GENESIS_VERSION {
+                    return Err(corrupt(format!("genesis has version {}", set.version)));
+                }
+                fill(&mut self.genesis, set)
+            }
+            StorageKey::AdminCurrent => {
+                let set = decode_admin_set(value).map_err(corrupt)?;
+                fill(&mut self.current, set)
+            }
+            StorageKey::AdminChain { index } => {
+                let stored: StoredChainEntry = decode_value(value).map_err(corrupt)?;
+                let envelope =
+                    decode_multi_envelope(&stored.envelope).map_err(|e| corrupt(e.to_string()))?;
+                insert_new(&mut self.chain, index, (stored.envelope, envelope))
+            }
+            StorageKey::Quotas => {
+                let quotas: Quotas = decode_value(value).map_err(corrupt)?;
+                if quotas.instances_per_service_max == 0
+                    || quotas.services_max == 0
+                    || quotas.state_bytes_max == 0
+                {
+                    return Err(corrupt(format!("a quota is zero: {quotas:?}")));
+                }
+                fill(&mut self.quotas, quotas)
+            }
+            StorageKey::Binding { service } => {
+                let entry = decode_binding(&service, value).map_err(corrupt)?;
+                insert_new(&mut self.bindings, service, entry)
+            }
+            StorageKey::Record { service, instance } => {
+                let record = decode_record(&service, &instance, value).map_err(corrupt)?;
+                insert_new(&mut self.records, (service, instance), record)
+            }
+            StorageKey::Tombstone { service, instance } => {
+                let tombstone: StoredTombstone = decode_value(value).map_err(corrupt)?;
+                if tombstone.sequence == 0 {
+                    return Err(corrupt("tombstone with sequence 0".into()));
+                }
+                insert_new(&mut self.tombstones, (service, instance), tombstone)
+            }
+        };
+        if !inserted {
+            return Err(corrupt("key appears twice".into()));
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Registry, StateError> {
+        let inconsistent = |detail: String| StateError::Inconsistent { detail };
+        let admins = match (self.genesis, self.current) {
+            (None, None) => {
+                if !self.chain.is_empty() || self.quotas.is_some() {
+                    return Err(inconsistent(
+                        "admin chain or quotas without a genesis admin set".into(),
+                    ));
+                }
+                None
+            }
+            (Some(genesis), Some(current)) => {
+                Some(check_admins(genesis, current, self.chain).map_err(inconsistent)?)
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(inconsistent(
+                    "exactly one of a/genesis and a/current is present".into(),
+                ))
+            }
+        };
+        let quotas = match (&admins, self.quotas) {
+            (Some(_), Some(quotas)) => quotas,
+            (Some(_), None) => return Err(inconsistent("genesis without q/quotas".into())),
+            (None, _) => Quotas::default(),
+        };
+        if admins.is_none() && !self.bindings.is_empty() {
+            return Err(inconsistent("bindings without an admin set".into()));
+        }
+
+        let mut services: BTreeMap<String, BTreeMap<String, StoredRecord>> = BTreeMap::new();
+        for ((service, instance), record) in self.records {
+            let bound = self
+                .bindings
+                .get(&service)
+                .is_some_and(|b| b.binding.contains_key(&record.key));
+            if !bound {
+                return Err(inconsistent(format!(
+                    "{service}/{instance} is signed by {}, which its binding does not hold",
+                    hex::encode(record.key)
+                )));
+            }
+            if self
+                .tombstones
+                .contains_key(&(service.clone(), instance.clone()))
+            {
+                return Err(inconsistent(format!(
+                    "{service}/{instance} is both live and tombstoned"
+                )));
+            }
+            services
+                .entry(service)
+                .or_default()
+                .insert(instance, record);
+        }
+        let tombstones_due: BTreeSet<(u64, String, String)> = self
+            .tombstones
+            .iter()
+            .map(|((service, instance), t)| {
+                (
+                    t.issued_at_max_ms.saturating_add(MAX_AGE_MS + MAX_SKEW_MS),
+                    service.clone(),
+                    instance.clone(),
+                )
+            })
+            .collect();
+        Ok(Registry {
+            admins,
+            quotas,
+            bindings: self.bindings,
+            services,
+            tombstones: self.tombstones,
+            tombstones_due,
+            state_bytes: self.state_bytes,
+        })
+    }
+}
+
+fn check_admins(
+    genesis: AdminSet,
+    current: AdminSet,
+    chain: BTreeMap<u32, (Vec<u8>, MultiEnvelope)>,
+) -> Result<Admins, String> {
+    if chain.len() > ADMIN_CHAIN_ENTRIES_MAX {
+        return Err(format!(
+            "admin chain has {} entries, above the maximum of {ADMIN_CHAIN_ENTRIES_MAX}",
+            chain.len()
+        ));
+    }
+    // Keys are 0..n without gaps exactly when the largest index is n - 1.
+    if let Some((&last, _)) = chain.last_key_value() {
+        if last as usize + 1 != chain.len() {
+            return Err(format!(
+                "admin chain has {} entries but its last index is {last}",
+                chain.len()
+            ));
+        }
+    }
+    let (encoded, decoded): (Vec<Vec<u8>>, Vec<MultiEnvelope>) = chain.into_values().unzip();
+    let followed =
+        verify_admin_chain(&genesis, &decoded).map_err(|e| format!("admin chain: {e}"))?;
+    if followed != current {
+        return Err(format!(
+            "admin chain ends at version {}, a/current is version {}",
+            followed.version, current.version
+        ));
+    }
+    Ok(Admins {
+        genesis,
+        current,
+        chain: encoded,
+    })
+}
+
+fn decode_admin_set(value: &[u8]) -> Result<AdminSet, String> {
+    let stored: StoredAdminSet = decode_value(value)?;
+    AdminSet::new(&stored.keys, stored.threshold, stored.version).map_err(|e| e.to_string())
+}
+
+fn decode_binding(service: &str, value: &[u8]) -> Result<BindingEntry, String> {
+    let stored: StoredBinding = decode_value(value)?;
+    let envelope = decode_envelope(&stored.envelope).map_err(|e| e.to_string())?;
+    let binding = open_binding(&envelope).map_err(|e| e.to_string())?.payload;
+    if binding.service != service {
+        return Err(format!("binding is for {:?}", binding.service));
+    }
+    Ok(BindingEntry { binding, stored })
+}
+
+fn decode_record(service: &str, instance: &str, value: &[u8]) -> Result<StoredRecord, String> {
+    let record: StoredRecord = decode_value(value)?;
+    let envelope = decode_envelope(&record.envelope).map_err(|e| e.to_string())?;
+    let verified = open_record(&envelope).map_err(|e| e.to_string())?;
+    let payload = &verified.payload;
+    let agrees = payload.service == service
+        && payload.instance == instance
+        && payload.sequence == record.sequence
+        && payload.issued_at_ms == record.issued_at_ms
+        && payload.ttl_secs == record.ttl_secs
+        && verified.key == record.key
+        && record.issued_at_max_ms >= record.issued_at_ms;
+    if !agrees {
+        return Err(format!(
+            "stored fields disagree with the signed record {}/{} sequence {}",
+            payload.service, payload.instance, payload.sequence
+        ));
+    }
+    Ok(record)
+}
+
+/// Fills an empty slot; `false` if it was already filled (a duplicate key).
+fn fill<T>(slot: &mut Option<T>, value: T) -> bool {
+    if slot.is_some() {
+        return false;
+    }
+    *slot = Some(value);
+    true
+}
+
+/// Inserts a new key; `false` if it was already present (a duplicate key).
+fn insert_new<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: V) -> bool {
+    match map.entry(key) {
+        Entry::Occupied(_) => false,
+        Entry::Vacant(slot) => {
+            slot.insert(value);
+            true
+        }
+    }
+}

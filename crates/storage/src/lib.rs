@@ -1,0 +1,417 @@
+//! RocksDB persistence for a Signpost node.
+//!
+//! One database, four column families, each with one owner:
+//!
+//! | column family | holds | written by |
+//! |---|---|---|
+//! | `log` | Raft log entries keyed by big-endian index | the Raft log store |
+//! | `raft` | vote, committed and purged log ids | the Raft log store |
+//! | `state` | the registry's key/value pairs | the state machine |
+//! | `machine` | last applied log id, membership, current snapshot | the state machine |
+//!
+//! Every write that is acknowledged to Raft is a synced write (`WriteOptions::set_sync`), so an
+//! acknowledged entry survives `kill -9` and power loss. A state-machine batch carries the state
+//! changes and the last-applied id together, so the two can never disagree after a crash.
+//!
+//! This crate knows nothing of openraft or of the registry: values are opaque bytes, which keeps
+//! RocksDB and openraft each inside one crate.
+#![deny(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unused_must_use
+)]
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+
+/// Largest value this crate writes or accepts on read. A snapshot is the largest value.
+pub const VALUE_BYTES_MAX: usize = 512 * 1024 * 1024;
+
+const CF_LOG: &str = "log";
+const CF_RAFT: &str = "raft";
+const CF_STATE: &str = "state";
+const CF_MACHINE: &str = "machine";
+const CFS: [&str; 4] = [CF_LOG, CF_RAFT, CF_STATE, CF_MACHINE];
+
+/// Errors of the storage layer. Every one of them is fatal for the node's Raft instance:
+/// a store that cannot write or read back what it wrote must stop, not limp on.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// RocksDB refused an operation.
+    #[error("rocksdb at {path}: {source}")]
+    Rocks {
+        /// Database directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// A column family the store needs is missing (the database was not created by Signpost).
+    #[error("column family {0} is missing")]
+    MissingColumnFamily(&'static str),
+    /// A key or value read back from disk does not have the shape this crate writes.
+    #[error("corrupt {what}: {detail}")]
+    Corrupt {
+        /// Which record was corrupt.
+        what: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A caller tried to write a value larger than [`VALUE_BYTES_MAX`].
+    #[error("value of {len} bytes exceeds the {max} byte limit")]
+    TooLarge {
+        /// Length of the rejected value.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// A change to the `state` column family: `None` deletes the key.
+pub type StateChange = (Vec<u8>, Option<Vec<u8>>);
+
+/// The node's RocksDB database.
+#[derive(Debug)]
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // One WAL for all column families: a batch that spans `state` and `machine` is atomic.
+        opts.set_atomic_flush(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_max_open_files(512);
+        opts.set_keep_log_file_num(4);
+        let cfs = CFS.iter().map(|name| {
+            let mut cf_opts = Options::default();
+            cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, cf_opts)
+        });
+        let db =
+            DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StorageError::Rocks {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// The directory this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or(StorageError::MissingColumnFamily(name))
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StorageError {
+        StorageError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
+    }
+
+    fn check_len(value: &[u8]) -> Result<()> {
+        if value.len() > VALUE_BYTES_MAX {
+            return Err(StorageError::TooLarge {
+                len: value.len(),
+                max: VALUE_BYTES_MAX,
+            });
+        }
+        Ok(())
+    }
+
+    // ----- Raft log -------------------------------------------------------------------------
+
+    /// Appends log entries and returns only once they are synced to disk.
+    ///
+    /// Entries must have strictly increasing indexes; the caller (Raft) guarantees it, and the
+    /// store asserts it because a gap would silently corrupt the log.
+    pub fn log_append(&self, entries: &[(u64, Vec<u8>)]) -> Result<()> {
+        let cf = self.cf(CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        let mut previous: Option<u64> = None;
+        for (index, value) in entries {
+            if let Some(p) = previous {
+                assert!(*index == p + 1, "log append with a gap: {p} then {index}");
+            }
+            previous = Some(*index);
+            Self::check_len(value)?;
+            batch.put_cf(cf, index.to_be_bytes(), value);
+        }
+        self.write_synced(batch)
+    }
+
+    /// Entries with `start <= index < end`, at most `limit` of them, in index order.
+    pub fn log_range(&self, start: u64, end: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        let cf = self.cf(CF_LOG)?;
+        let start_key = start.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start_key, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let index = decode_index(&key)?;
+            if index >= end || out.len() >= limit {
+                break;
+            }
+            out.push((index, value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The entry with the highest index, if any.
+    pub fn log_last(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let cf = self.cf(CF_LOG)?;
+        match self.db.iterator_cf(cf, IteratorMode::End).next() {
+            None => Ok(None),
+            Some(item) => {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                Ok(Some((decode_index(&key)?, value.into_vec())))
+            }
+        }
+    }
+
+    /// Deletes every entry with `index >= from` (conflicting suffix), synced.
+    pub fn log_truncate(&self, from: u64) -> Result<()> {
+        let cf = self.cf(CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, from.to_be_bytes(), u64::MAX.to_be_bytes());
+        // delete_range's end is exclusive; u64::MAX itself is never a real index.
+        self.write_synced(batch)
+    }
+
+    /// Deletes every entry with `index <= upto` and records `purged` under `purged_key` in the
+    /// `raft` family in the same synced batch, so the purge marker and the log agree after a crash.
+    pub fn log_purge(&self, upto: u64, purged_key: &str, purged: &[u8]) -> Result<()> {
+        let log = self.cf(CF_LOG)?;
+        let raft = self.cf(CF_RAFT)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(raft, purged_key.as_bytes(), purged);
+        batch.delete_range_cf(log, 0u64.to_be_bytes(), (upto + 1).to_be_bytes());
+        self.write_synced(batch)
+    }
+
+    // ----- Raft metadata --------------------------------------------------------------------
+
+    /// Reads a Raft metadata value (vote, committed, purged).
+    pub fn raft_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.get(CF_RAFT, key.as_bytes())
+    }
+
+    /// Writes a Raft metadata value, synced.
+    pub fn raft_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        Self::check_len(value)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RAFT)?, key.as_bytes(), value);
+        self.write_synced(batch)
+    }
+
+    // ----- State machine --------------------------------------------------------------------
+
+    /// Reads a state-machine metadata value (last applied, membership, snapshot).
+    pub fn machine_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.get(CF_MACHINE, key.as_bytes())
+    }
+
+    /// Writes state-machine metadata alone, synced.
+    pub fn machine_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.state_commit(&[], &[(key, value)])
+    }
+
+    /// Applies state changes and machine metadata in one synced, atomic batch.
+    pub fn state_commit(&self, changes: &[StateChange], machine: &[(&str, &[u8])]) -> Result<()> {
+        let state = self.cf(CF_STATE)?;
+        let meta = self.cf(CF_MACHINE)?;
+        let mut batch = WriteBatch::default();
+        for (key, value) in changes {
+            match value {
+                Some(v) => {
+                    Self::check_len(v)?;
+                    batch.put_cf(state, key, v);
+                }
+                None => batch.delete_cf(state, key),
+            }
+        }
+        for (key, value) in machine {
+            Self::check_len(value)?;
+            batch.put_cf(meta, key.as_bytes(), value);
+        }
+        self.write_synced(batch)
+    }
+
+    /// Every pair of the `state` family in key order.
+    pub fn state_scan(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let cf = self.cf(CF_STATE)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the whole `state` family with `pairs` and writes `machine` metadata, atomically
+    /// and synced: installing a snapshot never leaves a half-old, half-new state behind.
+    pub fn state_replace(
+        &self,
+        pairs: &[(Vec<u8>, Vec<u8>)],
+        machine: &[(&str, &[u8])],
+    ) -> Result<()> {
+        let state = self.cf(CF_STATE)?;
+        let meta = self.cf(CF_MACHINE)?;
+        let mut batch = WriteBatch::default();
+        // Delete key by key rather than by range: state keys are arbitrary bytes with no
+        // natural upper bound for a range.
+        for item in self.db.iterator_cf(state, IteratorMode::Start) {
+            let (key, _) = item.map_err(|e| self.rocks(e))?;
+            batch.delete_cf(state, key);
+        }
+        for (key, value) in pairs {
+            Self::check_len(value)?;
+            batch.put_cf(state, key, value);
+        }
+        for (key, value) in machine {
+            Self::check_len(value)?;
+            batch.put_cf(meta, key.as_bytes(), value);
+        }
+        self.write_synced(batch)
+    }
+
+    fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let handle = self.cf(cf)?;
+        let value = self.db.get_cf(handle, key).map_err(|e| self.rocks(e))?;
+        if let Some(v) = &value {
+            if v.len() > VALUE_BYTES_MAX {
+                return Err(StorageError::Corrupt {
+                    what: "value",
+                    detail: format!("{} bytes exceeds the limit", v.len()),
+                });
+            }
+        }
+        Ok(value)
+    }
+}
+
+fn decode_index(key: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| StorageError::Corrupt {
+        what: "log key",
+        detail: format!("expected 8 bytes, found {}", key.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        range
+            .map(|i| (i, format!("entry-{i}").into_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn log_survives_reopen_and_truncate_and_purge_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+
+        // Phase 1: append, read back, reopen: everything written is still there.
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.log_append(&entries(1..=10)).unwrap();
+            store.raft_put("vote", b"v1").unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.log_range(0, u64::MAX, 100).unwrap(), entries(1..=10));
+        assert_eq!(store.raft_get("vote").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(store.log_last().unwrap().map(|e| e.0), Some(10));
+
+        // Phase 2: range bounds and limits are honoured.
+        assert_eq!(store.log_range(3, 6, 100).unwrap(), entries(3..=5));
+        assert_eq!(store.log_range(3, 100, 2).unwrap(), entries(3..=4));
+
+        // Phase 3: truncate removes the suffix, purge the prefix with its marker.
+        store.log_truncate(8).unwrap();
+        store.log_purge(3, "purged", b"p3").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.log_range(0, u64::MAX, 100).unwrap(), entries(4..=7));
+        assert_eq!(
+            store.raft_get("purged").unwrap().as_deref(),
+            Some(&b"p3"[..])
+        );
+    }
+
+    #[test]
+    fn state_commit_and_replace_are_atomic_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // Phase 1: a commit writes pairs and the applied marker together.
+            store
+                .state_commit(
+                    &[
+                        (b"a".to_vec(), Some(b"1".to_vec())),
+                        (b"b".to_vec(), Some(b"2".to_vec())),
+                    ],
+                    &[("applied", b"5")],
+                )
+                .unwrap();
+            store
+                .state_commit(&[(b"a".to_vec(), None)], &[("applied", b"6")])
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.state_scan().unwrap(),
+            vec![(b"b".to_vec(), b"2".to_vec())]
+        );
+        assert_eq!(
+            store.machine_get("applied").unwrap().as_deref(),
+            Some(&b"6"[..])
+        );
+
+        // Phase 2: replace drops every old pair.
+        store
+            .state_replace(&[(b"z".to_vec(), b"9".to_vec())], &[("applied", b"9")])
+            .unwrap();
+        assert_eq!(
+            store.state_scan().unwrap(),
+            vec![(b"z".to_vec(), b"9".to_vec())]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "log append with a gap")]
+    fn appending_entries_with_a_gap_is_a_broken_invariant() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let _ = store.log_append(&[(1, vec![]), (3, vec![])]);
+    }
+}

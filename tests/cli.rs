@@ -1,0 +1,150 @@
+//! The README's "run" command: `signpost dev` starts a three-node cluster with generated
+//! certificates, writes client.toml, and stops every node on a signal.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use signpost_tests::{cli, cli_ok, free_port, signpost_bin};
+
+#[test]
+fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
+    eprintln!("phase 1: start `signpost dev` and wait for its ready line");
+    let dir = tempfile::tempdir().unwrap();
+    let dev_dir = dir.path().join("dev");
+    // Ports base+1..3 and base+101..103 must be free; pick a base from a free port.
+    let base = (free_port() / 2).clamp(20_000, 30_000);
+    let mut dev = Command::new(signpost_bin())
+        .args([
+            "dev",
+            "--dir",
+            dev_dir.to_str().unwrap(),
+            "--base-port",
+            &base.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn signpost dev");
+    let stdout = dev.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let started = Instant::now();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(90).saturating_sub(started.elapsed()))
+            .expect("signpost dev printed no ready line in time");
+        if line.contains("cluster is up") {
+            break;
+        }
+    }
+    let client_toml = dev_dir.join("client.toml");
+    assert!(client_toml.exists());
+
+    eprintln!("phase 2: status --json lists three members and one leader");
+    let env = [("SIGNPOST_CONFIG", client_toml.as_path())];
+    let status: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["status", "--json"], &env)).expect("status json");
+    let members = status["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3);
+    let leader_id = status["leader_id"].as_u64().expect("leader_id");
+    assert!(members
+        .iter()
+        .any(|m| m["id"].as_u64() == Some(leader_id) && m["role"] == "leader"));
+    for m in members {
+        assert!(m["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+
+    eprintln!(
+        "phase 3: the quick start of the README works: keygen, bind, issue, register, resolve"
+    );
+    let key = dev_dir.join("payments.key");
+    cli_ok(&["keygen", "--out", key.to_str().unwrap()], &[]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "private key must be 0600");
+    }
+    cli_ok(
+        &[
+            "bind",
+            "payments",
+            "--pubkey",
+            dev_dir.join("payments.key.pub").to_str().unwrap(),
+        ],
+        &env,
+    );
+    let cert = dev_dir.join("payments-cert");
+    cli_ok(
+        &[
+            "ca",
+            "issue",
+            "--service",
+            "payments",
+            "--ca-dir",
+            dev_dir.join("ca").to_str().unwrap(),
+            "--out",
+            cert.to_str().unwrap(),
+        ],
+        &[],
+    );
+    cli_ok(
+        &[
+            "register",
+            "payments",
+            "--instance",
+            "p1",
+            "--endpoint",
+            "127.0.0.1:9000",
+            "--meta",
+            "zone=a",
+            "--key",
+            key.to_str().unwrap(),
+            "--cert",
+            dev_dir.join("payments-cert.crt").to_str().unwrap(),
+            "--cert-key",
+            dev_dir.join("payments-cert.key").to_str().unwrap(),
+        ],
+        &env,
+    );
+    let resolved: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["resolve", "payments", "--json"], &env)).unwrap();
+    assert_eq!(resolved["instances"][0]["instance"], "p1");
+    assert_eq!(resolved["instances"][0]["endpoints"][0]["port"], 9000);
+    assert_eq!(resolved["instances"][0]["metadata"]["zone"], "a");
+
+    eprintln!("phase 4: a refused command exits non-zero with the gRPC code in one line");
+    let out = cli(&["resolve", "nonexistent", "--json"], &env);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NOT_FOUND"), "stderr: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "stderr: {stderr}");
+
+    eprintln!("phase 5: SIGTERM stops the cluster and every node exits");
+    let pid = dev.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = dev.try_wait().unwrap() {
+            assert!(status.success(), "signpost dev exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "signpost dev did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = cli(&["status", "--json"], &env);
+    assert!(
+        !out.status.success(),
+        "nodes still answer after dev stopped"
+    );
+}

@@ -1,0 +1,207 @@
+//! A three-node cluster of real processes: election, replication, failover, restart, and
+//! catch-up by snapshot. No acknowledged registration may ever be lost.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use signpost_tests::{signed_record, ClusterOptions, TestCluster};
+
+const READY: Duration = Duration::from_secs(60);
+
+async fn instances(cluster: &TestCluster, node: u64, service: &str) -> BTreeSet<String> {
+    cluster
+        .client(&[node])
+        .resolve(service, true)
+        .await
+        .map(|r| {
+            r.instances
+                .into_iter()
+                .map(|i| i.payload.instance)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `node` serves exactly `expected` for `service` from its local state.
+async fn wait_converged(
+    cluster: &TestCluster,
+    node: u64,
+    service: &str,
+    expected: &BTreeSet<String>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if &instances(cluster, node, service).await == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node} did not converge on {} instances\n{}",
+            expected.len(),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_sent_to_a_follower_is_resolvable_on_every_node() {
+    eprintln!("phase 1: three nodes elect a leader and apply genesis");
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+
+    eprintln!("phase 2: bind a key and register through a follower only");
+    let key_path = cluster.bind_new_key("payments");
+    let key = signpost_record::read_signing_key(&key_path).unwrap();
+    let follower_only = cluster.client(&[follower]);
+    let revision = follower_only
+        .register(signed_record(&key, "payments", "p1", 1, 9000))
+        .await
+        .expect("register via follower");
+    assert!(revision > 0);
+
+    eprintln!("phase 3: every node serves the record, verified end to end");
+    let expected = BTreeSet::from(["p1".to_string()]);
+    for id in cluster.ids() {
+        wait_converged(&cluster, id, "payments", &expected).await;
+        let linearizable = cluster
+            .client(&[id])
+            .resolve("payments", false)
+            .await
+            .unwrap();
+        assert_eq!(linearizable.instances.len(), 1);
+        assert_eq!(linearizable.instances[0].payload.endpoints[0].port, 9000);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_loses_no_acknowledged_registration() {
+    eprintln!("phase 1: a ready cluster with some acknowledged registrations");
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("orders")).unwrap();
+    let client = cluster.client(&[]);
+    let mut acknowledged = BTreeSet::new();
+    for i in 0..20u64 {
+        let name = format!("o{i}");
+        client
+            .register(signed_record(&key, "orders", &name, 1, 8000 + i as u32))
+            .await
+            .expect("register before failover");
+        acknowledged.insert(name);
+    }
+
+    eprintln!("phase 2: kill -9 the leader (node {leader}); a new leader is elected");
+    let killed_at = Instant::now();
+    cluster.kill9(leader);
+    let new_leader = loop {
+        if let Some(l) = cluster.agreed_leader().await {
+            if l != leader {
+                break l;
+            }
+        }
+        assert!(
+            killed_at.elapsed() < READY,
+            "no new leader\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "failover: node {new_leader} leads {} ms after the kill",
+        killed_at.elapsed().as_millis()
+    );
+
+    eprintln!("phase 3: registrations continue through the survivors");
+    let survivors: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let client = cluster.client(&survivors);
+    for i in 20..40u64 {
+        let name = format!("o{i}");
+        client
+            .register(signed_record(&key, "orders", &name, 1, 8000 + i as u32))
+            .await
+            .expect("register after failover");
+        acknowledged.insert(name);
+    }
+
+    eprintln!("phase 4: the killed node restarts and catches up; nothing acknowledged is lost");
+    cluster.restart(leader);
+    for id in cluster.ids() {
+        wait_converged(&cluster, id, "orders", &acknowledged).await;
+    }
+    let linearizable = cluster.client(&[]).resolve("orders", false).await.unwrap();
+    let names: BTreeSet<String> = linearizable
+        .instances
+        .into_iter()
+        .map(|i| i.payload.instance)
+        .collect();
+    assert_eq!(names, acknowledged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() {
+    eprintln!("phase 1: a cluster that snapshots every 20 entries and keeps 5 behind");
+    let mut cluster = TestCluster::start(ClusterOptions {
+        snapshot_after_entries: 20,
+        log_entries_kept: 5,
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let lagging = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("inventory")).unwrap();
+
+    eprintln!("phase 2: stop node {lagging}, then write well past a snapshot");
+    let applied_before = cluster
+        .client(&[lagging])
+        .status_of(&cluster.client_addr(lagging))
+        .await
+        .unwrap()
+        .applied_index;
+    cluster.kill9(lagging);
+    let others: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != lagging)
+        .collect();
+    let client = cluster.client(&others);
+    let mut expected = BTreeSet::new();
+    for i in 0..80u64 {
+        let name = format!("i{i}");
+        client
+            .register(signed_record(&key, "inventory", &name, 1, 7000 + i as u32))
+            .await
+            .expect("register while a node is down");
+        expected.insert(name);
+    }
+    let leader_status = client.status().await.unwrap();
+    assert!(
+        leader_status.purged_index > applied_before,
+        "the leader must have purged entries the stopped node never saw (purged {}, node had {})",
+        leader_status.purged_index,
+        applied_before
+    );
+
+    eprintln!("phase 3: the node restarts and can only catch up by installing a snapshot");
+    cluster.restart(lagging);
+    wait_converged(&cluster, lagging, "inventory", &expected).await;
+    let status = cluster
+        .client(&[lagging])
+        .status_of(&cluster.client_addr(lagging))
+        .await
+        .unwrap();
+    assert!(
+        status.snapshot_index > applied_before,
+        "node {lagging} has no snapshot: {status:?}"
+    );
+    let log =
+        std::fs::read_to_string(cluster.root().join(format!("node{lagging}/server.log"))).unwrap();
+    assert!(
+        log.contains("installed snapshot"),
+        "node {lagging} never installed a snapshot"
+    );
+}

@@ -1,0 +1,552 @@
+//! The threat model as tests: each one an attack against a real cluster, and what stops it.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use signpost_client::{Client, ClientConfig};
+use signpost_identity::{
+    Ca, Identity, IssueOptions, PeerRule, TlsFiles, TlsIncoming, TlsSettings, Trust,
+};
+use signpost_proto::v1::registry_server::{Registry, RegistryServer};
+use signpost_proto::v1::*;
+use signpost_record::SigningKey;
+use signpost_tests::{cli, now_ms, signed_record, ClusterOptions, TestCluster, TRUST_DOMAIN};
+use tonic::{Request, Response, Status, Streaming};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn reason(e: &signpost_client::ClientError) -> String {
+    e.reason().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonation_tampering_and_replay_are_refused() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    cluster.bind_new_key("orders");
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+    let orders = cluster.client_as(&cluster.issue("service", "orders"), &[]);
+
+    eprintln!("attack 1: the orders certificate registers payments");
+    let err = orders
+        .register(signed_record(&key, "payments", "evil", 1, 6666))
+        .await
+        .expect_err("orders may not write payments");
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("service.own-name-only"), "{err}");
+
+    eprintln!("attack 2: a valid payments certificate with a record signed by an unbound key");
+    let rogue = signpost_record::generate_signing_key();
+    let err = payments
+        .register(signed_record(&rogue, "payments", "p1", 1, 6666))
+        .await
+        .expect_err("unbound key");
+    assert_eq!(reason(&err), "unbound_key", "{err}");
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied));
+
+    eprintln!("attack 3: replay of a captured registration, and a rolled-back sequence");
+    let captured = signed_record(&key, "payments", "p1", 10, 443);
+    payments
+        .register(captured.clone())
+        .await
+        .expect("first registration");
+    let newer = signed_record(&key, "payments", "p1", 11, 444);
+    payments.register(newer).await.expect("newer registration");
+    let err = payments.register(captured).await.expect_err("replay");
+    assert_eq!(reason(&err), "stale_sequence", "{err}");
+    let err = payments
+        .register(signed_record(&key, "payments", "p1", 5, 445))
+        .await
+        .expect_err("rollback");
+    assert_eq!(reason(&err), "stale_sequence", "{err}");
+    let resolved = payments.resolve("payments", false).await.unwrap();
+    assert_eq!(resolved.instances[0].payload.endpoints[0].port, 444);
+
+    eprintln!("attack 4: a payload altered after signing");
+    let mut tampered = signed_record(&key, "payments", "p2", 1, 443);
+    let last = tampered.payload.len() - 1;
+    tampered.payload[last] ^= 0x01;
+    let err = payments.register(tampered).await.expect_err("tampered");
+    assert_eq!(reason(&err), "bad_signature", "{err}");
+    assert_eq!(err.code(), Some(tonic::Code::Unauthenticated));
+
+    eprintln!("attack 7: a reader registers; a service binds");
+    let reader = cluster.client_as(&cluster.issue("reader", "dashboards"), &[]);
+    let err = reader
+        .register(signed_record(&key, "payments", "p3", 1, 443))
+        .await
+        .expect_err("readers may not register");
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+    reader
+        .resolve("payments", true)
+        .await
+        .expect("readers may resolve");
+    let binding = BindingPayload {
+        service: "payments".into(),
+        public_keys: vec![rogue.verifying_key().to_bytes().to_vec()],
+        version: now_ms(),
+        issued_at_ms: now_ms(),
+        not_before_ms: 0,
+        not_after_ms: 0,
+    };
+    let err = payments
+        .bind(signpost_record::sign_binding(&rogue, &binding))
+        .await
+        .expect_err("services may not bind");
+    assert_eq!(err.code(), Some(tonic::Code::PermissionDenied), "{err}");
+
+    eprintln!("the CLI reports a refusal with the gRPC code name");
+    let out = cli(
+        &[
+            "bind",
+            "payments",
+            "--pubkey",
+            cluster.root().join("orders.key.pub").to_str().unwrap(),
+            "--cert",
+            cluster
+                .root()
+                .join("service-payments.crt")
+                .to_str()
+                .unwrap(),
+            "--cert-key",
+            cluster
+                .root()
+                .join("service-payments.key")
+                .to_str()
+                .unwrap(),
+        ],
+        &[("SIGNPOST_CONFIG", &cluster.client_toml())],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_needs_the_threshold() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let admin_key = signpost_record::read_signing_key(&cluster.root().join("admin.key")).unwrap();
+    let admin = cluster.client(&[]);
+    let old = signpost_record::read_signing_key(&cluster.bind_new_key("search")).unwrap();
+    let search = cluster.client_as(&cluster.issue("service", "search"), &[]);
+    search
+        .register(signed_record(&old, "search", "s1", 1, 80))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: a binding version that drops the old key removes its live records");
+    let new = signpost_record::generate_signing_key();
+    let bind = |keys: &[&SigningKey]| {
+        signpost_record::sign_binding(
+            &admin_key,
+            &BindingPayload {
+                service: "search".into(),
+                public_keys: keys
+                    .iter()
+                    .map(|k| k.verifying_key().to_bytes().to_vec())
+                    .collect(),
+                version: now_ms(),
+                issued_at_ms: now_ms(),
+                not_before_ms: 0,
+                not_after_ms: 0,
+            },
+        )
+    };
+    admin.bind(bind(&[&new])).await.unwrap();
+    let err = search
+        .resolve("search", false)
+        .await
+        .map(|r| r.instances.len());
+    assert!(
+        matches!(err, Ok(0) | Err(_)),
+        "record of the removed key survived: {err:?}"
+    );
+    search
+        .register(signed_record(&new, "search", "s1", 2, 81))
+        .await
+        .unwrap();
+    assert_eq!(
+        search
+            .resolve("search", false)
+            .await
+            .unwrap()
+            .instances
+            .len(),
+        1
+    );
+
+    eprintln!("phase 2: genesis admin rotates to a 2-of-3 set");
+    let admins: Vec<SigningKey> = (0..3)
+        .map(|_| signpost_record::generate_signing_key())
+        .collect();
+    let set = |version: u64, keys: &[&SigningKey], threshold: u32| AdminSetPayload {
+        public_keys: keys
+            .iter()
+            .map(|k| k.verifying_key().to_bytes().to_vec())
+            .collect(),
+        threshold,
+        version,
+        issued_at_ms: now_ms(),
+    };
+    let two_of_three = set(2, &[&admins[0], &admins[1], &admins[2]], 2);
+    admin
+        .rotate_admins(signpost_record::sign_admin_set(
+            &[&admin_key],
+            &two_of_three,
+        ))
+        .await
+        .expect("genesis admin (threshold 1) rotates");
+
+    eprintln!("phase 3: one admin alone cannot replace the set");
+    let takeover = set(3, &[&admins[0]], 1);
+    let err = admin
+        .rotate_admins(signpost_record::sign_admin_set(&[&admins[0]], &takeover))
+        .await
+        .expect_err("one of a 2-of-3 set is not enough");
+    assert_eq!(reason(&err), "threshold_not_met", "{err}");
+
+    eprintln!("phase 4: two of them can, and clients still verify records through the chain");
+    admin
+        .rotate_admins(signpost_record::sign_admin_set(
+            &[&admins[0], &admins[2]],
+            &takeover,
+        ))
+        .await
+        .expect("two signatures meet the threshold");
+    let resolved = search
+        .resolve("search", false)
+        .await
+        .expect("chain verifies from genesis");
+    assert_eq!(resolved.instances.len(), 1);
+    eprintln!("phase 5: the old genesis key no longer binds");
+    let err = admin
+        .bind(bind(&[&old]))
+        .await
+        .expect_err("genesis key is no longer an admin");
+    assert_eq!(reason(&err), "not_admin", "{err}");
+}
+
+/// A Registry server run by an attacker who holds a node certificate: it serves a forged record
+/// for `payments`, signed by a key the admins never bound.
+#[derive(Clone)]
+struct RogueRegistry {
+    honest: ResolveResponse,
+    forger: SigningKey,
+}
+
+type Stream<T> = Pin<Box<dyn futures_core::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Registry for RogueRegistry {
+    async fn register(
+        &self,
+        _: Request<RegisterRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(WriteResponse { revision: 1 }))
+    }
+    async fn deregister(
+        &self,
+        _: Request<DeregisterRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(WriteResponse { revision: 1 }))
+    }
+    async fn bind(&self, _: Request<BindRequest>) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(WriteResponse { revision: 1 }))
+    }
+    async fn rotate_admins(
+        &self,
+        _: Request<RotateAdminsRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(WriteResponse { revision: 1 }))
+    }
+    async fn resolve(
+        &self,
+        _: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let mut forged = self.honest.clone();
+        let service = forged.service.as_mut().unwrap();
+        // Point payments at the attacker's box, signed with the attacker's key.
+        service.records = vec![signed_record(
+            &self.forger,
+            "payments",
+            "p1",
+            u64::MAX / 2,
+            31337,
+        )];
+        Ok(Response::new(forged))
+    }
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Err(Status::unavailable("rogue"))
+    }
+    type KeepAliveStream = Stream<KeepAliveResponse>;
+    async fn keep_alive(
+        &self,
+        _: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+    type WatchStream = Stream<WatchEvent>;
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+}
+
+fn server_tls(
+    cluster: &TestCluster,
+    prefix: &std::path::Path,
+) -> std::sync::Arc<rustls::ServerConfig> {
+    let files = TlsFiles {
+        ca: cluster.ca_dir().join("ca.crt"),
+        cert: prefix.with_extension("crt"),
+        key: prefix.with_extension("key"),
+        crl: None,
+    };
+    let trust = Trust::from_files(&files).unwrap();
+    signpost_identity::server_config(&files, &trust, &TlsSettings::default()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+    payments
+        .register(signed_record(&key, "payments", "p1", 1, 443))
+        .await
+        .unwrap();
+    let honest = cluster.client(&[]);
+
+    eprintln!("phase 1: start a rogue Registry server with a stolen node certificate");
+    let raw = {
+        let mut c = signpost_proto::v1::registry_client::RegistryClient::new(
+            signpost_identity::connect_channel(
+                &cluster.client_addr(1),
+                signpost_identity::client_config(
+                    &TlsFiles {
+                        ca: cluster.ca_dir().join("ca.crt"),
+                        cert: cluster.root().join("admin-cert.crt"),
+                        key: cluster.root().join("admin-cert.key"),
+                        crl: None,
+                    },
+                    &Trust::load(&cluster.ca_dir().join("ca.crt"), None).unwrap(),
+                    &TlsSettings::default(),
+                    PeerRule::AnyNode,
+                )
+                .unwrap(),
+                Duration::from_secs(3),
+            )
+            .unwrap(),
+        );
+        c.resolve(ResolveRequest {
+            service: "payments".into(),
+            stale: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+    let stolen = cluster.issue("node", "66");
+    let incoming = TlsIncoming::bind(
+        "127.0.0.1:0",
+        server_tls(&cluster, &stolen),
+        &TlsSettings::default(),
+    )
+    .await
+    .unwrap();
+    let rogue_addr = incoming.local_addr().to_string();
+    let rogue = RogueRegistry {
+        honest: raw,
+        forger: signpost_record::generate_signing_key(),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistryServer::new(rogue))
+            .serve_with_incoming(incoming),
+    );
+
+    eprintln!("phase 2: a client that only knows the rogue node gets no record at all");
+    let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
+    config.endpoints = vec![rogue_addr.clone()];
+    let only_rogue = Client::connect(&config).unwrap();
+    let err = only_rogue
+        .resolve("payments", true)
+        .await
+        .expect_err("forged record accepted");
+    assert!(
+        matches!(err, signpost_client::ClientError::Verification(_)),
+        "{err}"
+    );
+
+    eprintln!("phase 3: a client that tries the rogue first falls back to an honest node");
+    config.endpoints = vec![rogue_addr, cluster.client_addr(1), cluster.client_addr(2)];
+    let mixed = Client::connect(&config).unwrap();
+    let resolved = mixed
+        .resolve("payments", true)
+        .await
+        .expect("honest answer");
+    assert_eq!(resolved.instances[0].payload.endpoints[0].port, 443);
+    let honest_view = honest.resolve("payments", false).await.unwrap();
+    assert_eq!(honest_view.instances[0].payload.endpoints[0].port, 443);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_certificates_fail_the_handshake_after_the_crl_reload_without_restart() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let reader_prefix = cluster.issue("reader", "temp");
+    let node_prefix = cluster.issue("node", "7");
+
+    eprintln!("phase 1: both certificates work before revocation");
+    cluster
+        .client_as(&reader_prefix, &[leader])
+        .list(true)
+        .await
+        .expect("reader lists");
+    let raft = |prefix: std::path::PathBuf| {
+        let files = TlsFiles {
+            ca: cluster.ca_dir().join("ca.crt"),
+            cert: prefix.with_extension("crt"),
+            key: prefix.with_extension("key"),
+            crl: None,
+        };
+        let trust = Trust::from_files(&files).unwrap();
+        let config = signpost_identity::client_config(
+            &files,
+            &trust,
+            &TlsSettings::default(),
+            PeerRule::AnyNode,
+        )
+        .unwrap();
+        signpost_proto::v1::raft_client::RaftClient::new(
+            signpost_identity::connect_channel(
+                &cluster.raft_addr(leader),
+                config,
+                Duration::from_secs(3),
+            )
+            .unwrap(),
+        )
+    };
+    let status = raft(node_prefix.clone())
+        .vote(RaftMessage { data: vec![1] })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::InvalidArgument,
+        "node 7 should reach Raft: {status}"
+    );
+
+    eprintln!("phase 2: revoke both with the CLI; the nodes reload the CRL by themselves");
+    let ca = cluster.ca_dir();
+    for prefix in [&reader_prefix, &node_prefix] {
+        signpost_tests::cli_ok(
+            &[
+                "ca",
+                "revoke",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                prefix.with_extension("crt").to_str().unwrap(),
+            ],
+            &[],
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // A new client each time: revocation applies to new handshakes.
+        let reader_refused = cluster
+            .client_as(&reader_prefix, &[leader])
+            .list(true)
+            .await
+            .is_err();
+        let node_status = raft(node_prefix.clone())
+            .vote(RaftMessage { data: vec![1] })
+            .await
+            .unwrap_err();
+        let node_refused = node_status.code() != tonic::Code::InvalidArgument;
+        if reader_refused && node_refused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "revocation not enforced (reader refused: {reader_refused}, node refused: {node_refused})");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    eprintln!("phase 3: other identities are unaffected and the cluster kept its leader");
+    cluster
+        .client(&[leader])
+        .list(true)
+        .await
+        .expect("admin still lists");
+    assert_eq!(cluster.agreed_leader().await, Some(leader));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_match_the_record() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+
+    eprintln!("phase 1: an instance endpoint serving with the billing certificate");
+    let ca = Ca::load(&cluster.ca_dir()).unwrap();
+    let billing = cluster.root().join("billing-server");
+    ca.issue(
+        &Identity::Service("billing".into()),
+        &IssueOptions::default(),
+        &billing,
+    )
+    .unwrap();
+    let incoming = TlsIncoming::bind(
+        "127.0.0.1:0",
+        server_tls(&cluster, &billing),
+        &TlsSettings::default(),
+    )
+    .await
+    .unwrap();
+    let port = incoming.local_addr().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistryServer::new(RogueRegistry {
+                honest: ResolveResponse::default(),
+                forger: signpost_record::generate_signing_key(),
+            }))
+            .serve_with_incoming(incoming),
+    );
+
+    eprintln!("phase 2: the payments record points at it, naming the payments identity");
+    payments
+        .register(signed_record(&key, "payments", "p1", 1, port as u32))
+        .await
+        .unwrap();
+    let mut record = payments
+        .resolve("payments", false)
+        .await
+        .unwrap()
+        .instances
+        .remove(0);
+    record.payload.endpoints[0].host = "127.0.0.1".into();
+    assert_eq!(
+        record.payload.tls_identity,
+        format!("spiffe://{TRUST_DOMAIN}/service/payments")
+    );
+    let channel = payments.connect_instance(&record).unwrap();
+    let err = signpost_proto::v1::registry_client::RegistryClient::new(channel)
+        .list(ListRequest { stale: true })
+        .await
+        .expect_err("the connector must refuse a certificate other than the record's identity");
+    eprintln!("refused: {err}");
+
+    eprintln!("phase 3: the same endpoint is accepted when the record names billing (the control)");
+    record.payload.tls_identity = format!("spiffe://{TRUST_DOMAIN}/service/billing");
+    let channel = payments.connect_instance(&record).unwrap();
+    let status = signpost_proto::v1::registry_client::RegistryClient::new(channel)
+        .list(ListRequest { stale: true })
+        .await
+        .expect_err("the stub answers list with UNAVAILABLE");
+    assert_eq!(
+        status.message(),
+        "rogue",
+        "handshake should have succeeded: {status}"
+    );
+}

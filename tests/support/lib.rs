@@ -1,0 +1,415 @@
+//! Test harness: real `signpost` processes on loopback with real certificates and RocksDB.
+//!
+//! Every fault is one call: [`TestCluster::kill9`], [`TestCluster::restart`]. Every wait is
+//! bounded and fails the test with the node logs when it runs out.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use signpost_client::{Client, ClientConfig};
+
+/// The `signpost` binary under test: `SIGNPOST_BIN`, or the one cargo built next to the test.
+pub fn signpost_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SIGNPOST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/signpost
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("signpost"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --release -p signpost-cli` (same profile as the tests)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the CLI and returns its output.
+pub fn cli(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(signpost_bin());
+    cmd.args(args).stdin(Stdio::null());
+    cmd.env_remove("SIGNPOST_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running signpost")
+}
+
+/// Runs the CLI and asserts success, returning stdout.
+pub fn cli_ok(args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = cli(args, env);
+    assert!(
+        out.status.success(),
+        "signpost {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A free loopback port (the OS picks; the tiny race with other tests is acceptable).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Knobs for a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of nodes.
+    pub nodes: u64,
+    /// Snapshot after this many entries.
+    pub snapshot_after_entries: u64,
+    /// Log entries kept behind a snapshot.
+    pub log_entries_kept: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 3,
+            snapshot_after_entries: 10_000,
+            log_entries_kept: 1_000,
+        }
+    }
+}
+
+struct Node {
+    client_addr: String,
+    raft_addr: String,
+    child: Option<Child>,
+}
+
+/// A cluster of real `signpost server` processes.
+pub struct TestCluster {
+    /// Root directory (kept alive for the cluster's lifetime).
+    pub dir: tempfile::TempDir,
+    nodes: BTreeMap<u64, Node>,
+}
+
+/// Trust domain of test clusters.
+pub const TRUST_DOMAIN: &str = "signpost.local";
+
+impl TestCluster {
+    /// Creates a CA, node certificates, an admin key and certificate, and starts every node.
+    pub fn start(options: ClusterOptions) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let ca = root.join("ca");
+        cli_ok(&["ca", "init", "--ca-dir", ca.to_str().unwrap()], &[]);
+        cli_ok(
+            &["keygen", "--out", root.join("admin.key").to_str().unwrap()],
+            &[],
+        );
+        cli_ok(
+            &[
+                "ca",
+                "issue",
+                "--admin",
+                "admin",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--out",
+                root.join("admin-cert").to_str().unwrap(),
+            ],
+            &[],
+        );
+        let admin_pub = std::fs::read_to_string(root.join("admin.key.pub")).expect("admin pub");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=options.nodes {
+            nodes.insert(
+                id,
+                Node {
+                    client_addr: format!("127.0.0.1:{}", free_port()),
+                    raft_addr: format!("127.0.0.1:{}", free_port()),
+                    child: None,
+                },
+            );
+        }
+        let members: String = nodes
+            .iter()
+            .map(|(id, n)| {
+                format!(
+                    "[[members]]\nid = {id}\nclient_addr = \"{}\"\nraft_addr = \"{}\"\n\n",
+                    n.client_addr, n.raft_addr
+                )
+            })
+            .collect();
+        for (id, node) in &nodes {
+            let nd = root.join(format!("node{id}"));
+            std::fs::create_dir_all(&nd).unwrap();
+            cli_ok(
+                &[
+                    "ca",
+                    "issue",
+                    "--node",
+                    &id.to_string(),
+                    "--ca-dir",
+                    ca.to_str().unwrap(),
+                    "--out",
+                    nd.join("node").to_str().unwrap(),
+                ],
+                &[],
+            );
+            let config = format!(
+                "node_id = {id}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
+                 [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
+                 [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n\n\
+                 [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\n\
+                 snapshot_after_entries = {}\nlog_entries_kept = {}\n\n{members}",
+                node.client_addr,
+                node.raft_addr,
+                admin_pub.trim(),
+                options.snapshot_after_entries,
+                options.log_entries_kept,
+            );
+            std::fs::write(nd.join("config.toml"), config).unwrap();
+        }
+        let client = format!(
+            "endpoints = [{}]\ntrust_domain = \"{TRUST_DOMAIN}\"\nadmin_key = \"admin.key\"\n\n\
+             [tls]\nca = \"ca/ca.crt\"\ncert = \"admin-cert.crt\"\nkey = \"admin-cert.key\"\n\n\
+             [trust]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n",
+            nodes
+                .values()
+                .map(|n| format!("\"{}\"", n.client_addr))
+                .collect::<Vec<_>>()
+                .join(", "),
+            admin_pub.trim()
+        );
+        std::fs::write(root.join("client.toml"), client).unwrap();
+        let mut cluster = TestCluster { dir, nodes };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    /// Root directory.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of the admin client config.
+    pub fn client_toml(&self) -> PathBuf {
+        self.root().join("client.toml")
+    }
+
+    /// The CA directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root().join("ca")
+    }
+
+    /// Client address of a node.
+    pub fn client_addr(&self, id: u64) -> String {
+        self.nodes[&id].client_addr.clone()
+    }
+
+    /// Raft address of a node.
+    pub fn raft_addr(&self, id: u64) -> String {
+        self.nodes[&id].raft_addr.clone()
+    }
+
+    /// Node ids.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let nd = self.root().join(format!("node{id}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(nd.join("server.log"))
+            .unwrap();
+        let child = Command::new(signpost_bin())
+            .arg("server")
+            .arg("--config")
+            .arg(nd.join("config.toml"))
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn signpost server");
+        self.nodes.get_mut(&id).unwrap().child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what was synced.
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).unwrap().child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Starts a stopped node again with the same config and data.
+    pub fn restart(&mut self, id: u64) {
+        assert!(self.nodes[&id].child.is_none(), "node {id} is running");
+        self.spawn(id);
+    }
+
+    /// The node logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for id in self.nodes.keys() {
+            let path = self.root().join(format!("node{id}/server.log"));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("---- node {id} ----\n"));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A client with the admin identity, talking to the given nodes (all if empty).
+    pub fn client(&self, only: &[u64]) -> Client {
+        let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
+        if !only.is_empty() {
+            config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
+        }
+        Client::connect(&config).expect("client")
+    }
+
+    /// A client presenting another certificate.
+    pub fn client_as(&self, cert_prefix: &Path, only: &[u64]) -> Client {
+        let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
+        config.tls.cert = cert_prefix.with_extension("crt");
+        config.tls.key = cert_prefix.with_extension("key");
+        if !only.is_empty() {
+            config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
+        }
+        Client::connect(&config).expect("client")
+    }
+
+    /// Waits until every running node agrees on one leader and the registry took its genesis
+    /// entry; returns the leader id.
+    pub async fn wait_ready(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(leader) = self.agreed_leader().await {
+                // Genesis is applied once the leader shows a committed entry beyond the
+                // membership entries; resolve of an unknown name then says NOT_FOUND rather
+                // than UNAVAILABLE.
+                let c = self.client(&[leader]);
+                match c.resolve("readiness-probe", true).await {
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => return leader,
+                    _ => {}
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ready after {timeout:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The leader every running node reports, if they agree.
+    pub async fn agreed_leader(&self) -> Option<u64> {
+        let mut leader = None;
+        for (id, node) in &self.nodes {
+            if node.child.is_none() {
+                continue;
+            }
+            let status = self
+                .client(&[*id])
+                .status_of(&node.client_addr)
+                .await
+                .ok()?;
+            if status.leader_id == 0 || leader.is_some_and(|l| l != status.leader_id) {
+                return None;
+            }
+            leader = Some(status.leader_id);
+        }
+        leader
+    }
+
+    /// Issues a certificate from the cluster CA; returns the prefix.
+    pub fn issue(&self, kind: &str, name: &str) -> PathBuf {
+        let prefix = self.root().join(format!("{}-{}", kind, name));
+        cli_ok(
+            &[
+                "ca",
+                "issue",
+                &format!("--{kind}"),
+                name,
+                "--ca-dir",
+                self.ca_dir().to_str().unwrap(),
+                "--out",
+                prefix.to_str().unwrap(),
+            ],
+            &[],
+        );
+        prefix
+    }
+
+    /// Generates a signing key for a service and binds it (as admin); returns the key path.
+    pub fn bind_new_key(&self, service: &str) -> PathBuf {
+        let key = self.root().join(format!("{service}.key"));
+        cli_ok(&["keygen", "--out", key.to_str().unwrap()], &[]);
+        let pubkey = self.root().join(format!("{service}.key.pub"));
+        cli_ok(
+            &["bind", service, "--pubkey", pubkey.to_str().unwrap()],
+            &[("SIGNPOST_CONFIG", &self.client_toml())],
+        );
+        key
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A signed registration of `service/instance` at `sequence`, endpoint 10.0.0.1:`port`.
+pub fn signed_record(
+    key: &signpost_record::SigningKey,
+    service: &str,
+    instance: &str,
+    sequence: u64,
+    port: u32,
+) -> signpost_proto::v1::Envelope {
+    let payload = signpost_proto::v1::RecordPayload {
+        service: service.into(),
+        instance: instance.into(),
+        endpoints: vec![signpost_proto::v1::Endpoint {
+            host: "10.0.0.1".into(),
+            port,
+            protocol: "grpc".into(),
+        }],
+        metadata: Default::default(),
+        tls_identity: format!("spiffe://{TRUST_DOMAIN}/service/{service}"),
+        sequence,
+        issued_at_ms: now_ms(),
+        ttl_secs: 30,
+    };
+    signpost_record::sign_record(key, &payload)
+}
