@@ -54,7 +54,7 @@ async fn a_registration_sent_to_a_follower_is_resolvable_on_every_node() {
     eprintln!("phase 2: bind a key and register through a follower only");
     let key_path = cluster.bind_new_key("payments");
     let key = signpost_record::read_signing_key(&key_path).unwrap();
-    let follower_only = cluster.client(&[follower]);
+    let follower_only = cluster.client_as(&cluster.issue("service", "payments"), &[follower]);
     let revision = follower_only
         .register(signed_record(&key, "payments", "p1", 1, 9000))
         .await
@@ -81,7 +81,8 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_registratio
     let mut cluster = TestCluster::start(ClusterOptions::default());
     let leader = cluster.wait_ready(READY).await;
     let key = signpost_record::read_signing_key(&cluster.bind_new_key("orders")).unwrap();
-    let client = cluster.client(&[]);
+    let orders_cert = cluster.issue("service", "orders");
+    let client = cluster.client_as(&orders_cert, &[]);
     let mut acknowledged = BTreeSet::new();
     for i in 0..20u64 {
         let name = format!("o{i}");
@@ -119,7 +120,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_registratio
         .into_iter()
         .filter(|id| *id != leader)
         .collect();
-    let client = cluster.client(&survivors);
+    let client = cluster.client_as(&orders_cert, &survivors);
     for i in 20..40u64 {
         let name = format!("o{i}");
         client
@@ -168,7 +169,7 @@ async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() {
         .into_iter()
         .filter(|id| *id != lagging)
         .collect();
-    let client = cluster.client(&others);
+    let client = cluster.client_as(&cluster.issue("service", "inventory"), &others);
     let mut expected = BTreeSet::new();
     for i in 0..80u64 {
         let name = format!("i{i}");
@@ -178,13 +179,29 @@ async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() {
             .expect("register while a node is down");
         expected.insert(name);
     }
-    let leader_status = client.status().await.unwrap();
-    assert!(
-        leader_status.purged_index > applied_before,
-        "the leader must have purged entries the stopped node never saw (purged {}, node had {})",
-        leader_status.purged_index,
-        applied_before
-    );
+    // Purging follows the snapshot asynchronously; wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leader_id = cluster.agreed_leader().await.unwrap_or(leader);
+        let status = cluster
+            .client(&[leader_id])
+            .status_of(&cluster.client_addr(leader_id))
+            .await
+            .unwrap();
+        if status.purged_index > applied_before {
+            eprintln!(
+                "leader purged up to {} (the stopped node had applied {applied_before})",
+                status.purged_index
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader never purged entries the stopped node missed: {status:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     eprintln!("phase 3: the node restarts and can only catch up by installing a snapshot");
     cluster.restart(lagging);

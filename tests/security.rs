@@ -63,13 +63,75 @@ async fn impersonation_tampering_and_replay_are_refused() {
     let resolved = payments.resolve("payments", false).await.unwrap();
     assert_eq!(resolved.instances[0].payload.endpoints[0].port, 444);
 
-    eprintln!("attack 4: a payload altered after signing");
+    eprintln!("attack 4: a payload altered after signing, sent past any client-side checks");
+    let mut raw =
+        signpost_tests::raw_registry(&cluster, &cluster.root().join("service-payments"), 1);
     let mut tampered = signed_record(&key, "payments", "p2", 1, 443);
     let last = tampered.payload.len() - 1;
     tampered.payload[last] ^= 0x01;
-    let err = payments.register(tampered).await.expect_err("tampered");
-    assert_eq!(reason(&err), "bad_signature", "{err}");
-    assert_eq!(err.code(), Some(tonic::Code::Unauthenticated));
+    let status = raw
+        .register(RegisterRequest {
+            envelope: Some(tampered),
+        })
+        .await
+        .expect_err("tampered");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status}");
+    assert_eq!(
+        status.metadata().get("signpost-reason").unwrap(),
+        "bad_signature"
+    );
+
+    eprintln!("bad input: malformed payload bytes, a missing envelope, an oversized message");
+    let garbage = Envelope {
+        payload: vec![0xff; 40],
+        key_id: key.verifying_key().to_bytes().to_vec(),
+        signature: vec![0; 64],
+    };
+    let status = raw
+        .register(RegisterRequest {
+            envelope: Some(garbage),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::InvalidArgument | tonic::Code::Unauthenticated
+        ),
+        "{status}"
+    );
+    let status = raw
+        .register(RegisterRequest { envelope: None })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.metadata().get("signpost-reason").unwrap(),
+        "malformed",
+        "{status}"
+    );
+    let huge = Envelope {
+        payload: vec![0; 200 * 1024],
+        key_id: vec![0; 32],
+        signature: vec![0; 64],
+    };
+    let status = raw
+        .register(RegisterRequest {
+            envelope: Some(huge),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+        ),
+        "oversized message: {status}"
+    );
+    eprintln!("oversized refused: {status}");
+    eprintln!("nothing was lost: the earlier registration is intact");
+    let resolved = payments.resolve("payments", false).await.unwrap();
+    assert_eq!(resolved.instances.len(), 1);
+    assert_eq!(resolved.instances[0].payload.endpoints[0].port, 444);
 
     eprintln!("attack 7: a reader registers; a service binds");
     let reader = cluster.client_as(&cluster.issue("reader", "dashboards"), &[]);
@@ -206,7 +268,7 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
         .expect_err("one of a 2-of-3 set is not enough");
     assert_eq!(reason(&err), "threshold_not_met", "{err}");
 
-    eprintln!("phase 4: two of them can, and clients still verify records through the chain");
+    eprintln!("phase 4: two of them can");
     admin
         .rotate_admins(signpost_record::sign_admin_set(
             &[&admins[0], &admins[2]],
@@ -214,17 +276,42 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
         ))
         .await
         .expect("two signatures meet the threshold");
-    let resolved = search
+
+    eprintln!("phase 5: a binding signed by a rotated-out admin no longer verifies on clients");
+    let err = search
         .resolve("search", false)
         .await
-        .expect("chain verifies from genesis");
-    assert_eq!(resolved.instances.len(), 1);
-    eprintln!("phase 5: the old genesis key no longer binds");
+        .expect_err("stale binding accepted");
+    assert!(
+        matches!(err, signpost_client::ClientError::Verification(_)),
+        "{err}"
+    );
+
+    eprintln!("phase 6: the old genesis key can no longer bind; a current admin re-binds");
     let err = admin
         .bind(bind(&[&old]))
         .await
         .expect_err("genesis key is no longer an admin");
     assert_eq!(reason(&err), "not_admin", "{err}");
+    let rebind = signpost_record::sign_binding(
+        &admins[0],
+        &BindingPayload {
+            service: "search".into(),
+            public_keys: vec![new.verifying_key().to_bytes().to_vec()],
+            version: now_ms(),
+            issued_at_ms: now_ms(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        },
+    );
+    admin.bind(rebind).await.expect("current admin re-binds");
+
+    eprintln!("phase 7: clients verify the record through genesis -> v2 -> v3 -> binding");
+    let resolved = search
+        .resolve("search", false)
+        .await
+        .expect("chain verifies from genesis");
+    assert_eq!(resolved.instances.len(), 1);
 }
 
 /// A Registry server run by an attacker who holds a node certificate: it serves a forged record

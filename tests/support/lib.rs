@@ -91,7 +91,8 @@ struct Node {
 
 /// A cluster of real `signpost server` processes.
 pub struct TestCluster {
-    /// Root directory (kept alive for the cluster's lifetime).
+    /// Root directory (kept alive for the cluster's lifetime; kept after it when
+    /// SIGNPOST_KEEP_TEST_DIRS is set).
     pub dir: tempfile::TempDir,
     nodes: BTreeMap<u64, Node>,
 }
@@ -235,7 +236,7 @@ impl TestCluster {
             .arg("server")
             .arg("--config")
             .arg(nd.join("config.toml"))
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("RUST_LOG", "info,openraft=warn,openraft::replication=off")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -264,7 +265,15 @@ impl TestCluster {
         for id in self.nodes.keys() {
             let path = self.root().join(format!("node{id}/server.log"));
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            // Replication retry noise from openraft hides what matters.
+            let tail: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    !l.contains("openraft::replication") && !l.contains("replication_handler")
+                })
+                .rev()
+                .take(60)
+                .collect();
             out.push_str(&format!("---- node {id} ----\n"));
             for line in tail.into_iter().rev() {
                 out.push_str(line);
@@ -372,6 +381,10 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if std::env::var_os("SIGNPOST_KEEP_TEST_DIRS").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("kept test cluster directory {}", kept.keep().display());
+        }
         for node in self.nodes.values_mut() {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
@@ -412,4 +425,35 @@ pub fn signed_record(
         ttl_secs: 30,
     };
     signpost_record::sign_record(key, &payload)
+}
+
+/// A raw gRPC Registry client presenting `cert_prefix`.crt/.key to node `id`: what an attacker
+/// uses, with none of the Rust client's own checks.
+pub fn raw_registry(
+    cluster: &TestCluster,
+    cert_prefix: &Path,
+    id: u64,
+) -> signpost_proto::v1::registry_client::RegistryClient<tonic::transport::Channel> {
+    let files = signpost_identity::TlsFiles {
+        ca: cluster.ca_dir().join("ca.crt"),
+        cert: cert_prefix.with_extension("crt"),
+        key: cert_prefix.with_extension("key"),
+        crl: None,
+    };
+    let trust = signpost_identity::Trust::from_files(&files).expect("trust");
+    let config = signpost_identity::client_config(
+        &files,
+        &trust,
+        &signpost_identity::TlsSettings::default(),
+        signpost_identity::PeerRule::AnyNode,
+    )
+    .expect("client config");
+    let channel = signpost_identity::connect_channel(
+        &cluster.client_addr(id),
+        config,
+        Duration::from_secs(3),
+    )
+    .expect("channel");
+    signpost_proto::v1::registry_client::RegistryClient::new(channel)
+        .max_encoding_message_size(1024 * 1024)
 }

@@ -20,6 +20,9 @@
     rust_2018_idioms,
     unused_must_use
 )]
+// openraft's trait signatures dictate `StorageError` (a large type) as the error of every
+// storage method; boxing it is not an option.
+#![allow(clippy::result_large_err)]
 
 pub mod codec;
 mod consensus;

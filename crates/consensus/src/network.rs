@@ -22,6 +22,8 @@ use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Size of the chunks a snapshot is streamed in (below the receiver's chunk limit).
 const SNAPSHOT_SEND_CHUNK_BYTES: usize = 1024 * 1024;
+// A sent chunk must fit under what the receiver accepts.
+const _: () = assert!(SNAPSHOT_SEND_CHUNK_BYTES <= SNAPSHOT_CHUNK_BYTES_MAX);
 /// Connection timeout towards a peer: short, because openraft retries with backoff.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -194,7 +196,6 @@ impl RaftNetwork<TypeConfig> for Connection {
         let mut chunks = vec![SnapshotChunk {
             chunk: Some(snapshot_chunk::Chunk::Header(header)),
         }];
-        debug_assert!(SNAPSHOT_SEND_CHUNK_BYTES <= SNAPSHOT_CHUNK_BYTES_MAX);
         for piece in body.chunks(SNAPSHOT_SEND_CHUNK_BYTES) {
             chunks.push(SnapshotChunk {
                 chunk: Some(snapshot_chunk::Chunk::Data(piece.to_vec())),

@@ -101,7 +101,9 @@ impl StateMachine {
     pub fn open(store: Arc<Store>) -> Result<StateMachine, ConsensusError> {
         let pairs = store.state_scan()?;
         let registry = Registry::load(pairs)?;
-        let last_applied = decode_opt(&store, KEY_APPLIED)?;
+        // Stored as Option<LogId> (None until the first apply), so decode that shape.
+        let last_applied: Option<LogId<u64>> =
+            decode_opt::<Option<LogId<u64>>>(&store, KEY_APPLIED)?.flatten();
         let membership = decode_opt(&store, KEY_MEMBERSHIP)?.unwrap_or_default();
         let (applied_tx, _) = broadcast::channel(APPLIED_CHANNEL_CAPACITY);
         Ok(StateMachine {
@@ -224,10 +226,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut shared = self.write();
             for entry in entries {
                 let index = entry.log_id.index;
-                // Apply is strictly sequential: a gap or a repeat is a broken invariant.
+                // Applying an entry twice or going backwards is a broken invariant. (Gaps are
+                // allowed by openraft's storage contract, e.g. right after a snapshot install.)
                 if let Some(prev) = shared.last_applied {
                     assert!(
-                        index == prev.index + 1,
+                        index > prev.index,
                         "apply out of order: last applied {} then {}",
                         prev.index,
                         index

@@ -171,7 +171,7 @@ async fn propose_genesis(consensus: Consensus, config: Config, stop: watch::Rece
                 command: Command::Genesis {
                     admin_keys: keys.clone(),
                     admin_threshold: config.bootstrap.admin_threshold,
-                    quotas: quotas.clone(),
+                    quotas,
                 },
             };
             match consensus.propose(request).await {
