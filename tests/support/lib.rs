@@ -71,6 +71,10 @@ pub struct ClusterOptions {
     pub snapshot_after_entries: u64,
     /// Log entries kept behind a snapshot.
     pub log_entries_kept: u64,
+    /// Extra `key = value` lines for every node's `[bootstrap]` section (quotas).
+    pub bootstrap_toml: String,
+    /// Extra `key = value` lines for every node's `[limits]` section.
+    pub limits_toml: String,
 }
 
 impl Default for ClusterOptions {
@@ -79,6 +83,8 @@ impl Default for ClusterOptions {
             nodes: 3,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
+            bootstrap_toml: String::new(),
+            limits_toml: String::new(),
         }
     }
 }
@@ -164,14 +170,16 @@ impl TestCluster {
             let config = format!(
                 "node_id = {id}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
                  [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
-                 [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n\n\
+                 [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
                  [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\n\
-                 snapshot_after_entries = {}\nlog_entries_kept = {}\n\n{members}",
+                 snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{members}",
                 node.client_addr,
                 node.raft_addr,
                 admin_pub.trim(),
+                options.bootstrap_toml,
                 options.snapshot_after_entries,
                 options.log_entries_kept,
+                options.limits_toml,
             );
             std::fs::write(nd.join("config.toml"), config).unwrap();
         }
@@ -223,6 +231,19 @@ impl TestCluster {
     /// Node ids.
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.keys().copied().collect()
+    }
+
+    /// Process id of a running node.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes[&id].child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of a running node in bytes, from /proc/<pid>/status (VmRSS).
+    pub fn rss_bytes(&self, id: u64) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid(id)?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
     }
 
     fn spawn(&mut self, id: u64) {

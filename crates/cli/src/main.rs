@@ -7,6 +7,7 @@
     unused_must_use
 )]
 
+mod bench;
 mod ca;
 mod commands;
 mod dev;
@@ -75,6 +76,8 @@ enum Command {
     List(commands::ListArgs),
     /// Show members, leader, term, commit and applied index per node.
     Status(commands::StatusArgs),
+    /// Load generator: legitimate throughput and latency, alone and under a flood.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -126,5 +129,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Resolve(args) => commands::resolve(args).await,
         Command::List(args) => commands::list(args).await,
         Command::Status(args) => commands::status(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -93,11 +93,11 @@ pub use spiffe_id::{
 };
 pub use tls_config::{
     client_config, client_config_anonymous, server_config, server_config_for_peers, PeerRule,
-    TlsFiles, TlsSettings, ALPN_H2, DEFAULT_HANDSHAKES_CONCURRENT_MAX,
-    DEFAULT_HANDSHAKES_PER_IP_MAX, DEFAULT_HANDSHAKE_TIMEOUT,
+    TlsFiles, TlsSettings, ALPN_H2, DEFAULT_CONNECTIONS_MAX, DEFAULT_CONNECTIONS_PER_IP_MAX,
+    DEFAULT_HANDSHAKES_CONCURRENT_MAX, DEFAULT_HANDSHAKES_PER_IP_MAX, DEFAULT_HANDSHAKE_TIMEOUT,
 };
 pub use tls_connector::{
     connect_channel, TlsConnector, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
 };
-pub use tls_incoming::TlsIncoming;
+pub use tls_incoming::{TlsConnection, TlsIncoming};
 pub use trust::{spawn_crl_watcher, spawn_sighup_reloader, Trust, DEFAULT_CRL_POLL_INTERVAL};

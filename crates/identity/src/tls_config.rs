@@ -28,6 +28,11 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const DEFAULT_HANDSHAKES_CONCURRENT_MAX: usize = 256;
 /// Default bound on concurrent TLS handshakes from one source IP.
 pub const DEFAULT_HANDSHAKES_PER_IP_MAX: usize = 32;
+/// Default bound on open connections per listener, counted from accept until the connection
+/// closes (handshakes in progress included).
+pub const DEFAULT_CONNECTIONS_MAX: usize = 4096;
+/// Default bound on open connections from one source IP, for the connection's whole lifetime.
+pub const DEFAULT_CONNECTIONS_PER_IP_MAX: usize = 512;
 /// Default time a peer has to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,6 +61,12 @@ pub struct TlsSettings {
     pub handshakes_concurrent_max: usize,
     /// `TlsIncoming`: most handshakes in progress from one source IP; more are closed.
     pub handshakes_per_ip_max: usize,
+    /// `TlsIncoming`: most open connections (handshaking or established); more are closed at
+    /// accept.
+    pub connections_max: usize,
+    /// `TlsIncoming`: most open connections from one source IP, held until the connection
+    /// closes, so an address cannot pin the whole listener with idle established connections.
+    pub connections_per_ip_max: usize,
 }
 
 impl Default for TlsSettings {
@@ -65,6 +76,8 @@ impl Default for TlsSettings {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             handshakes_concurrent_max: DEFAULT_HANDSHAKES_CONCURRENT_MAX,
             handshakes_per_ip_max: DEFAULT_HANDSHAKES_PER_IP_MAX,
+            connections_max: DEFAULT_CONNECTIONS_MAX,
+            connections_per_ip_max: DEFAULT_CONNECTIONS_PER_IP_MAX,
         }
     }
 }

@@ -5,8 +5,11 @@
 //! deadline; a silent or slow client costs one task and one permit until the deadline, and
 //! never delays anybody else. Permits bound the handshakes in progress overall and per
 //! source IP; a connection beyond either bound is closed at once (the kernel backlog is the
-//! only queue). Finished handshakes go through a bounded channel, so a server that stops
-//! pulling connections stops the handshakes from piling up.
+//! only queue). Separate slots bound the open connections overall and per source IP for the
+//! connection's whole lifetime (they travel inside [`TlsConnection`] and are returned when
+//! tonic drops it), so one address cannot hold every connection of the listener either.
+//! Finished handshakes go through a bounded channel, so a server that stops pulling
+//! connections stops the handshakes from piling up.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -41,7 +45,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct TlsIncoming {
     local_addr: SocketAddr,
-    accepted: mpsc::Receiver<TlsStream<TcpStream>>,
+    accepted: mpsc::Receiver<TlsConnection>,
     accept_task: JoinHandle<()>,
 }
 
@@ -74,10 +78,14 @@ impl TlsIncoming {
             addr: "listener".to_string(),
             source,
         })?;
-        if settings.handshakes_concurrent_max == 0 || settings.handshakes_per_ip_max == 0 {
+        if settings.handshakes_concurrent_max == 0
+            || settings.handshakes_per_ip_max == 0
+            || settings.connections_max == 0
+            || settings.connections_per_ip_max == 0
+        {
             return Err(IdentityError::InvalidAddress {
                 addr: local_addr.to_string(),
-                reason: "handshake limits must be > 0".to_string(),
+                reason: "handshake and connection limits must be > 0".to_string(),
             });
         }
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE_MAX);
@@ -87,6 +95,8 @@ impl TlsIncoming {
             handshake_timeout: settings.handshake_timeout,
             permits: Arc::new(Semaphore::new(settings.handshakes_concurrent_max)),
             per_ip: PerIpLimit::new(settings.handshakes_per_ip_max),
+            connections: Arc::new(Semaphore::new(settings.connections_max)),
+            connections_per_ip: PerIpLimit::new(settings.connections_per_ip_max),
             accepted: tx,
         };
         Ok(TlsIncoming {
@@ -103,7 +113,7 @@ impl TlsIncoming {
 }
 
 impl Stream for TlsIncoming {
-    type Item = std::result::Result<TlsStream<TcpStream>, io::Error>;
+    type Item = std::result::Result<TlsConnection, io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.accepted.poll_recv(cx).map(|stream| stream.map(Ok))
@@ -124,7 +134,9 @@ struct AcceptLoop {
     handshake_timeout: Duration,
     permits: Arc<Semaphore>,
     per_ip: PerIpLimit,
-    accepted: mpsc::Sender<TlsStream<TcpStream>>,
+    connections: Arc<Semaphore>,
+    connections_per_ip: PerIpLimit,
+    accepted: mpsc::Sender<TlsConnection>,
 }
 
 impl AcceptLoop {
@@ -138,7 +150,20 @@ impl AcceptLoop {
                     continue;
                 }
             };
-            // Dropping `tcp` closes it: that is the whole response to a flood.
+            // Dropping `tcp` closes it: that is the whole response to a flood. Connection slots
+            // first: they are the scarcer, longer-lived resource.
+            let Ok(connection) = Arc::clone(&self.connections).try_acquire_owned() else {
+                tracing::debug!(%peer, "too many open connections; closing connection");
+                continue;
+            };
+            let Some(connection_ip) = self.connections_per_ip.try_acquire(peer.ip()) else {
+                tracing::debug!(%peer, "too many open connections from this address; closing");
+                continue;
+            };
+            let slots = ConnectionSlots {
+                _listener: connection,
+                _ip: connection_ip,
+            };
             let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
                 tracing::debug!(%peer, "too many handshakes in progress; closing connection");
                 continue;
@@ -157,6 +182,7 @@ impl AcceptLoop {
                 self.handshake_timeout,
                 self.accepted.clone(),
                 (permit, ip_slot),
+                slots,
             ));
         }
     }
@@ -168,11 +194,16 @@ async fn handshake(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     timeout: Duration,
-    accepted: mpsc::Sender<TlsStream<TcpStream>>,
+    accepted: mpsc::Sender<TlsConnection>,
     _permits: (OwnedSemaphorePermit, PerIpSlot),
+    slots: ConnectionSlots,
 ) {
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => {
+            let stream = TlsConnection {
+                stream,
+                _slots: slots,
+            };
             // Err only when the TlsIncoming is gone; the connection is dropped with it.
             let _ = accepted.send(stream).await;
         }
@@ -181,8 +212,8 @@ async fn handshake(
     }
 }
 
-/// Counts handshakes in progress per source IP. The map holds only IPs with a handshake in
-/// progress, so it is bounded by the global handshake limit.
+/// Counts handshakes (or connections) in progress per source IP. The map holds only IPs with a
+/// slot taken, so it is bounded by the matching global limit.
 #[derive(Clone)]
 struct PerIpLimit {
     max: usize,
@@ -237,5 +268,82 @@ struct PerIpSlot {
 impl Drop for PerIpSlot {
     fn drop(&mut self) {
         self.limit.release(self.ip);
+    }
+}
+
+/// The listener-wide and per-IP connection slots of one connection, returned on drop.
+struct ConnectionSlots {
+    _listener: OwnedSemaphorePermit,
+    _ip: PerIpSlot,
+}
+
+/// An established server-side mutual-TLS connection from [`TlsIncoming`]. It holds the
+/// connection's slots in the listener's connection limits until it is dropped; otherwise it
+/// is the `TlsStream` (tonic sees the same connect info, so `peer_identity` works unchanged).
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    _slots: ConnectionSlots,
+}
+
+impl std::fmt::Debug for TlsConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnection")
+            .field("peer", &self.stream.get_ref().0.peer_addr().ok())
+            .finish()
+    }
+}
+
+impl TlsConnection {
+    /// The TCP stream and the rustls session (peer certificates, negotiated protocol).
+    pub fn get_ref(&self) -> (&TcpStream, &rustls::ServerConnection) {
+        self.stream.get_ref()
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -132,18 +132,54 @@ impl Default for RaftConfig {
     }
 }
 
-/// Limits on the client listener.
+/// Limits on the client listener: sizes, connections, admission control. Every limit here is
+/// per node; the README's limits table lists them with their defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest gRPC message accepted on the client listener.
     pub message_bytes_max: usize,
-    /// Concurrent connections (HTTP/2) per client listener.
+    /// Open connections (handshaking or established) on the client listener.
     pub connections_max: usize,
+    /// Open connections from one source IP, for the connection's lifetime.
+    pub connections_per_ip_max: usize,
+    /// TLS handshakes in progress on the client listener.
+    pub handshakes_concurrent_max: usize,
+    /// TLS handshakes in progress from one source IP.
+    pub handshakes_per_ip_max: usize,
     /// Concurrent gRPC streams per connection.
     pub streams_per_connection_max: u32,
     /// Proposals in flight to Raft from this node; above it writes are shed.
     pub proposals_in_flight_max: usize,
+    /// Of `proposals_in_flight_max`, slots only admin identities may use.
+    pub proposals_admin_reserved: usize,
+    /// Percent of the non-admin proposal slots that registrations of new instances may use;
+    /// the rest is kept for renewals, keep-alives and deregistrations.
+    pub proposals_new_registration_percent: usize,
+    /// Reads (resolve, list) served at once by this node.
+    pub reads_in_flight_max: usize,
+    /// Sustained writes per second per identity.
+    pub writes_per_identity_per_sec: u32,
+    /// Burst of writes per identity.
+    pub writes_per_identity_burst: u32,
+    /// Sustained reads per second per identity.
+    pub reads_per_identity_per_sec: u32,
+    /// Burst of reads per identity.
+    pub reads_per_identity_burst: u32,
+    /// Sustained watch/keep-alive stream opens per second per identity.
+    pub stream_opens_per_identity_per_sec: u32,
+    /// Burst of stream opens per identity.
+    pub stream_opens_per_identity_burst: u32,
+    /// Open watch streams per identity on this node.
+    pub watchers_per_identity_max: usize,
+    /// Open keep-alive streams per identity on this node.
+    pub keepalives_per_identity_max: usize,
+    /// Open watch and keep-alive streams on this node.
+    pub streams_max: usize,
+    /// Identities whose rate state this node tracks at once.
+    pub identities_tracked_max: usize,
+    /// An identity unseen this long, without open streams, may be forgotten.
+    pub identity_idle_ms: u64,
     /// Per-request timeout on the client listener.
     pub request_timeout_ms: u64,
 }
@@ -152,9 +188,26 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             message_bytes_max: 64 * 1024,
-            connections_max: 4096,
+            connections_max: signpost_identity::DEFAULT_CONNECTIONS_MAX,
+            connections_per_ip_max: signpost_identity::DEFAULT_CONNECTIONS_PER_IP_MAX,
+            handshakes_concurrent_max: signpost_identity::DEFAULT_HANDSHAKES_CONCURRENT_MAX,
+            handshakes_per_ip_max: signpost_identity::DEFAULT_HANDSHAKES_PER_IP_MAX,
             streams_per_connection_max: 256,
             proposals_in_flight_max: 1024,
+            proposals_admin_reserved: 64,
+            proposals_new_registration_percent: 50,
+            reads_in_flight_max: 256,
+            writes_per_identity_per_sec: 100,
+            writes_per_identity_burst: 200,
+            reads_per_identity_per_sec: 500,
+            reads_per_identity_burst: 1000,
+            stream_opens_per_identity_per_sec: 10,
+            stream_opens_per_identity_burst: 100,
+            watchers_per_identity_max: 64,
+            keepalives_per_identity_max: 64,
+            streams_max: 10_000,
+            identities_tracked_max: 10_000,
+            identity_idle_ms: 60_000,
             request_timeout_ms: 10_000,
         }
     }
@@ -219,6 +272,26 @@ impl Config {
         {
             return bad(
                 "raft: need heartbeat*2 < election_timeout_min < election_timeout_max".into(),
+            );
+        }
+        let l = &self.limits;
+        if l.proposals_admin_reserved >= l.proposals_in_flight_max {
+            return bad(
+                "limits.proposals_admin_reserved must be below proposals_in_flight_max".into(),
+            );
+        }
+        if [
+            l.connections_max,
+            l.connections_per_ip_max,
+            l.handshakes_concurrent_max,
+            l.handshakes_per_ip_max,
+            l.reads_in_flight_max,
+            l.identities_tracked_max,
+        ]
+        .contains(&0)
+        {
+            return bad(
+                "limits: connection, handshake, read and identity maxima must be > 0".into(),
             );
         }
         if self.limits.message_bytes_max < 16 * 1024 {

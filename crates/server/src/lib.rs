@@ -15,6 +15,7 @@
     unused_must_use
 )]
 
+pub mod admission;
 pub mod authz;
 mod cluster_service;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod error;
 mod node;
 mod registry_service;
 
+pub use admission::{Admission, AdmissionLimits, StreamKind, StreamPermit};
 pub use cluster_service::ClusterService;
 pub use config::Config;
 pub use error::ServerError;

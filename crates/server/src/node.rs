@@ -11,6 +11,7 @@ use signpost_proto::v1::registry_server::RegistryServer;
 use signpost_state::{Command, Quotas, Request as LogRequest};
 use tokio::sync::watch;
 
+use crate::admission::{Admission, AdmissionLimits};
 use crate::cluster_service::ClusterService;
 use crate::config::Config;
 use crate::error::ServerError;
@@ -30,7 +31,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let settings = TlsSettings {
         allow_tls12: config.tls.allow_tls12,
         handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
-        ..TlsSettings::default()
+        handshakes_concurrent_max: config.limits.handshakes_concurrent_max,
+        handshakes_per_ip_max: config.limits.handshakes_per_ip_max,
+        connections_max: config.limits.connections_max,
+        connections_per_ip_max: config.limits.connections_per_ip_max,
     };
     let trust = Trust::from_files(&files)?;
     signpost_identity::spawn_crl_watcher(trust.clone(), Duration::from_secs(1));
@@ -72,7 +76,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Raft listener first: peers may already be waiting for our vote.
-    let raft_incoming = TlsIncoming::bind(&config.raft_addr, raft_tls, &settings)
+    // The client limits do not apply to the Raft listener (I5): it only ever sees the few
+    // node identities, so it keeps the library defaults.
+    let raft_settings = TlsSettings {
+        allow_tls12: settings.allow_tls12,
+        handshake_timeout: settings.handshake_timeout,
+        ..TlsSettings::default()
+    };
+    let raft_incoming = TlsIncoming::bind(&config.raft_addr, raft_tls, &raft_settings)
         .await
         .map_err(|e| ServerError::Listener {
             addr: config.raft_addr.clone(),
@@ -84,11 +95,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let raft_task = tokio::spawn(raft_server);
 
-    let registry = RegistryService::new(
-        consensus.clone(),
-        config.trust_domain.clone(),
-        config.limits.proposals_in_flight_max,
-    );
+    let admission = Admission::new(AdmissionLimits::from_config(&config.limits));
+    let registry = RegistryService::new(consensus.clone(), config.trust_domain.clone(), admission);
     let cluster = ClusterService::new(consensus.clone(), config.trust_domain.clone());
     let client_incoming = TlsIncoming::bind(&config.client_addr, server_tls, &settings)
         .await

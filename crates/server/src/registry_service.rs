@@ -1,7 +1,6 @@
 //! The `Registry` gRPC service: the path of a write is authorize → admit → pre-check → propose
 //! → map the apply outcome. Reads are authorize → (read index) → serve from local state.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -14,27 +13,27 @@ use signpost_proto::v1::{
 };
 use signpost_record::{self as record, Reason};
 use signpost_state::{Command, Outcome, Request as LogRequest, ServiceView};
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::{Admission, Op, StreamKind, WriteClass};
 use crate::authz::Caller;
-use crate::error::{consensus_status, refusal, shed};
+use crate::error::{consensus_status, refusal};
 
 /// Shared handles of the client-facing services.
 #[derive(Debug, Clone)]
 pub struct RegistryService {
     consensus: Consensus,
     trust_domain: String,
-    proposals: Arc<Semaphore>,
+    admission: Admission,
 }
 
 impl RegistryService {
-    /// A service over `consensus` admitting at most `proposals_in_flight_max` concurrent writes.
-    pub fn new(consensus: Consensus, trust_domain: String, proposals_in_flight_max: usize) -> Self {
+    /// A service over `consensus` whose requests pass `admission` before any work.
+    pub fn new(consensus: Consensus, trust_domain: String, admission: Admission) -> Self {
         RegistryService {
             consensus,
             trust_domain,
-            proposals: Arc::new(Semaphore::new(proposals_in_flight_max)),
+            admission,
         }
     }
 
@@ -47,13 +46,10 @@ impl RegistryService {
     async fn propose(
         &self,
         caller: &Caller,
+        class: WriteClass,
         command: Command,
     ) -> Result<Response<WriteResponse>, Status> {
-        let _permit = self
-            .proposals
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| shed("too many writes in flight on this node", 50))?;
+        let _permit = self.admission.proposal(class)?;
         let request = LogRequest {
             time_ms: now_ms(),
             caller: caller.uri(),
@@ -67,6 +63,24 @@ impl RegistryService {
         match outcome {
             Outcome::Applied { revision } => Ok(Response::new(WriteResponse { revision })),
             Outcome::Rejected { reason, detail } => Err(refusal(reason, &detail)),
+        }
+    }
+
+    /// The priority of a write (see `admission`): admins first, then renewals of instances
+    /// that exist and deregistrations, then new registrations.
+    fn write_class(&self, caller: &Caller, existing: Option<(&str, &str)>) -> WriteClass {
+        if caller.is_admin() {
+            return WriteClass::Admin;
+        }
+        match existing {
+            None => WriteClass::Maintain,
+            Some((service, instance)) => {
+                let state = self.consensus.state();
+                match state.registry.instance(service, instance) {
+                    Some(_) => WriteClass::Maintain,
+                    None => WriteClass::New,
+                }
+            }
         }
     }
 
@@ -141,12 +155,16 @@ impl Registry for RegistryService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let caller = self.caller(&request)?;
+        let _admitted = self.admission.admit(&caller, Op::Write)?;
         let envelope = required(request.into_inner().envelope)?;
         // Cheap rejection before the log: garbage never costs a Raft round.
         let verified = precheck(record::open_record(&envelope))?;
         caller.check_register(&verified.payload.service)?;
+        let p = &verified.payload;
+        let class = self.write_class(&caller, Some((&p.service, &p.instance)));
         self.propose(
             &caller,
+            class,
             Command::Register {
                 envelope: envelope.encode_to_vec(),
             },
@@ -159,11 +177,13 @@ impl Registry for RegistryService {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let caller = self.caller(&request)?;
+        let _admitted = self.admission.admit(&caller, Op::Write)?;
         let envelope = required(request.into_inner().envelope)?;
         let verified = precheck(record::open_deregister(&envelope))?;
         caller.check_deregister(&verified.payload.service)?;
         self.propose(
             &caller,
+            self.write_class(&caller, None),
             Command::Deregister {
                 envelope: envelope.encode_to_vec(),
             },
@@ -173,11 +193,13 @@ impl Registry for RegistryService {
 
     async fn bind(&self, request: Request<BindRequest>) -> Result<Response<WriteResponse>, Status> {
         let caller = self.caller(&request)?;
+        let _admitted = self.admission.admit(&caller, Op::Write)?;
         caller.check_admin("change bindings")?;
         let envelope = required(request.into_inner().envelope)?;
         precheck(record::open_binding(&envelope))?;
         self.propose(
             &caller,
+            WriteClass::Admin,
             Command::Bind {
                 envelope: envelope.encode_to_vec(),
             },
@@ -190,6 +212,7 @@ impl Registry for RegistryService {
         request: Request<RotateAdminsRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let caller = self.caller(&request)?;
+        let _admitted = self.admission.admit(&caller, Op::Write)?;
         caller.check_admin("change the admin set")?;
         let envelope = request
             .into_inner()
@@ -197,6 +220,7 @@ impl Registry for RegistryService {
             .ok_or_else(|| refusal(Reason::Malformed, "the request carries no envelope"))?;
         self.propose(
             &caller,
+            WriteClass::Admin,
             Command::RotateAdmins {
                 envelope: envelope.encode_to_vec(),
             },
@@ -209,6 +233,7 @@ impl Registry for RegistryService {
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
         let caller = self.caller(&request)?;
+        let _admitted = self.admission.admit(&caller, Op::Read)?;
         caller.check_read()?;
         let request = request.into_inner();
         precheck(record::validate_service_name(&request.service))?;
@@ -233,6 +258,7 @@ impl Registry for RegistryService {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let caller = self.caller(&request)?;
+        let _admitted = self.admission.admit(&caller, Op::Read)?;
         caller.check_read()?;
         let stale = request.into_inner().stale;
         self.read_revision(stale).await?;
@@ -258,7 +284,7 @@ impl Registry for RegistryService {
         request: Request<Streaming<KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let caller = self.caller(&request)?;
-        let _ = caller;
+        let _stream = self.admission.open_stream(&caller, StreamKind::KeepAlive)?;
         Err(Status::unimplemented(
             "keep-alive leases are not available in this release",
         ))
@@ -271,6 +297,7 @@ impl Registry for RegistryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.caller(&request)?;
+        let _stream = self.admission.open_stream(&caller, StreamKind::Watch)?;
         caller.check_read()?;
         Err(Status::unimplemented(
             "watch is not available in this release",

@@ -1,0 +1,863 @@
+//! `signpost bench`: a bounded load generator for a running cluster.
+//!
+//! The legitimate workload runs from service identities `bench-0..N` (one per client task, so
+//! each honest service has its own admission budget, as in production). With `--flood KIND` it
+//! runs twice in one invocation, first alone and then while a flood runs from identities of
+//! its own (`service/flood-1..8`, `reader/flood-r1..8`, or no certificate at all), and reports
+//! how much of the unflooded throughput the legitimate clients kept.
+//!
+//! Everything is made before the clock starts (certificates, bindings, signatures) and
+//! everything is bounded: the duration, the number of clients, the flood's connections and
+//! the number of pre-signed records.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use signpost_client::{Client, ClientConfig};
+use signpost_identity::{Ca, Identity, IssueOptions, PeerRule, TlsFiles, TlsSettings, Trust};
+use signpost_proto::v1::registry_client::RegistryClient;
+use signpost_proto::v1::{
+    BindingPayload, Endpoint, Envelope, ListRequest, RecordPayload, RegisterRequest,
+    ResolveRequest, WatchRequest,
+};
+use signpost_record::SigningKey;
+use tonic::transport::Channel;
+
+use crate::commands::now_ms;
+use crate::ClientOpts;
+
+/// Most legitimate client tasks.
+const CLIENTS_MAX: usize = 1024;
+/// Longest phase.
+const DURATION_MAX_SECS: u64 = 300;
+/// Most flood tasks (each with its own connection).
+const FLOOD_CONNECTIONS_MAX: usize = 512;
+/// Flood identities per kind.
+const FLOOD_IDENTITIES: usize = 8;
+/// Records pre-signed per legitimate client and phase, at most.
+const SIGNED_PER_CLIENT_MAX: usize = 20_000;
+/// Records pre-signed for the whole legitimate workload, at most (memory bound).
+const SIGNED_TOTAL_MAX: usize = 400_000;
+/// Records pre-signed per flood identity; the flood cycles through them.
+const FLOOD_SIGNED_PER_IDENTITY: usize = 2_000;
+/// Distinct instances per flood identity (below the default per-service quota).
+const FLOOD_INSTANCES: usize = 512;
+/// Watch streams the watch flood tries to hold open.
+const WATCH_STREAMS: usize = 2_000;
+/// Watch streams per connection (below the server's streams_per_connection_max).
+const WATCH_STREAMS_PER_CONNECTION: usize = 200;
+/// Time-to-live of bench records: long enough to outlive any run.
+const RECORD_TTL_SECS: u32 = 3_600;
+/// Latency samples kept per phase (memory bound); beyond it samples are dropped.
+const LATENCY_SAMPLES_MAX: usize = 2_000_000;
+
+/// What the legitimate clients do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Workload {
+    /// Signed re-registrations of each client's own instance.
+    Register,
+    /// Linearizable, verified resolves of each client's own service.
+    Resolve,
+}
+
+/// What the flood sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FloodKind {
+    /// Valid signed registrations of new instances from 8 service identities, unthrottled.
+    Write,
+    /// Registrations whose signatures do not verify.
+    BadSignature,
+    /// Resolve and list from 8 reader identities, unthrottled.
+    Read,
+    /// TLS handshakes without a client certificate.
+    Handshake,
+    /// Thousands of watch streams from one identity, held open.
+    Watch,
+}
+
+impl FloodKind {
+    fn name(self) -> &'static str {
+        match self {
+            FloodKind::Write => "write",
+            FloodKind::BadSignature => "bad-signature",
+            FloodKind::Read => "read",
+            FloodKind::Handshake => "handshake",
+            FloodKind::Watch => "watch",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Legitimate workload.
+    #[arg(long, value_enum, default_value = "register")]
+    workload: Workload,
+    /// Legitimate client tasks (1..=1024), each its own service identity.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seconds per measured phase (1..=300).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Also measure while this flood runs.
+    #[arg(long, value_enum)]
+    flood: Option<FloodKind>,
+    /// Run only the flood for --duration (no legitimate workload): a flood generator for tests.
+    #[arg(long, requires = "flood")]
+    flood_only: bool,
+    /// Flood tasks, each with its own connection (1..=512).
+    #[arg(long, default_value_t = 64)]
+    flood_connections: usize,
+    /// CA directory used to issue the bench's certificates (default: DIR/ca next to the
+    /// client config).
+    #[arg(long = "ca-dir")]
+    ca_dir: Option<PathBuf>,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+/// Result of one measured phase of the legitimate workload.
+#[derive(Debug, Clone)]
+struct Phase {
+    ok: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+    first_error: Option<String>,
+}
+
+impl Phase {
+    fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+        sorted[rank.min(sorted.len() - 1)] as f64 / 1000.0
+    }
+}
+
+/// What the flood did, counted by its own tasks.
+#[derive(Debug, Default)]
+struct FloodStats {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    shed: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+    // Instances whose registration was acknowledged, per service (write flood).
+    acked: Mutex<BTreeMap<String, BTreeSet<String>>>,
+}
+
+impl FloodStats {
+    fn count(&self, result: &Result<(), tonic::Status>) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let counter = match result {
+            Ok(()) => &self.ok,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => &self.shed,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                &self.failed
+            }
+            Err(_) => &self.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn json(&self, kind: FloodKind) -> Value {
+        let acked = self
+            .acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(service, instances)| (service.clone(), json!(instances.len())))
+            .collect::<serde_json::Map<_, _>>();
+        json!({
+            "kind": kind.name(),
+            "sent": self.sent.load(Ordering::Relaxed),
+            "ok": self.ok.load(Ordering::Relaxed),
+            "shed": self.shed.load(Ordering::Relaxed),
+            "refused": self.refused.load(Ordering::Relaxed),
+            "failed": self.failed.load(Ordering::Relaxed),
+            "acked_instances": acked,
+        })
+    }
+}
+
+/// Everything made before the clock starts.
+struct Setup {
+    config: ClientConfig,
+    admin: Client,
+    ca: Ca,
+    certs_dir: PathBuf,
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !(1..=CLIENTS_MAX).contains(&args.clients) {
+        bail!("--clients must be in 1..={CLIENTS_MAX}");
+    }
+    if !(1..=DURATION_MAX_SECS).contains(&args.duration) {
+        bail!("--duration must be in 1..={DURATION_MAX_SECS} seconds");
+    }
+    if !(1..=FLOOD_CONNECTIONS_MAX).contains(&args.flood_connections) {
+        bail!("--flood-connections must be in 1..={FLOOD_CONNECTIONS_MAX}");
+    }
+    let setup = prepare(&args)?;
+    let duration = Duration::from_secs(args.duration);
+    if args.flood_only {
+        let Some(kind) = args.flood else {
+            bail!("--flood-only needs --flood KIND");
+        };
+        let flood = Flood::prepare(&setup, kind, args.flood_connections).await?;
+        let stats = flood.run_for(duration).await;
+        crate::output::print_json(&json!({ "flood": stats.json(kind) }));
+        return Ok(());
+    }
+
+    let legit = Legit::prepare(&setup, &args).await?;
+    let unflooded = legit.run_phase("unflooded", duration, 0).await;
+    let Some(kind) = args.flood else {
+        report(&args, None, &unflooded, None);
+        return Ok(());
+    };
+    let flood = Flood::prepare(&setup, kind, args.flood_connections).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood_task = tokio::spawn(flood.run_until(Arc::clone(&stop)));
+    // Let the flood reach full strength before the measurement starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flooded = legit.run_phase(kind.name(), duration, 1).await;
+    stop.store(true, Ordering::Release);
+    let stats = flood_task.await.context("flood task")?;
+    report(&args, Some(&unflooded), &flooded, Some((kind, &stats)));
+    Ok(())
+}
+
+fn prepare(args: &BenchArgs) -> anyhow::Result<Setup> {
+    let config_path = args
+        .opts
+        .config
+        .clone()
+        .context("no client config: pass --config DIR/client.toml or set SIGNPOST_CONFIG")?;
+    let config = ClientConfig::load(&config_path)?;
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    let ca_dir = args.ca_dir.clone().unwrap_or_else(|| base.join("ca"));
+    let ca =
+        Ca::load(&ca_dir).with_context(|| format!("loading the CA in {}", ca_dir.display()))?;
+    let certs_dir = base.join("bench-certs");
+    std::fs::create_dir_all(&certs_dir)
+        .with_context(|| format!("creating {}", certs_dir.display()))?;
+    let admin = Client::connect(&config)?;
+    Ok(Setup {
+        config,
+        admin,
+        ca,
+        certs_dir,
+    })
+}
+
+impl Setup {
+    /// Issues (once per run) a certificate for `identity`; returns the file prefix.
+    fn issue(&self, identity: &Identity, name: &str) -> anyhow::Result<PathBuf> {
+        let prefix = self.certs_dir.join(name);
+        self.ca
+            .issue(identity, &IssueOptions::default(), &prefix)
+            .with_context(|| format!("issuing a certificate for {name}"))?;
+        Ok(prefix)
+    }
+
+    fn config_as(&self, prefix: &Path) -> ClientConfig {
+        let mut config = self.config.clone();
+        config.tls.cert = prefix.with_extension("crt");
+        config.tls.key = prefix.with_extension("key");
+        config
+    }
+
+    /// A fresh signing key bound to `service` by the admin key of the client config.
+    async fn bind_new_key(&self, service: &str) -> anyhow::Result<SigningKey> {
+        let admin_key_path = self
+            .config
+            .admin_key
+            .clone()
+            .context("the client config has no admin_key; the bench binds keys as admin")?;
+        let admin_key = signpost_record::read_signing_key(&admin_key_path)
+            .with_context(|| format!("reading {}", admin_key_path.display()))?;
+        let key = signpost_record::generate_signing_key();
+        let payload = BindingPayload {
+            service: service.to_string(),
+            public_keys: vec![key.verifying_key().to_bytes().to_vec()],
+            version: now_ms(),
+            issued_at_ms: now_ms(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        };
+        self.admin
+            .bind(signpost_record::sign_binding(&admin_key, &payload))
+            .await
+            .with_context(|| format!("binding a key to {service}"))?;
+        Ok(key)
+    }
+
+    /// A raw gRPC client presenting `prefix` to `addr`: no retries, no verification.
+    fn raw(&self, prefix: &Path, addr: &str) -> anyhow::Result<RegistryClient<Channel>> {
+        let files = TlsFiles {
+            ca: self.config.tls.ca.clone(),
+            cert: prefix.with_extension("crt"),
+            key: prefix.with_extension("key"),
+            crl: None,
+        };
+        let trust = Trust::from_files(&files)?;
+        let tls = signpost_identity::client_config(
+            &files,
+            &trust,
+            &TlsSettings::default(),
+            PeerRule::AnyNode,
+        )?;
+        let channel = signpost_identity::connect_channel(addr, tls, Duration::from_secs(3))?;
+        Ok(RegistryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// The client address of the current leader (writes are aimed there).
+    async fn leader_addr(&self) -> anyhow::Result<String> {
+        let status = self.admin.status().await?;
+        status
+            .members
+            .iter()
+            .find(|m| m.id == status.leader_id)
+            .map(|m| m.addr.clone())
+            .context("the cluster has no leader")
+    }
+}
+
+fn record(
+    key: &SigningKey,
+    service: &str,
+    instance: &str,
+    sequence: u64,
+    trust_domain: &str,
+) -> Envelope {
+    let payload = RecordPayload {
+        service: service.into(),
+        instance: instance.into(),
+        endpoints: vec![Endpoint {
+            host: "10.0.0.1".into(),
+            port: 8443,
+            protocol: "grpc".into(),
+        }],
+        metadata: Default::default(),
+        tls_identity: format!("spiffe://{trust_domain}/service/{service}"),
+        sequence,
+        issued_at_ms: now_ms(),
+        ttl_secs: RECORD_TTL_SECS,
+    };
+    signpost_record::sign_record(key, &payload)
+}
+
+/// The legitimate clients: per task a client, a service and its pre-signed records.
+struct Legit {
+    workload: Workload,
+    tasks: Vec<LegitTask>,
+}
+
+struct LegitTask {
+    client: Arc<Client>,
+    service: String,
+    // Per phase, the records the task sends in order (register workload).
+    signed: Vec<Vec<Envelope>>,
+}
+
+impl Legit {
+    async fn prepare(setup: &Setup, args: &BenchArgs) -> anyhow::Result<Legit> {
+        let phases = if args.flood.is_some() { 2 } else { 1 };
+        let per_client = (args.duration as usize * 2_000 / args.clients)
+            .clamp(1, SIGNED_PER_CLIENT_MAX)
+            .min(SIGNED_TOTAL_MAX / (args.clients * phases));
+        let progress = bar(
+            args.clients as u64,
+            "preparing clients (certificates, keys, signatures)",
+        );
+        let mut tasks = Vec::with_capacity(args.clients);
+        let base = now_ms() * 1_000;
+        for i in 0..args.clients {
+            let service = format!("bench-{i}");
+            let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
+            let key = setup.bind_new_key(&service).await?;
+            let client = Arc::new(Client::connect(&setup.config_as(&prefix))?);
+            let td = &setup.config.trust_domain;
+            // The instance exists before the clock starts, so resolves find it and
+            // registrations are renewals.
+            client
+                .register(record(&key, &service, "i0", base, td))
+                .await
+                .with_context(|| format!("registering {service}/i0"))?;
+            let signed = match args.workload {
+                Workload::Register => (0..phases)
+                    .map(|phase| {
+                        (0..per_client)
+                            .map(|n| {
+                                let seq = base + 1 + (phase * per_client + n) as u64;
+                                record(&key, &service, "i0", seq, td)
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                Workload::Resolve => Vec::new(),
+            };
+            tasks.push(LegitTask {
+                client,
+                service,
+                signed,
+            });
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        Ok(Legit {
+            workload: args.workload,
+            tasks,
+        })
+    }
+
+    async fn run_phase(&self, label: &str, duration: Duration, phase: usize) -> Phase {
+        let progress = bar(duration.as_secs(), &format!("{label}: running"));
+        let ok = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let deadline = started + duration;
+        let mut handles = Vec::new();
+        for task in &self.tasks {
+            let client = Arc::clone(&task.client);
+            let service = task.service.clone();
+            let signed = task.signed.get(phase).cloned().unwrap_or_default();
+            let workload = self.workload;
+            let ok = Arc::clone(&ok);
+            handles.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let mut first_error = None;
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let result = match workload {
+                        Workload::Register => match signed.get(n) {
+                            Some(envelope) => client.register(envelope.clone()).await.map(|_| ()),
+                            // Out of pre-signed records: the bound on this phase's work.
+                            None => break,
+                        },
+                        Workload::Resolve => client.resolve(&service, false).await.map(|_| ()),
+                    };
+                    n += 1;
+                    match result {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            if latencies.len() < LATENCY_SAMPLES_MAX {
+                                latencies.push(t0.elapsed().as_micros() as u64);
+                            }
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                (latencies, errors, first_error)
+            }));
+        }
+        let ticker = {
+            let progress = progress.clone();
+            let ok = Arc::clone(&ok);
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    progress.set_position(started.elapsed().as_secs().min(duration.as_secs()));
+                    progress.set_message(format!("ok {}", ok.load(Ordering::Relaxed)));
+                }
+            })
+        };
+        let mut phase_result = Phase {
+            ok: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+            first_error: None,
+        };
+        for handle in handles {
+            if let Ok((latencies, errors, first_error)) = handle.await {
+                phase_result.latencies_us.extend(latencies);
+                phase_result.errors += errors;
+                if phase_result.first_error.is_none() {
+                    phase_result.first_error = first_error;
+                }
+            } else {
+                phase_result.errors += 1;
+            }
+        }
+        phase_result.elapsed = started.elapsed();
+        phase_result.ok = ok.load(Ordering::Relaxed);
+        ticker.abort();
+        progress.finish_and_clear();
+        phase_result
+    }
+}
+
+/// A prepared flood: identities, clients and payloads, ready to fire.
+struct Flood {
+    kind: FloodKind,
+    workers: Vec<FloodWorker>,
+    stats: Arc<FloodStats>,
+}
+
+enum FloodWorker {
+    Register {
+        client: RegistryClient<Channel>,
+        service: String,
+        envelopes: Arc<Vec<(String, Envelope)>>,
+        offset: usize,
+    },
+    Read {
+        client: RegistryClient<Channel>,
+        service: String,
+    },
+    Handshake {
+        addr: String,
+        tls: Arc<rustls::ClientConfig>,
+    },
+    Watch {
+        client: RegistryClient<Channel>,
+        streams: usize,
+    },
+}
+
+impl Flood {
+    async fn prepare(setup: &Setup, kind: FloodKind, connections: usize) -> anyhow::Result<Flood> {
+        let leader = setup.leader_addr().await?;
+        let endpoints = setup.config.endpoints.clone();
+        let td = setup.config.trust_domain.clone();
+        let mut workers = Vec::new();
+        match kind {
+            FloodKind::Write | FloodKind::BadSignature => {
+                let base = now_ms() * 1_000;
+                let mut per_identity = Vec::new();
+                for i in 1..=FLOOD_IDENTITIES {
+                    let service = format!("flood-{i}");
+                    let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
+                    let key = setup.bind_new_key(&service).await?;
+                    let envelopes: Vec<(String, Envelope)> = (0..FLOOD_SIGNED_PER_IDENTITY)
+                        .map(|j| {
+                            let instance = format!("f{}", j % FLOOD_INSTANCES);
+                            let mut e = record(&key, &service, &instance, base + j as u64, &td);
+                            if kind == FloodKind::BadSignature {
+                                // Valid shape, wrong signature: only verification catches it.
+                                if let Some(b) = e.signature.first_mut() {
+                                    *b ^= 0x01;
+                                }
+                            }
+                            (instance, e)
+                        })
+                        .collect();
+                    per_identity.push((service, prefix, Arc::new(envelopes)));
+                }
+                for w in 0..connections {
+                    let (service, prefix, envelopes) = &per_identity[w % per_identity.len()];
+                    workers.push(FloodWorker::Register {
+                        client: setup.raw(prefix, &leader)?,
+                        service: service.clone(),
+                        envelopes: Arc::clone(envelopes),
+                        offset: w / per_identity.len(),
+                    });
+                }
+            }
+            FloodKind::Read => {
+                let mut prefixes = Vec::new();
+                for i in 1..=FLOOD_IDENTITIES {
+                    let name = format!("flood-r{i}");
+                    prefixes.push(setup.issue(&Identity::Reader(name.clone()), &name)?);
+                }
+                for w in 0..connections {
+                    let addr = &endpoints[w % endpoints.len()];
+                    workers.push(FloodWorker::Read {
+                        client: setup.raw(&prefixes[w % prefixes.len()], addr)?,
+                        service: "bench-0".to_string(),
+                    });
+                }
+            }
+            FloodKind::Handshake => {
+                let files = TlsFiles {
+                    ca: setup.config.tls.ca.clone(),
+                    cert: setup.config.tls.cert.clone(),
+                    key: setup.config.tls.key.clone(),
+                    crl: None,
+                };
+                let trust = Trust::from_files(&files)?;
+                let tls = signpost_identity::client_config_anonymous(
+                    &trust,
+                    &TlsSettings::default(),
+                    PeerRule::AnyNode,
+                )?;
+                for w in 0..connections {
+                    workers.push(FloodWorker::Handshake {
+                        addr: endpoints[w % endpoints.len()].clone(),
+                        tls: Arc::clone(&tls),
+                    });
+                }
+            }
+            FloodKind::Watch => {
+                let prefix = setup.issue(&Identity::Reader("flood-w1".into()), "flood-w1")?;
+                let channels = WATCH_STREAMS.div_ceil(WATCH_STREAMS_PER_CONNECTION);
+                for c in 0..channels {
+                    let addr = &endpoints[c % endpoints.len()];
+                    workers.push(FloodWorker::Watch {
+                        client: setup.raw(&prefix, addr)?,
+                        streams: WATCH_STREAMS_PER_CONNECTION,
+                    });
+                }
+            }
+        }
+        Ok(Flood {
+            kind,
+            workers,
+            stats: Arc::new(FloodStats::default()),
+        })
+    }
+
+    async fn run_for(self, duration: Duration) -> Arc<FloodStats> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                tokio::time::sleep(duration).await;
+                stop.store(true, Ordering::Release);
+            })
+        };
+        let progress = bar(duration.as_secs(), &format!("flood {}", self.kind.name()));
+        let stats = self.run_until(stop).await;
+        stopper.abort();
+        progress.finish_and_clear();
+        stats
+    }
+
+    async fn run_until(self, stop: Arc<AtomicBool>) -> Arc<FloodStats> {
+        let mut handles = Vec::new();
+        for worker in self.workers {
+            let stats = Arc::clone(&self.stats);
+            let stop = Arc::clone(&stop);
+            handles.push(tokio::spawn(worker.run(stats, stop)));
+        }
+        for handle in handles {
+            let _ = handle.await;
+        }
+        self.stats
+    }
+}
+
+impl FloodWorker {
+    async fn run(self, stats: Arc<FloodStats>, stop: Arc<AtomicBool>) {
+        let stopped = || stop.load(Ordering::Acquire);
+        match self {
+            FloodWorker::Register {
+                mut client,
+                service,
+                envelopes,
+                offset,
+            } => {
+                let mut n = offset;
+                while !stopped() {
+                    // Ignores every retry hint on purpose: this is the abuser.
+                    let (instance, envelope) = &envelopes[n % envelopes.len()];
+                    n += 1;
+                    let result = client
+                        .register(RegisterRequest {
+                            envelope: Some(envelope.clone()),
+                        })
+                        .await
+                        .map(|_| ());
+                    if result.is_ok() {
+                        stats
+                            .acked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(service.clone())
+                            .or_default()
+                            .insert(instance.clone());
+                    }
+                    stats.count(&result);
+                }
+            }
+            FloodWorker::Read {
+                mut client,
+                service,
+            } => {
+                let mut n = 0u64;
+                while !stopped() {
+                    n += 1;
+                    let result = if n.is_multiple_of(4) {
+                        client.list(ListRequest { stale: false }).await.map(|_| ())
+                    } else {
+                        client
+                            .resolve(ResolveRequest {
+                                service: service.clone(),
+                                stale: false,
+                            })
+                            .await
+                            .map(|_| ())
+                    };
+                    stats.count(&result);
+                }
+            }
+            FloodWorker::Handshake { addr, tls } => {
+                let connector = tokio_rustls::TlsConnector::from(tls);
+                let host = addr
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.to_string())
+                    .unwrap_or_else(|| addr.clone());
+                let Ok(name) = rustls_pki_types::ServerName::try_from(host) else {
+                    return;
+                };
+                while !stopped() {
+                    let attempt = async {
+                        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                        let mut tls = connector.connect(name.clone(), tcp).await?;
+                        // TLS 1.3: the server judges the (missing) client certificate after
+                        // the client finished; reading shows the refusal.
+                        let mut buf = [0u8; 1];
+                        tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await
+                    };
+                    let result = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                    match result {
+                        Ok(Ok(n)) if n > 0 => stats.ok.fetch_add(1, Ordering::Relaxed),
+                        _ => stats.refused.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }
+            FloodWorker::Watch { client, streams } => {
+                let mut held = Vec::new();
+                for _ in 0..streams {
+                    if stopped() {
+                        break;
+                    }
+                    let mut c = client.clone();
+                    let result = c
+                        .watch(WatchRequest {
+                            service: "bench-0".into(),
+                            prefix: false,
+                            from_revision: 0,
+                        })
+                        .await;
+                    match result {
+                        Ok(stream) => {
+                            held.push(stream.into_inner());
+                            stats.count(&Ok(()));
+                        }
+                        Err(status) => stats.count(&Err(status)),
+                    }
+                }
+                // Hold the streams open until the flood ends.
+                while !stopped() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                drop(held);
+            }
+        }
+    }
+}
+
+fn bar(len: u64, message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(message.to_string());
+    bar
+}
+
+fn report(
+    args: &BenchArgs,
+    unflooded: Option<&Phase>,
+    measured: &Phase,
+    flood: Option<(FloodKind, &FloodStats)>,
+) {
+    let workload = match args.workload {
+        Workload::Register => "register",
+        Workload::Resolve => "resolve",
+    };
+    let mut value = json!({
+        "workload": workload,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "throughput_ops_s": round2(measured.throughput()),
+        "p50_ms": round2(measured.percentile_ms(50.0)),
+        "p99_ms": round2(measured.percentile_ms(99.0)),
+        "ok": measured.ok,
+        "errors": measured.errors,
+        "first_error": measured.first_error,
+    });
+    if let (Some(base), Some((kind, stats))) = (unflooded, flood) {
+        let kept = measured.throughput() / base.throughput().max(1e-9);
+        value["unflooded_throughput_ops_s"] = json!(round2(base.throughput()));
+        value["unflooded_p50_ms"] = json!(round2(base.percentile_ms(50.0)));
+        value["unflooded_p99_ms"] = json!(round2(base.percentile_ms(99.0)));
+        value["unflooded_ok"] = json!(base.ok);
+        value["unflooded_errors"] = json!(base.errors);
+        value["legit_throughput_ops_s"] = json!(round2(measured.throughput()));
+        value["kept"] = json!(round2(kept));
+        value["flood"] = stats.json(kind);
+    }
+    if args.opts.json {
+        crate::output::print_json(&value);
+        return;
+    }
+    println!(
+        "{:<16} {:>12} {:>9} {:>9} {:>9} {:>7}",
+        "phase", "ops/s", "p50 ms", "p99 ms", "ok", "errors"
+    );
+    let row = |name: &str, p: &Phase| {
+        println!(
+            "{:<16} {:>12.1} {:>9.2} {:>9.2} {:>9} {:>7}",
+            name,
+            p.throughput(),
+            p.percentile_ms(50.0),
+            p.percentile_ms(99.0),
+            p.ok,
+            p.errors
+        );
+    };
+    if let Some(base) = unflooded {
+        row("unflooded", base);
+    }
+    let name = flood.map(|(k, _)| k.name()).unwrap_or("unflooded");
+    row(name, measured);
+    if let (Some(base), Some((kind, stats))) = (unflooded, flood) {
+        println!(
+            "kept {:.0}% of the unflooded throughput; flood {}: sent {}, ok {}, shed {}, refused {}, failed {}",
+            100.0 * measured.throughput() / base.throughput().max(1e-9),
+            kind.name(),
+            stats.sent.load(Ordering::Relaxed),
+            stats.ok.load(Ordering::Relaxed),
+            stats.shed.load(Ordering::Relaxed),
+            stats.refused.load(Ordering::Relaxed),
+            stats.failed.load(Ordering::Relaxed),
+        );
+    }
+    if let Some(e) = &measured.first_error {
+        println!("first error: {e}");
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
