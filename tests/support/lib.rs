@@ -71,6 +71,8 @@ pub struct ClusterOptions {
     pub snapshot_after_entries: u64,
     /// Log entries kept behind a snapshot.
     pub log_entries_kept: u64,
+    /// Extra TOML appended to every node config (e.g. a `[watch]` section).
+    pub extra_config: String,
     /// Extra `key = value` lines for every node's `[bootstrap]` section (quotas).
     pub bootstrap_toml: String,
     /// Extra `key = value` lines for every node's `[limits]` section.
@@ -83,6 +85,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
+            extra_config: String::new(),
             bootstrap_toml: String::new(),
             limits_toml: String::new(),
         }
@@ -172,7 +175,7 @@ impl TestCluster {
                  [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
                  [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
                  [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\n\
-                 snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{members}",
+                 snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{}\n\n{members}",
                 node.client_addr,
                 node.raft_addr,
                 admin_pub.trim(),
@@ -180,6 +183,7 @@ impl TestCluster {
                 options.snapshot_after_entries,
                 options.log_entries_kept,
                 options.limits_toml,
+                options.extra_config,
             );
             std::fs::write(nd.join("config.toml"), config).unwrap();
         }

@@ -120,9 +120,12 @@ pub(crate) struct RegisterArgs {
     /// The service's signing key (bound with `signpost bind`).
     #[arg(long)]
     key: PathBuf,
-    /// Lease TTL in seconds.
+    /// Lease TTL in seconds (5..=86400). Without --keep-alive the instance expires after it.
     #[arg(long, default_value_t = 30)]
     ttl: u32,
+    /// Stay in the foreground renewing the lease (every TTL/3) until interrupted.
+    #[arg(long = "keep-alive")]
+    keep_alive: bool,
     /// TLS identity the instance serves with (default: spiffe://<td>/service/<SERVICE>).
     #[arg(long = "tls-identity")]
     tls_identity: Option<String>,
@@ -195,7 +198,73 @@ pub(crate) async fn register(args: RegisterArgs) -> anyhow::Result<()> {
         ),
         json!({"revision": revision, "service": args.service, "instance": args.instance, "sequence": payload.sequence}),
     );
+    if !args.keep_alive {
+        return Ok(());
+    }
+    let interval = std::time::Duration::from_millis(u64::from(args.ttl) * 1000 / 3);
+    let instances = [(args.service.clone(), args.instance.clone())];
+    if !args.opts.json {
+        eprintln!(
+            "renewing every {interval:?}; Ctrl-C to stop (the instance then expires after {}s)",
+            args.ttl
+        );
+    }
+    client
+        .keep_alive(&instances, interval, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WatchArgs {
+    /// Service name (or a prefix of names with --prefix).
+    service: String,
+    /// Match every service whose name starts with SERVICE.
+    #[arg(long)]
+    prefix: bool,
+    /// First revision to deliver (default: changes from now on).
+    #[arg(long = "from-revision", default_value_t = 0)]
+    from_revision: u64,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let mut watcher = client.watch(&args.service, args.prefix, args.from_revision);
+    loop {
+        let change = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            change = watcher.next() => change?,
+        };
+        let kind = if change.put { "put" } else { "delete" };
+        if args.opts.json {
+            let mut value = json!({
+                "revision": change.revision, "type": kind,
+                "service": change.service, "instance": change.instance,
+            });
+            if let Some(record) = change
+                .record
+                .as_ref()
+                .and_then(|r| signpost_record::open_record(r).ok())
+            {
+                value["endpoints"] = json!(record
+                    .payload
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("{}:{}", e.host, e.port))
+                    .collect::<Vec<_>>());
+            }
+            output::print_json(&value);
+        } else {
+            println!(
+                "{:>8}  {kind:<6}  {}/{}",
+                change.revision, change.service, change.instance
+            );
+        }
+    }
 }
 
 #[derive(Debug, Args)]

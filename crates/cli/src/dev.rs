@@ -20,7 +20,7 @@ use clap::Args;
 use signpost_client::{Client, ClientConfig, ClientTls, TrustConfig};
 use signpost_identity::{Ca, Identity, IssueOptions};
 use signpost_server::config::{
-    BootstrapConfig, Config, LimitsConfig, MemberConfig, RaftConfig, TlsConfig,
+    BootstrapConfig, Config, LimitsConfig, MemberConfig, RaftConfig, TlsConfig, WatchConfig,
 };
 
 const TRUST_DOMAIN: &str = "signpost.local";
@@ -122,6 +122,7 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
             },
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
+            watch: WatchConfig::default(),
         };
         write_file(
             &nd.join("config.toml"),

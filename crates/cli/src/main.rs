@@ -74,6 +74,8 @@ enum Command {
     Resolve(commands::ResolveArgs),
     /// Show every service with live instances.
     List(commands::ListArgs),
+    /// Print changes to a service (or a prefix) as they are applied.
+    Watch(commands::WatchArgs),
     /// Show members, leader, term, commit and applied index per node.
     Status(commands::StatusArgs),
     /// Load generator: legitimate throughput and latency, alone and under a flood.
@@ -128,6 +130,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Deregister(args) => commands::deregister(args).await,
         Command::Resolve(args) => commands::resolve(args).await,
         Command::List(args) => commands::list(args).await,
+        Command::Watch(args) => commands::watch(args).await,
         Command::Status(args) => commands::status(args).await,
         Command::Bench(args) => bench::run(args).await,
     }

@@ -7,15 +7,17 @@ use signpost_identity::{PeerRule, SpiffeId, TlsFiles, TlsSettings, Trust};
 use signpost_proto::v1::cluster_client::ClusterClient;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
-    BindRequest, DeregisterRequest, Envelope, ListRequest, MultiEnvelope, RegisterRequest,
-    ResolveRequest, RotateAdminsRequest, ServiceRecords, StatusRequest, StatusResponse,
+    BindRequest, DeregisterRequest, Envelope, KeepAliveRequest, ListRequest, MultiEnvelope,
+    RegisterRequest, ResolveRequest, RotateAdminsRequest, ServiceRecords, StatusRequest,
+    StatusResponse, WatchEvent, WatchRequest,
 };
 use signpost_record::{AdminSet, VerifiedRecord};
 use tonic::transport::Channel;
-use tonic::Code;
+use tonic::{Code, Streaming};
 
 use crate::config::ClientConfig;
 use crate::error::ClientError;
+use crate::watcher::Watcher;
 use crate::{LEADER_METADATA, RETRY_AFTER_METADATA};
 
 /// Attempts per call before giving up. Each failed attempt backs off, so a call spans a leader
@@ -461,6 +463,111 @@ impl Client {
             config,
             self.timeout,
         )?)
+    }
+
+    /// Watches a service (or a prefix of names) from `from_revision` (0 = from now).
+    pub fn watch(&self, service: &str, prefix: bool, from_revision: u64) -> Watcher<'_> {
+        Watcher::new(self, service, prefix, from_revision)
+    }
+
+    pub(crate) fn forget_preferred(&self) {
+        let current = self
+            .preferred
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        match current {
+            Some(addr) => self.rotate_away_from(&addr),
+            None => self.prefer(self.endpoints.get(1 % self.endpoints.len()).cloned()),
+        }
+    }
+
+    pub(crate) async fn open_watch(
+        &self,
+        request: WatchRequest,
+    ) -> Result<Streaming<WatchEvent>, ClientError> {
+        self.with_retries(|addr| {
+            let request = request.clone();
+            async move {
+                self.registry(&addr)?
+                    .watch(request)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Renews the leases of `instances` every `interval` over one KeepAlive stream to the
+    /// leader, until `stop` resolves. Follows the leader and reconnects (bounded) on failure.
+    /// Returns `LeaseLost` as soon as the leader says an instance is unknown.
+    pub async fn keep_alive(
+        &self,
+        instances: &[(String, String)],
+        interval: Duration,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), ClientError> {
+        tokio::pin!(stop);
+        let mut failures = 0u32;
+        let mut redirect: Option<String> = None;
+        loop {
+            let addr = redirect.take().unwrap_or_else(|| self.target(failures));
+            let (tx, rx) = tokio::sync::mpsc::channel::<KeepAliveRequest>(instances.len() * 2 + 1);
+            let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let opened = tokio::select! {
+                _ = &mut stop => return Ok(()),
+                r = async { self.registry(&addr)?.keep_alive(outbound).await } => r,
+            };
+            let status = match opened {
+                Ok(response) => {
+                    let mut replies = response.into_inner();
+                    let mut tick = tokio::time::interval(interval);
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop => return Ok(()),
+                            _ = tick.tick() => {
+                                for (service, instance) in instances {
+                                    let request = KeepAliveRequest { service: service.clone(), instance: instance.clone() };
+                                    if tx.send(request).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            reply = replies.message() => match reply {
+                                Ok(Some(r)) if r.ttl_secs == 0 => {
+                                    return Err(ClientError::LeaseLost { service: r.service, instance: r.instance });
+                                }
+                                Ok(Some(_)) => {
+                                    failures = 0;
+                                    self.prefer(Some(addr.clone()));
+                                }
+                                Ok(None) => break tonic::Status::unavailable("keep-alive stream closed"),
+                                Err(status) => break status,
+                            }
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            failures += 1;
+            if failures > ATTEMPTS_MAX {
+                return Err(ClientError::from_status(&status));
+            }
+            match classify(&status) {
+                Next::Redirect(leader) => {
+                    self.prefer(Some(leader.clone()));
+                    redirect = Some(leader);
+                }
+                Next::Wait(pause) | Next::Backoff(Some(pause)) => {
+                    tokio::time::sleep(pause.min(BACKOFF_MAX)).await;
+                }
+                Next::Backoff(None) => {
+                    self.prefer(None);
+                    tokio::time::sleep(BACKOFF_START * failures).await;
+                }
+                Next::Fail => return Err(ClientError::from_status(&status)),
+            }
+        }
     }
 
     /// Status of one node (by client address).

@@ -22,6 +22,14 @@ pub enum ClientError {
     /// TLS or certificate setup failed.
     #[error("tls: {0}")]
     Tls(#[from] signpost_identity::IdentityError),
+    /// The leader no longer knows an instance whose lease we renew (it expired).
+    #[error("NOT_FOUND: lease lost: {service}/{instance} is no longer registered")]
+    LeaseLost {
+        /// Service name.
+        service: String,
+        /// Instance id.
+        instance: String,
+    },
     /// A response failed end-to-end verification on every node tried.
     #[error("verification failed: {0}")]
     Verification(String),

@@ -30,10 +30,12 @@
 mod client;
 mod config;
 mod error;
+mod watcher;
 
 pub use client::{Client, Resolved};
 pub use config::{ClientConfig, ClientTls, TrustConfig};
 pub use error::{code_name, ClientError};
+pub use watcher::{Change, Watcher};
 
 /// Metadata key carrying the machine-readable reason of a refusal.
 pub const REASON_METADATA: &str = "signpost-reason";

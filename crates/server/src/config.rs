@@ -32,6 +32,31 @@ pub struct Config {
     /// Client-side limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Change feed limits.
+    #[serde(default)]
+    pub watch: WatchConfig,
+}
+
+/// Limits of the change feed (Watch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Events kept in memory for watchers resuming from a past revision.
+    pub history_events_max: usize,
+    /// Events buffered per watcher; a watcher that falls this far behind is cancelled.
+    pub watcher_buffer_events: usize,
+    /// Concurrent watchers on one node.
+    pub watchers_max: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            history_events_max: 100_000,
+            watcher_buffer_events: 1024,
+            watchers_max: 20_000,
+        }
+    }
 }
 
 /// Certificate files of the node.
@@ -273,6 +298,12 @@ impl Config {
             return bad(
                 "raft: need heartbeat*2 < election_timeout_min < election_timeout_max".into(),
             );
+        }
+        if self.watch.history_events_max == 0
+            || self.watch.watcher_buffer_events == 0
+            || self.watch.watchers_max == 0
+        {
+            return bad("watch: every limit must be > 0".into());
         }
         let l = &self.limits;
         if l.proposals_admin_reserved >= l.proposals_in_flight_max {

@@ -20,8 +20,10 @@ pub mod authz;
 mod cluster_service;
 pub mod config;
 pub mod error;
+pub mod lease_keeper;
 mod node;
 mod registry_service;
+pub mod watch_hub;
 
 pub use admission::{Admission, AdmissionLimits, StreamKind, StreamPermit};
 pub use cluster_service::ClusterService;

@@ -15,7 +15,9 @@ use crate::admission::{Admission, AdmissionLimits};
 use crate::cluster_service::ClusterService;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::lease_keeper::LeaseKeeper;
 use crate::registry_service::RegistryService;
+use crate::watch_hub::{WatchHub, WatchHubConfig};
 
 /// How often the genesis task checks whether the registry still needs its genesis entry.
 const GENESIS_RETRY: Duration = Duration::from_millis(300);
@@ -96,7 +98,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let raft_task = tokio::spawn(raft_server);
 
     let admission = Admission::new(AdmissionLimits::from_config(&config.limits));
-    let registry = RegistryService::new(consensus.clone(), config.trust_domain.clone(), admission);
+    let leases = LeaseKeeper::start(consensus.clone(), &config.trust_domain);
+    let watch_hub = WatchHub::start(
+        &consensus,
+        WatchHubConfig {
+            history_events_max: config.watch.history_events_max,
+            watcher_buffer_events: config.watch.watcher_buffer_events,
+            watchers_max: config.watch.watchers_max,
+        },
+    );
+    let registry = RegistryService::new(
+        consensus.clone(),
+        config.trust_domain.clone(),
+        admission,
+        leases,
+        watch_hub,
+    );
     let cluster = ClusterService::new(consensus.clone(), config.trust_domain.clone());
     let client_incoming = TlsIncoming::bind(&config.client_addr, server_tls, &settings)
         .await

@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::admission::{Admission, Op, StreamKind, WriteClass};
 use crate::authz::Caller;
 use crate::error::{consensus_status, refusal};
+use crate::lease_keeper::{LeaseKeeper, Renewal};
+use crate::watch_hub::{WatchFilter, WatchHub};
 
 /// Shared handles of the client-facing services.
 #[derive(Debug, Clone)]
@@ -25,16 +27,36 @@ pub struct RegistryService {
     consensus: Consensus,
     trust_domain: String,
     admission: Admission,
+    leases: LeaseKeeper,
+    watch_hub: WatchHub,
 }
 
 impl RegistryService {
     /// A service over `consensus` whose requests pass `admission` before any work.
-    pub fn new(consensus: Consensus, trust_domain: String, admission: Admission) -> Self {
+    pub fn new(
+        consensus: Consensus,
+        trust_domain: String,
+        admission: Admission,
+        leases: LeaseKeeper,
+        watch_hub: WatchHub,
+    ) -> Self {
         RegistryService {
             consensus,
             trust_domain,
             admission,
+            leases,
+            watch_hub,
         }
+    }
+
+    fn not_leader(&self) -> Status {
+        consensus_status(signpost_consensus::ConsensusError::NotLeader {
+            leader: self.consensus.leader(),
+        })
+    }
+
+    fn is_leader(&self) -> bool {
+        self.consensus.leader().map(|(id, _)| id) == Some(self.consensus.node_id())
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
@@ -106,6 +128,9 @@ impl RegistryService {
             .collect()
     }
 }
+
+/// Replies buffered per keep-alive stream; a client that stops reading stalls only itself.
+const KEEP_ALIVE_BUFFER: usize = 64;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -284,10 +309,52 @@ impl Registry for RegistryService {
         request: Request<Streaming<KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let caller = self.caller(&request)?;
-        let _stream = self.admission.open_stream(&caller, StreamKind::KeepAlive)?;
-        Err(Status::unimplemented(
-            "keep-alive leases are not available in this release",
-        ))
+        // Leases live on the leader; a client connected elsewhere is told where to go.
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let permit = self.admission.open_stream(&caller, StreamKind::KeepAlive)?;
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(KEEP_ALIVE_BUFFER);
+        let leases = self.leases.clone();
+        let not_leader = self.not_leader();
+        tokio::spawn(async move {
+            // The stream's admission slot is given back when this task ends.
+            let _permit = permit;
+            loop {
+                let message = match incoming.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::debug!(%status, "keep-alive stream ended");
+                        return;
+                    }
+                };
+                let reply = match caller.check_register(&message.service) {
+                    Err(status) => Err(status),
+                    Ok(()) => match leases.renew(&message.service, &message.instance) {
+                        Renewal::Renewed(ttl_secs) => Ok(KeepAliveResponse {
+                            service: message.service,
+                            instance: message.instance,
+                            ttl_secs,
+                        }),
+                        Renewal::Unknown => Ok(KeepAliveResponse {
+                            service: message.service,
+                            instance: message.instance,
+                            ttl_secs: 0,
+                        }),
+                        Renewal::NotLeader => Err(not_leader.clone()),
+                    },
+                };
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type WatchStream = EventStream;
@@ -297,10 +364,27 @@ impl Registry for RegistryService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.caller(&request)?;
-        let _stream = self.admission.open_stream(&caller, StreamKind::Watch)?;
+        let permit = self.admission.open_stream(&caller, StreamKind::Watch)?;
         caller.check_read()?;
-        Err(Status::unimplemented(
-            "watch is not available in this release",
-        ))
+        let request = request.into_inner();
+        if request.prefix {
+            if request.service.len() > record::SERVICE_NAME_BYTES_MAX {
+                return Err(refusal(Reason::InvalidName, "watch prefix is too long"));
+            }
+        } else {
+            precheck(record::validate_service_name(&request.service))?;
+        }
+        let filter = WatchFilter {
+            service: request.service,
+            prefix: request.prefix,
+        };
+        let stream = self.watch_hub.watch(filter, request.from_revision)?;
+        // The permit lives inside the stream, so the watcher's slot is given back when tonic
+        // drops the stream (client gone or watcher cancelled).
+        let stream = futures::StreamExt::map(stream, move |event| {
+            let _held = &permit;
+            event
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

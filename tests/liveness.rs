@@ -1,0 +1,464 @@
+//! Leases, keep-alive, the change feed and read consistency, against real processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use signpost_proto::v1::{DeregisterPayload, WatchRequest};
+use signpost_tests::{now_ms, signed_record, signpost_bin, ClusterOptions, TestCluster};
+
+const READY: Duration = Duration::from_secs(60);
+/// Stated bound: an instance that stops renewing is gone within TTL + this (one lease tick,
+/// one commit round, and the test's polling period).
+const EXPIRY_SLACK: Duration = Duration::from_secs(3);
+
+fn record_with_ttl(
+    key: &signpost_record::SigningKey,
+    service: &str,
+    instance: &str,
+    sequence: u64,
+    ttl: u32,
+) -> signpost_proto::v1::Envelope {
+    let payload = signpost_proto::v1::RecordPayload {
+        service: service.into(),
+        instance: instance.into(),
+        endpoints: vec![signpost_proto::v1::Endpoint {
+            host: "10.0.0.9".into(),
+            port: 8080,
+            protocol: "grpc".into(),
+        }],
+        metadata: Default::default(),
+        tls_identity: format!("spiffe://signpost.local/service/{service}"),
+        sequence,
+        issued_at_ms: now_ms(),
+        ttl_secs: ttl,
+    };
+    signpost_record::sign_record(key, &payload)
+}
+
+fn heavy_record(
+    key: &signpost_record::SigningKey,
+    service: &str,
+    instance: &str,
+    sequence: u64,
+) -> signpost_proto::v1::Envelope {
+    let payload = signpost_proto::v1::RecordPayload {
+        service: service.into(),
+        instance: instance.into(),
+        endpoints: vec![signpost_proto::v1::Endpoint {
+            host: "10.0.0.9".into(),
+            port: 8080,
+            protocol: "grpc".into(),
+        }],
+        metadata: (0..4).map(|i| (format!("k{i}"), "x".repeat(900))).collect(),
+        tls_identity: format!("spiffe://signpost.local/service/{service}"),
+        sequence,
+        issued_at_ms: now_ms(),
+        ttl_secs: 30,
+    };
+    signpost_record::sign_record(key, &payload)
+}
+
+async fn present(client: &signpost_client::Client, service: &str, instance: &str) -> bool {
+    match client.resolve(service, false).await {
+        Ok(r) => r.instances.iter().any(|i| i.payload.instance == instance),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_without_renewal_and_survive_a_leader_kill_with_renewal() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("jobs")).unwrap();
+    let cert = cluster.issue("service", "jobs");
+    let jobs = cluster.client_as(&cert, &[]);
+    let ttl = 5u32;
+
+    eprintln!("phase 1: an instance that never renews disappears after its TTL, not before");
+    let registered = Instant::now();
+    jobs.register(record_with_ttl(&key, "jobs", "lazy", 1, ttl))
+        .await
+        .unwrap();
+    jobs.register(record_with_ttl(&key, "jobs", "busy", 1, ttl))
+        .await
+        .unwrap();
+    let renewer = tokio::spawn({
+        let client = cluster.client_as(&cert, &[]);
+        async move {
+            client
+                .keep_alive(
+                    &[("jobs".to_string(), "busy".to_string())],
+                    Duration::from_secs(1),
+                    std::future::pending(),
+                )
+                .await
+        }
+    });
+    let ttl_d = Duration::from_secs(u64::from(ttl));
+    loop {
+        let gone = !present(&jobs, "jobs", "lazy").await;
+        let elapsed = registered.elapsed();
+        if gone {
+            eprintln!(
+                "lazy expired {} ms after registration (TTL {ttl}s)",
+                elapsed.as_millis()
+            );
+            assert!(
+                elapsed >= ttl_d - Duration::from_millis(500),
+                "expired early: {elapsed:?}"
+            );
+            break;
+        }
+        assert!(
+            elapsed < ttl_d + EXPIRY_SLACK,
+            "still there after {elapsed:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        present(&jobs, "jobs", "busy").await,
+        "the renewed instance must stay"
+    );
+
+    eprintln!("phase 2: kill -9 the leader; the renewed instance outlives two TTLs");
+    cluster.kill9(leader);
+    tokio::time::sleep(ttl_d * 2 + Duration::from_secs(1)).await;
+    let survivors: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let reader = cluster.client(&survivors);
+    assert!(
+        present(&reader, "jobs", "busy").await,
+        "renewed instance expired across failover\n{}",
+        cluster.logs()
+    );
+
+    eprintln!("phase 3: once renewals stop, it expires too");
+    renewer.abort();
+    let stopped = Instant::now();
+    while present(&reader, "jobs", "busy").await {
+        assert!(
+            stopped.elapsed() < ttl_d * 2 + EXPIRY_SLACK,
+            "busy never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "busy expired {} ms after its renewals stopped",
+        stopped.elapsed().as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_sees_every_change_in_order_across_the_loss_of_its_node() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("feed")).unwrap();
+    let cert = cluster.issue("service", "feed");
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let others: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != follower)
+        .collect();
+
+    eprintln!("phase 1: a watcher connected to follower {follower}; writes go through the others");
+    let mut order = vec![follower];
+    order.extend(&others);
+    let watch_client = cluster.client(&order);
+    let writer = cluster.client_as(&cert, &others);
+    let mut expected: Vec<(u64, bool, String)> = Vec::new();
+    let rev = writer
+        .register(signed_record(&key, "feed", "w0", 1, 1))
+        .await
+        .unwrap();
+    expected.push((rev, true, "w0".into()));
+    let mut watcher = watch_client.watch("feed", false, rev);
+
+    eprintln!("phase 2: 40 changes, killing the watcher's node halfway");
+    let mut received = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(20), watcher.next())
+        .await
+        .expect("first event")
+        .unwrap();
+    received.push((first.revision, first.put, first.instance));
+    for i in 1..40u64 {
+        if i == 20 {
+            cluster.kill9(follower);
+        }
+        let name = format!("w{}", i % 10);
+        let rev = if i % 4 == 3 {
+            let payload = DeregisterPayload {
+                service: "feed".into(),
+                instance: format!("w{}", (i - 1) % 10),
+                sequence: 10_000 + 10 * i,
+                issued_at_ms: now_ms(),
+            };
+            match writer
+                .deregister(signpost_record::sign_deregister(&key, &payload))
+                .await
+            {
+                Ok(rev) => {
+                    expected.push((rev, false, format!("w{}", (i - 1) % 10)));
+                    continue;
+                }
+                Err(e) => panic!("deregister: {e}"),
+            }
+        } else {
+            writer
+                .register(signed_record(&key, "feed", &name, 10_000 + 10 * i, 1))
+                .await
+                .unwrap()
+        };
+        expected.push((rev, true, name));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.len() < expected.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let change = tokio::time::timeout(left, watcher.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {} events arrived\n{}",
+                    received.len(),
+                    expected.len(),
+                    cluster.logs()
+                )
+            })
+            .expect("watch");
+        received.push((change.revision, change.put, change.instance));
+    }
+
+    eprintln!("phase 3: exactly the acknowledged changes, in revision order, no gap, no duplicate");
+    expected.sort();
+    assert_eq!(received, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_revisions_are_refused_and_a_slow_watcher_is_cancelled_alone() {
+    let cluster = TestCluster::start(ClusterOptions {
+        extra_config: "[watch]\nhistory_events_max = 50\nwatcher_buffer_events = 16\n".into(),
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("churn")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "churn"), &[leader]);
+
+    eprintln!("phase 1: a fast and a slow watcher on separate connections");
+    let fast_client = cluster.client(&[leader]);
+    let mut slow =
+        signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader)
+            .watch(WatchRequest {
+                service: "churn".into(),
+                prefix: false,
+                from_revision: 0,
+            })
+            .await
+            .expect("slow watcher opens")
+            .into_inner();
+
+    eprintln!("phase 2: 1500 changes; the fast watcher reads them all while they happen");
+    let first_rev = writer
+        .register(signed_record(&key, "churn", "c", 1, 1))
+        .await
+        .unwrap();
+    let mut fast = fast_client.watch("churn", false, first_rev);
+    // Records carry ~3.5 KiB of metadata so that 1500 of them overflow every HTTP/2 window and
+    // reach the slow watcher's own buffer.
+    let writes = tokio::spawn(async move {
+        let mut last = first_rev;
+        for seq in 2..=1500u64 {
+            last = writer
+                .register(heavy_record(&key, "churn", "c", seq))
+                .await
+                .expect("writes are never slowed or refused by watchers");
+        }
+        last
+    });
+    let mut count = 0u64;
+    let mut previous = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count < 1500 {
+        let change = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            fast.next(),
+        )
+        .await
+        .expect("fast watcher stalled")
+        .expect("fast watcher");
+        assert!(change.revision > previous, "out of order");
+        assert!(
+            change.put && change.instance == "c",
+            "unexpected change {change:?}"
+        );
+        previous = change.revision;
+        count += 1;
+    }
+    let last_rev = writes.await.unwrap();
+    assert_eq!(previous, last_rev);
+
+    eprintln!("phase 3: the slow watcher was cancelled with RESOURCE_EXHAUSTED");
+    let mut delivered = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.message())
+            .await
+            .expect("slow stream hung")
+        {
+            Ok(Some(_)) => delivered += 1,
+            Ok(None) => panic!("slow watcher ended without a reason after {delivered} events"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(delivered < 1500, "the slow watcher was not cancelled");
+    eprintln!(
+        "slow watcher cancelled after {delivered} events: {}",
+        status.message()
+    );
+
+    eprintln!("phase 4: a revision older than the kept history is refused as compacted");
+    let status = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader)
+        .watch(WatchRequest {
+            service: "churn".into(),
+            prefix: false,
+            from_revision: first_rev,
+        })
+        .await
+        .expect_err("compacted");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+    assert_eq!(
+        status.metadata().get("signpost-reason").unwrap(),
+        "compacted"
+    );
+    let oldest: u64 = status
+        .metadata()
+        .get("signpost-compacted-revision")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(oldest > first_rev && oldest <= last_rev, "oldest {oldest}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_see_writes_made_elsewhere_and_stale_reads_carry_their_revision() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("reads")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "reads"), &[leader]);
+    let reader = cluster.client(&[follower]);
+
+    for i in 1..=20u64 {
+        let rev = writer
+            .register(signed_record(&key, "reads", &format!("r{i}"), 1, 1))
+            .await
+            .unwrap();
+        let seen = reader.resolve("reads", false).await.unwrap();
+        assert!(
+            seen.revision >= rev,
+            "linearizable read at {} missed write {rev}",
+            seen.revision
+        );
+        assert_eq!(seen.instances.len() as u64, i);
+    }
+    let stale = reader.resolve("reads", true).await.unwrap();
+    assert!(stale.revision > 0);
+    assert!(
+        stale.instances.len() as u64 == 20
+            || stale.revision < writer.resolve("reads", false).await.unwrap().revision
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_watches_as_json_lines_and_keeps_a_lease_alive_until_interrupted() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let key = cluster.bind_new_key("cliwatch");
+    let cert = cluster.issue("service", "cliwatch");
+    let config = cluster.client_toml();
+
+    eprintln!("phase 1: `signpost watch --json` prints one object per change");
+    let mut watch = Command::new(signpost_bin())
+        .args([
+            "watch",
+            "cliwatch",
+            "--json",
+            "--from-revision",
+            "1",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    eprintln!("phase 2: `register --ttl 5 --keep-alive` keeps the instance past its TTL");
+    let mut keeper = Command::new(signpost_bin())
+        .args([
+            "register",
+            "cliwatch",
+            "--instance",
+            "k1",
+            "--endpoint",
+            "127.0.0.1:7000",
+            "--ttl",
+            "5",
+            "--keep-alive",
+            "--key",
+            key.to_str().unwrap(),
+            "--cert",
+            cert.with_extension("crt").to_str().unwrap(),
+            "--cert-key",
+            cert.with_extension("key").to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("watch printed the put");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["type"], "put");
+    assert_eq!(event["service"], "cliwatch");
+    assert_eq!(event["instance"], "k1");
+    assert!(event["revision"].as_u64().unwrap() > 0);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let client = cluster.client(&[]);
+    assert!(
+        present(&client, "cliwatch", "k1").await,
+        "keep-alive did not keep the lease"
+    );
+
+    eprintln!("phase 3: interrupting the keeper lets the lease expire; watch prints the delete");
+    Command::new("kill")
+        .args(["-INT", &keeper.id().to_string()])
+        .status()
+        .unwrap();
+    let status = keeper.wait().unwrap();
+    assert!(status.success(), "keeper exited with {status}");
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("watch printed the delete");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["type"], "delete");
+    assert_eq!(event["instance"], "k1");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
