@@ -39,6 +39,8 @@ pub struct Resolved {
     pub envelopes: Vec<Envelope>,
     /// The revision the answer reflects.
     pub revision: u64,
+    /// The binding the records were verified against (itself verified to the admin chain).
+    pub binding: signpost_record::Binding,
 }
 
 /// A client of a Signpost cluster. Cheap to share behind an `Arc`; channels are reused.
@@ -432,6 +434,7 @@ impl Client {
             instances,
             envelopes,
             revision,
+            binding,
         })
     }
 

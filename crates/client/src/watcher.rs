@@ -6,6 +6,10 @@ use std::time::Duration;
 use signpost_proto::v1::{watch_event, WatchEvent, WatchRequest};
 use tonic::{Code, Streaming};
 
+use std::collections::HashMap;
+
+use signpost_record::Binding;
+
 use crate::client::Client;
 use crate::error::ClientError;
 
@@ -42,6 +46,8 @@ pub struct Watcher<'a> {
     last_revision: u64,
     stream: Option<Streaming<WatchEvent>>,
     failures: u32,
+    /// Verified bindings by service, to check each put end to end.
+    bindings: HashMap<String, Binding>,
 }
 
 impl<'a> Watcher<'a> {
@@ -55,6 +61,7 @@ impl<'a> Watcher<'a> {
             last_revision: 0,
             stream: None,
             failures: 0,
+            bindings: HashMap::new(),
         }
     }
 
@@ -101,8 +108,23 @@ impl<'a> Watcher<'a> {
             };
             match stream.message().await {
                 Ok(Some(event)) => {
-                    self.failures = 0;
                     let put = event.kind == watch_event::Kind::Put as i32;
+                    if put && !self.verify(&event).await {
+                        // A node that serves a record which does not verify is not trusted for
+                        // the rest of this stream: resume from the last good revision elsewhere.
+                        tracing::warn!(revision = event.revision, service = %event.service, "dropping a watched record that failed verification; switching node");
+                        self.stream = None;
+                        self.client.forget_preferred();
+                        self.failures += 1;
+                        if self.failures >= RECONNECTS_MAX {
+                            return Err(ClientError::Verification(format!(
+                                "watched records of {} failed verification on every node tried",
+                                event.service
+                            )));
+                        }
+                        continue;
+                    }
+                    self.failures = 0;
                     let identity = (put, event.service.clone(), event.instance.clone());
                     if event.revision < self.last_revision
                         || (event.revision == self.last_revision
@@ -140,6 +162,36 @@ impl<'a> Watcher<'a> {
                 }
             }
         }
+    }
+}
+
+impl Watcher<'_> {
+    /// Verifies a put against the service's binding, refreshing the binding once (it may have
+    /// been rotated since it was cached).
+    async fn verify(&mut self, event: &WatchEvent) -> bool {
+        let Some(record) = event.record.as_ref() else {
+            return false;
+        };
+        for refresh in [false, true] {
+            if refresh || !self.bindings.contains_key(&event.service) {
+                match self.client.resolve(&event.service, false).await {
+                    Ok(resolved) => {
+                        self.bindings
+                            .insert(event.service.clone(), resolved.binding);
+                    }
+                    // Gone again already (deleted later): a verified binding is still needed.
+                    Err(_) => return false,
+                }
+            }
+            if let Some(binding) = self.bindings.get(&event.service) {
+                if signpost_record::verify_record_against(binding, record).is_ok_and(|r| {
+                    r.payload.service == event.service && r.payload.instance == event.instance
+                }) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
