@@ -1,4 +1,18 @@
+use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
+
 use crate::type_config::NodeAddr;
+
+/// Wraps any error as openraft's storage error for `subject`, the one error type openraft's
+/// storage traits accept.
+pub(crate) fn io_error<E: std::error::Error + 'static>(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: &E,
+) -> StorageError<u64> {
+    StorageError::IO {
+        source: StorageIOError::new(subject, verb, AnyError::new(e)),
+    }
+}
 
 /// Errors of the consensus layer, as the server needs to tell them apart.
 #[derive(Debug, thiserror::Error)]

@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
-    AnyError, Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, RaftLogReader,
-    StorageError, StorageIOError, Vote,
+    Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError,
+    Vote,
 };
 use signpost_storage::Store;
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX};
+use crate::error::io_error;
 use crate::type_config::TypeConfig;
 
 const KEY_VOTE: &str = "vote";
@@ -88,16 +89,6 @@ impl LogStore {
             ));
         }
         Ok(entry)
-    }
-}
-
-fn io_error<E: std::error::Error + 'static>(
-    subject: ErrorSubject<u64>,
-    verb: ErrorVerb,
-    e: &E,
-) -> StorageError<u64> {
-    StorageError::IO {
-        source: StorageIOError::new(subject, verb, AnyError::new(e)),
     }
 }
 

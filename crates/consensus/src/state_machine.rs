@@ -3,8 +3,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
-    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use signpost_state::{Event, Outcome, Registry};
@@ -12,6 +12,7 @@ use signpost_storage::Store;
 use tokio::sync::broadcast;
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX};
+use crate::error::io_error;
 use crate::error::ConsensusError;
 use crate::type_config::{NodeAddr, TypeConfig};
 
@@ -80,16 +81,6 @@ pub struct StateMachine {
     store: Arc<Store>,
     shared: Arc<RwLock<SharedState>>,
     applied_tx: broadcast::Sender<Arc<Applied>>,
-}
-
-fn io_error<E: std::error::Error + 'static>(
-    subject: ErrorSubject<u64>,
-    verb: ErrorVerb,
-    e: &E,
-) -> StorageError<u64> {
-    StorageError::IO {
-        source: StorageIOError::new(subject, verb, AnyError::new(e)),
-    }
 }
 
 fn sm_error<E: std::error::Error + 'static>(verb: ErrorVerb, e: &E) -> StorageError<u64> {
