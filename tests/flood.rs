@@ -54,11 +54,24 @@ fn record(key: &SigningKey, service: &str, instance: &str, sequence: u64) -> Env
 async fn terms(cluster: &TestCluster) -> BTreeMap<u64, u64> {
     let mut terms = BTreeMap::new();
     for id in cluster.ids() {
-        let status = cluster
-            .client(&[id])
-            .status_of(&cluster.client_addr(id))
-            .await
-            .unwrap_or_else(|e| panic!("status of node {id}: {e}"));
+        // A fresh connection: right after the handshake flood this address may still be over
+        // its handshake rate for a moment, so a few bounded retries.
+        let mut attempt = 0;
+        let status = loop {
+            match cluster
+                .client(&[id])
+                .status_of(&cluster.client_addr(id))
+                .await
+            {
+                Ok(status) => break status,
+                Err(e) if attempt < 20 => {
+                    attempt += 1;
+                    eprintln!("  status of node {id}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("status of node {id}: {e}"),
+            }
+        };
         terms.insert(id, status.term);
     }
     terms

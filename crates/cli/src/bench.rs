@@ -101,6 +101,11 @@ pub(crate) struct BenchArgs {
     /// Legitimate client tasks (1..=1024), each its own service identity.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Operations per second per legitimate client (a steady rate, like an honest service;
+    /// keep it within the node's per-identity budget); 0 runs each client closed-loop, as fast
+    /// as the cluster answers.
+    #[arg(long, default_value_t = 15)]
+    rate: u32,
     /// Seconds per measured phase (1..=300).
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -369,6 +374,7 @@ fn record(
 /// The legitimate clients: per task a client, a service and its pre-signed records.
 struct Legit {
     workload: Workload,
+    rate: u32,
     tasks: Vec<LegitTask>,
 }
 
@@ -382,7 +388,13 @@ struct LegitTask {
 impl Legit {
     async fn prepare(setup: &Setup, args: &BenchArgs) -> anyhow::Result<Legit> {
         let phases = if args.flood.is_some() { 2 } else { 1 };
-        let per_client = (args.duration as usize * 2_000 / args.clients)
+        let per_client = if args.rate > 0 {
+            // The paced workload needs exactly duration × rate, plus slack.
+            args.duration as usize * args.rate as usize * 11 / 10 + 10
+        } else {
+            args.duration as usize * 2_000 / args.clients
+        };
+        let per_client = per_client
             .clamp(1, SIGNED_PER_CLIENT_MAX)
             .min(SIGNED_TOTAL_MAX / (args.clients * phases));
         let progress = bar(
@@ -426,6 +438,7 @@ impl Legit {
         progress.finish_and_clear();
         Ok(Legit {
             workload: args.workload,
+            rate: args.rate,
             tasks,
         })
     }
@@ -442,12 +455,25 @@ impl Legit {
             let signed = task.signed.get(phase).cloned().unwrap_or_default();
             let workload = self.workload;
             let ok = Arc::clone(&ok);
+            let mut pace = (self.rate > 0).then(|| {
+                let mut interval =
+                    tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(self.rate)));
+                // A late operation does not cause a catch-up burst: the rate stays steady.
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                interval
+            });
             handles.push(tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut errors = 0u64;
                 let mut first_error = None;
                 let mut n = 0usize;
                 while Instant::now() < deadline {
+                    if let Some(pace) = pace.as_mut() {
+                        pace.tick().await;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                    }
                     let t0 = Instant::now();
                     let result = match workload {
                         Workload::Register => match signed.get(n) {
@@ -798,6 +824,7 @@ fn report(
     let mut value = json!({
         "workload": workload,
         "clients": args.clients,
+        "rate_per_client": args.rate,
         "duration_s": args.duration,
         "throughput_ops_s": round2(measured.throughput()),
         "p50_ms": round2(measured.percentile_ms(50.0)),

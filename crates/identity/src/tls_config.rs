@@ -33,6 +33,10 @@ pub const DEFAULT_HANDSHAKES_PER_IP_MAX: usize = 32;
 pub const DEFAULT_CONNECTIONS_MAX: usize = 4096;
 /// Default bound on open connections from one source IP, for the connection's whole lifetime.
 pub const DEFAULT_CONNECTIONS_PER_IP_MAX: usize = 512;
+/// Default sustained rate of TLS handshakes started per source IP (per second).
+pub const DEFAULT_HANDSHAKES_PER_IP_PER_SEC: u32 = 50;
+/// Default burst of TLS handshakes started per source IP.
+pub const DEFAULT_HANDSHAKES_PER_IP_BURST: u32 = 100;
 /// Default time a peer has to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,6 +71,12 @@ pub struct TlsSettings {
     /// `TlsIncoming`: most open connections from one source IP, held until the connection
     /// closes, so an address cannot pin the whole listener with idle established connections.
     pub connections_per_ip_max: usize,
+    /// `TlsIncoming`: sustained handshakes started per second from one source IP; beyond it
+    /// (and the burst) connections are closed at accept, before any TLS work, so a handshake
+    /// flood costs the listener an accept and a close per connection, not a signature.
+    pub handshakes_per_ip_per_sec: u32,
+    /// `TlsIncoming`: burst of handshakes from one source IP.
+    pub handshakes_per_ip_burst: u32,
 }
 
 impl Default for TlsSettings {
@@ -78,6 +88,8 @@ impl Default for TlsSettings {
             handshakes_per_ip_max: DEFAULT_HANDSHAKES_PER_IP_MAX,
             connections_max: DEFAULT_CONNECTIONS_MAX,
             connections_per_ip_max: DEFAULT_CONNECTIONS_PER_IP_MAX,
+            handshakes_per_ip_per_sec: DEFAULT_HANDSHAKES_PER_IP_PER_SEC,
+            handshakes_per_ip_burst: DEFAULT_HANDSHAKES_PER_IP_BURST,
         }
     }
 }

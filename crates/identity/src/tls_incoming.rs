@@ -33,6 +33,9 @@ use crate::tls_config::TlsSettings;
 
 /// Completed handshakes waiting for the server to take them.
 const ACCEPTED_QUEUE_MAX: usize = 64;
+/// Source IPs whose handshake rate is tracked; beyond it, IPs with a full bucket (nothing to
+/// remember) are forgotten, and if that is not enough, all are (a reset only forgives).
+const RATE_TRACKED_IPS_MAX: usize = 65_536;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -97,6 +100,10 @@ impl TlsIncoming {
             per_ip: PerIpLimit::new(settings.handshakes_per_ip_max),
             connections: Arc::new(Semaphore::new(settings.connections_max)),
             connections_per_ip: PerIpLimit::new(settings.connections_per_ip_max),
+            handshake_rate: PerIpRate::new(
+                settings.handshakes_per_ip_per_sec,
+                settings.handshakes_per_ip_burst,
+            ),
             accepted: tx,
         };
         Ok(TlsIncoming {
@@ -136,11 +143,12 @@ struct AcceptLoop {
     per_ip: PerIpLimit,
     connections: Arc<Semaphore>,
     connections_per_ip: PerIpLimit,
+    handshake_rate: PerIpRate,
     accepted: mpsc::Sender<TlsConnection>,
 }
 
 impl AcceptLoop {
-    async fn run(self) {
+    async fn run(mut self) {
         loop {
             let (tcp, peer) = match self.listener.accept().await {
                 Ok(conn) => conn,
@@ -150,8 +158,13 @@ impl AcceptLoop {
                     continue;
                 }
             };
-            // Dropping `tcp` closes it: that is the whole response to a flood. Connection slots
-            // first: they are the scarcer, longer-lived resource.
+            // Dropping `tcp` closes it: that is the whole response to a flood. The rate first:
+            // it is what makes a handshake flood cheap for us. Then connection slots: they are
+            // the scarcer, longer-lived resource.
+            if !self.handshake_rate.try_take(peer.ip()) {
+                tracing::debug!(%peer, "handshake rate of this address exceeded; closing");
+                continue;
+            }
             let Ok(connection) = Arc::clone(&self.connections).try_acquire_owned() else {
                 tracing::debug!(%peer, "too many open connections; closing connection");
                 continue;
@@ -268,6 +281,47 @@ struct PerIpSlot {
 impl Drop for PerIpSlot {
     fn drop(&mut self) {
         self.limit.release(self.ip);
+    }
+}
+
+/// Token buckets of handshakes started per source IP. Owned by the accept loop alone, so no
+/// lock; bounded by `RATE_TRACKED_IPS_MAX`.
+struct PerIpRate {
+    per_sec: f64,
+    burst: f64,
+    buckets: HashMap<IpAddr, (f64, std::time::Instant)>,
+}
+
+impl PerIpRate {
+    fn new(per_sec: u32, burst: u32) -> PerIpRate {
+        PerIpRate {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst.max(1)),
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn try_take(&mut self, ip: IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        if self.buckets.len() >= RATE_TRACKED_IPS_MAX && !self.buckets.contains_key(&ip) {
+            let (per_sec, burst) = (self.per_sec, self.burst);
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+            if self.buckets.len() >= RATE_TRACKED_IPS_MAX {
+                self.buckets.clear();
+            }
+        }
+        let (tokens, at) = self.buckets.entry(ip).or_insert((self.burst, now));
+        let elapsed = now.saturating_duration_since(*at).as_secs_f64();
+        *tokens = (*tokens + elapsed * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 

@@ -43,6 +43,9 @@ use crate::error::shed;
 const NODE_FULL_RETRY_AFTER_MS: u64 = 20;
 /// Retry hint when the identity table is full of active identities.
 const TABLE_FULL_RETRY_AFTER_MS: u64 = 1_000;
+/// Records of a List answer that cost one read token beyond the first: a big answer costs the
+/// node more than a resolve, so it costs the caller more too.
+const LIST_RECORDS_PER_TOKEN: usize = 64;
 /// Longest retry hint given for an empty bucket (a zero rate would otherwise say "never").
 const RETRY_AFTER_MAX_MS: u64 = 10_000;
 
@@ -148,6 +151,13 @@ impl Bucket {
             tokens: burst,
             refilled: now,
         }
+    }
+
+    /// Takes `tokens` whether or not they are there, down to a debt of `burst`.
+    fn charge(&mut self, now: Instant, rate: f64, burst: f64, tokens: f64) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = ((self.tokens + elapsed * rate).min(burst) - tokens).max(-burst);
+        self.refilled = now;
     }
 
     /// Takes one token, or says in how many milliseconds one will be there.
@@ -399,6 +409,25 @@ impl Admission {
         })
     }
 
+    /// Charges the read bucket of `caller` for an answer of `records` records, after the fact
+    /// (the size is known only then). The bucket may go into debt down to minus its burst:
+    /// the caller's next reads are shed until the debt is repaid, so a flood of large Lists
+    /// is held to the same node cost per second as a flood of small Resolves.
+    pub fn charge_answer(&self, caller: &Caller, records: usize) {
+        let tokens = (records / LIST_RECORDS_PER_TOKEN) as f64;
+        if tokens <= 0.0 {
+            return;
+        }
+        let limits = &self.inner.limits;
+        let now = Instant::now();
+        let mut table = self.inner.lock();
+        if let Some(state) = table.get_mut(&caller.uri()) {
+            state
+                .reads
+                .charge(now, limits.reads_per_sec, limits.reads_burst, tokens);
+        }
+    }
+
     /// Streams open on this node (all identities).
     pub fn streams_open(&self) -> usize {
         self.inner.streams.load(Ordering::Acquire)
@@ -528,6 +557,17 @@ mod tests {
                 .admit(&caller("spiffe://t.local/service/b"), Op::Write)
                 .expect("own bucket"),
         );
+    }
+
+    #[test]
+    fn a_large_answer_puts_the_reader_in_debt() {
+        let admission = Admission::new(limits());
+        let reader = caller("spiffe://t.local/reader/r");
+        drop(admission.admit(&reader, Op::Read).expect("first read"));
+        // reads: default 100/s, burst 200; 64 * 400 records cost 400 tokens: debt of 200.
+        admission.charge_answer(&reader, 64 * 400);
+        let shed = admission.admit(&reader, Op::Read).expect_err("in debt");
+        assert_eq!(shed.code(), tonic::Code::ResourceExhausted);
     }
 
     #[test]

@@ -172,6 +172,10 @@ pub struct LimitsConfig {
     pub handshakes_concurrent_max: usize,
     /// TLS handshakes in progress from one source IP.
     pub handshakes_per_ip_max: usize,
+    /// Sustained TLS handshakes started per second from one source IP.
+    pub handshakes_per_ip_per_sec: u32,
+    /// Burst of TLS handshakes from one source IP.
+    pub handshakes_per_ip_burst: u32,
     /// Concurrent gRPC streams per connection.
     pub streams_per_connection_max: u32,
     /// Proposals in flight to Raft from this node; above it writes are shed.
@@ -217,15 +221,17 @@ impl Default for LimitsConfig {
             connections_per_ip_max: signpost_identity::DEFAULT_CONNECTIONS_PER_IP_MAX,
             handshakes_concurrent_max: signpost_identity::DEFAULT_HANDSHAKES_CONCURRENT_MAX,
             handshakes_per_ip_max: signpost_identity::DEFAULT_HANDSHAKES_PER_IP_MAX,
+            handshakes_per_ip_per_sec: signpost_identity::DEFAULT_HANDSHAKES_PER_IP_PER_SEC,
+            handshakes_per_ip_burst: signpost_identity::DEFAULT_HANDSHAKES_PER_IP_BURST,
             streams_per_connection_max: 256,
-            proposals_in_flight_max: 1024,
-            proposals_admin_reserved: 64,
-            proposals_new_registration_percent: 50,
+            proposals_in_flight_max: 256,
+            proposals_admin_reserved: 32,
+            proposals_new_registration_percent: 25,
             reads_in_flight_max: 256,
-            writes_per_identity_per_sec: 100,
-            writes_per_identity_burst: 200,
-            reads_per_identity_per_sec: 500,
-            reads_per_identity_burst: 1000,
+            writes_per_identity_per_sec: 20,
+            writes_per_identity_burst: 40,
+            reads_per_identity_per_sec: 100,
+            reads_per_identity_burst: 200,
             stream_opens_per_identity_per_sec: 10,
             stream_opens_per_identity_burst: 100,
             watchers_per_identity_max: 64,

@@ -37,6 +37,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         handshakes_per_ip_max: config.limits.handshakes_per_ip_max,
         connections_max: config.limits.connections_max,
         connections_per_ip_max: config.limits.connections_per_ip_max,
+        handshakes_per_ip_per_sec: config.limits.handshakes_per_ip_per_sec,
+        handshakes_per_ip_burst: config.limits.handshakes_per_ip_burst,
     };
     let trust = Trust::from_files(&files)?;
     signpost_identity::spawn_crl_watcher(trust.clone(), Duration::from_secs(1));

@@ -291,6 +291,8 @@ impl Registry for RegistryService {
             let state = self.consensus.state();
             (state.registry.list(), state.revision())
         };
+        let records: usize = views.iter().map(|v| v.records.len()).sum();
+        self.admission.charge_answer(&caller, records);
         let services = views
             .into_iter()
             .map(service_records)
