@@ -242,6 +242,9 @@ async fn a_watcher_sees_every_change_in_order_across_the_loss_of_its_node() {
 async fn compacted_revisions_are_refused_and_a_slow_watcher_is_cancelled_alone() {
     let cluster = TestCluster::start(ClusterOptions {
         extra_config: "[watch]\nhistory_events_max = 50\nwatcher_buffer_events = 16\n".into(),
+        // This test is about watchers, not admission: let one writer go as fast as it can.
+        limits_toml: "writes_per_identity_per_sec = 100000\nwrites_per_identity_burst = 100000\n"
+            .into(),
         ..Default::default()
     });
     let leader = cluster.wait_ready(READY).await;

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use signpost_identity::{PeerRule, SpiffeId, TlsFiles, TlsSettings, Trust};
 use signpost_proto::v1::cluster_client::ClusterClient;
@@ -25,6 +25,8 @@ use crate::{LEADER_METADATA, RETRY_AFTER_METADATA};
 const ATTEMPTS_MAX: u32 = 12;
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(1_000);
+/// A keep-alive session gives up after this long without one successful renewal.
+const KEEP_ALIVE_GIVE_UP: Duration = Duration::from_secs(30);
 /// Largest response the client decodes (a full List of a big registry).
 const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -512,6 +514,9 @@ impl Client {
     ) -> Result<(), ClientError> {
         tokio::pin!(stop);
         let mut failures = 0u32;
+        // Renewals must ride out a leader election (seconds), so the retry bound is time
+        // without a successful renewal rather than a small count.
+        let mut failing_since: Option<Instant> = None;
         let mut redirect: Option<String> = None;
         loop {
             let addr = redirect.take().unwrap_or_else(|| self.target(failures));
@@ -542,6 +547,7 @@ impl Client {
                                 }
                                 Ok(Some(_)) => {
                                     failures = 0;
+                                    failing_since = None;
                                     self.prefer(Some(addr.clone()));
                                 }
                                 Ok(None) => break tonic::Status::unavailable("keep-alive stream closed"),
@@ -552,8 +558,9 @@ impl Client {
                 }
                 Err(status) => status,
             };
-            failures += 1;
-            if failures > ATTEMPTS_MAX {
+            failures = failures.saturating_add(1);
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > KEEP_ALIVE_GIVE_UP {
                 return Err(ClientError::from_status(&status));
             }
             match classify(&status) {
@@ -566,7 +573,7 @@ impl Client {
                 }
                 Next::Backoff(None) => {
                     self.prefer(None);
-                    tokio::time::sleep(BACKOFF_START * failures).await;
+                    tokio::time::sleep((BACKOFF_START * failures.min(20)).min(BACKOFF_MAX)).await;
                 }
                 Next::Fail => return Err(ClientError::from_status(&status)),
             }
