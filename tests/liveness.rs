@@ -5,7 +5,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use signpost_proto::v1::{DeregisterPayload, WatchRequest};
-use signpost_tests::{now_ms, signed_record, signpost_bin, ClusterOptions, TestCluster};
+use signpost_tests::{
+    now_ms, record_payload, signed_record, signpost_bin, ClusterOptions, TestCluster,
+};
 
 const READY: Duration = Duration::from_secs(60);
 /// Stated bound: an instance that stops renewing is gone within TTL + this (one lease tick,
@@ -19,20 +21,8 @@ fn record_with_ttl(
     sequence: u64,
     ttl: u32,
 ) -> signpost_proto::v1::Envelope {
-    let payload = signpost_proto::v1::RecordPayload {
-        service: service.into(),
-        instance: instance.into(),
-        endpoints: vec![signpost_proto::v1::Endpoint {
-            host: "10.0.0.9".into(),
-            port: 8080,
-            protocol: "grpc".into(),
-        }],
-        metadata: Default::default(),
-        tls_identity: format!("spiffe://signpost.local/service/{service}"),
-        sequence,
-        issued_at_ms: now_ms(),
-        ttl_secs: ttl,
-    };
+    let mut payload = record_payload(service, instance, sequence, 8080);
+    payload.ttl_secs = ttl;
     signpost_record::sign_record(key, &payload)
 }
 
@@ -42,20 +32,8 @@ fn heavy_record(
     instance: &str,
     sequence: u64,
 ) -> signpost_proto::v1::Envelope {
-    let payload = signpost_proto::v1::RecordPayload {
-        service: service.into(),
-        instance: instance.into(),
-        endpoints: vec![signpost_proto::v1::Endpoint {
-            host: "10.0.0.9".into(),
-            port: 8080,
-            protocol: "grpc".into(),
-        }],
-        metadata: (0..4).map(|i| (format!("k{i}"), "x".repeat(900))).collect(),
-        tls_identity: format!("spiffe://signpost.local/service/{service}"),
-        sequence,
-        issued_at_ms: now_ms(),
-        ttl_secs: 30,
-    };
+    let mut payload = record_payload(service, instance, sequence, 8080);
+    payload.metadata = (0..4).map(|i| (format!("k{i}"), "x".repeat(900))).collect();
     signpost_record::sign_record(key, &payload)
 }
 

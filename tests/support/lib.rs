@@ -427,15 +427,15 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A signed registration of `service/instance` at `sequence`, endpoint 10.0.0.1:`port`.
-pub fn signed_record(
-    key: &signpost_record::SigningKey,
+/// An unsigned registration payload of `service/instance` at `sequence`: endpoint
+/// 10.0.0.1:`port`, issued now, TTL 30 s. Tests adjust fields before signing.
+pub fn record_payload(
     service: &str,
     instance: &str,
     sequence: u64,
     port: u32,
-) -> signpost_proto::v1::Envelope {
-    let payload = signpost_proto::v1::RecordPayload {
+) -> signpost_proto::v1::RecordPayload {
+    signpost_proto::v1::RecordPayload {
         service: service.into(),
         instance: instance.into(),
         endpoints: vec![signpost_proto::v1::Endpoint {
@@ -448,8 +448,18 @@ pub fn signed_record(
         sequence,
         issued_at_ms: now_ms(),
         ttl_secs: 30,
-    };
-    signpost_record::sign_record(key, &payload)
+    }
+}
+
+/// A signed registration of `service/instance` at `sequence`, endpoint 10.0.0.1:`port`.
+pub fn signed_record(
+    key: &signpost_record::SigningKey,
+    service: &str,
+    instance: &str,
+    sequence: u64,
+    port: u32,
+) -> signpost_proto::v1::Envelope {
+    signpost_record::sign_record(key, &record_payload(service, instance, sequence, port))
 }
 
 /// A raw gRPC Registry client presenting `cert_prefix`.crt/.key to node `id`: what an attacker
