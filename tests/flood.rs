@@ -9,9 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use signpost_proto::v1::{Endpoint, Envelope, RecordPayload};
+use signpost_proto::v1::Envelope;
 use signpost_record::SigningKey;
-use signpost_tests::{now_ms, signpost_bin, ClusterOptions, TestCluster, TRUST_DOMAIN};
+use signpost_tests::{now_ms, signpost_bin, ClusterOptions, TestCluster};
 
 const READY: Duration = Duration::from_secs(60);
 /// How long each flood runs.
@@ -33,21 +33,9 @@ const LIMITS: &str = "writes_per_identity_per_sec = 20\n\
                       watchers_per_identity_max = 64\n";
 
 fn record(key: &SigningKey, service: &str, instance: &str, sequence: u64) -> Envelope {
-    let payload = RecordPayload {
-        service: service.into(),
-        instance: instance.into(),
-        endpoints: vec![Endpoint {
-            host: "10.0.0.1".into(),
-            port: 8443,
-            protocol: "grpc".into(),
-        }],
-        metadata: Default::default(),
-        tls_identity: format!("spiffe://{TRUST_DOMAIN}/service/{service}"),
-        sequence,
-        issued_at_ms: now_ms(),
-        // Outlives the whole test, so the final count is not blurred by expiry.
-        ttl_secs: 3_600,
-    };
+    let mut payload = signpost_tests::record_payload(service, instance, sequence, 8443);
+    // Outlives the whole test, so the final count is not blurred by expiry.
+    payload.ttl_secs = 3_600;
     signpost_record::sign_record(key, &payload)
 }
 

@@ -2,27 +2,15 @@
 
 use std::time::Duration;
 
-use signpost_proto::v1::{Endpoint, Envelope, RecordPayload};
+use signpost_proto::v1::Envelope;
 use signpost_record::SigningKey;
-use signpost_tests::{now_ms, ClusterOptions, TestCluster, TRUST_DOMAIN};
+use signpost_tests::{now_ms, ClusterOptions, TestCluster};
 
 const READY: Duration = Duration::from_secs(60);
 
 fn record(key: &SigningKey, service: &str, instance: &str, sequence: u64) -> Envelope {
-    let payload = RecordPayload {
-        service: service.into(),
-        instance: instance.into(),
-        endpoints: vec![Endpoint {
-            host: "10.0.0.1".into(),
-            port: 8443,
-            protocol: "grpc".into(),
-        }],
-        metadata: Default::default(),
-        tls_identity: format!("spiffe://{TRUST_DOMAIN}/service/{service}"),
-        sequence,
-        issued_at_ms: now_ms(),
-        ttl_secs: 600,
-    };
+    let mut payload = signpost_tests::record_payload(service, instance, sequence, 8443);
+    payload.ttl_secs = 600;
     signpost_record::sign_record(key, &payload)
 }
 
