@@ -406,34 +406,14 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
     let honest = cluster.client(&[]);
 
     eprintln!("phase 1: start a rogue Registry server with a stolen node certificate");
-    let raw = {
-        let mut c = signpost_proto::v1::registry_client::RegistryClient::new(
-            signpost_identity::connect_channel(
-                &cluster.client_addr(1),
-                signpost_identity::client_config(
-                    &TlsFiles {
-                        ca: cluster.ca_dir().join("ca.crt"),
-                        cert: cluster.root().join("admin-cert.crt"),
-                        key: cluster.root().join("admin-cert.key"),
-                        crl: None,
-                    },
-                    &Trust::load(&cluster.ca_dir().join("ca.crt"), None).unwrap(),
-                    &TlsSettings::default(),
-                    PeerRule::AnyNode,
-                )
-                .unwrap(),
-                Duration::from_secs(3),
-            )
-            .unwrap(),
-        );
-        c.resolve(ResolveRequest {
+    let raw = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1)
+        .resolve(ResolveRequest {
             service: "payments".into(),
             stale: true,
         })
         .await
         .unwrap()
-        .into_inner()
-    };
+        .into_inner();
     let stolen = cluster.issue("node", "66");
     let incoming = TlsIncoming::bind(
         "127.0.0.1:0",
@@ -498,14 +478,8 @@ async fn revoked_certificates_fail_the_handshake_after_the_crl_reload_without_re
             key: prefix.with_extension("key"),
             crl: None,
         };
-        let trust = Trust::from_files(&files).unwrap();
-        let config = signpost_identity::client_config(
-            &files,
-            &trust,
-            &TlsSettings::default(),
-            PeerRule::AnyNode,
-        )
-        .unwrap();
+        let config =
+            signpost_identity::client_config_from_files(&files, PeerRule::AnyNode).unwrap();
         signpost_proto::v1::raft_client::RaftClient::new(
             signpost_identity::connect_channel(
                 &cluster.raft_addr(leader),

@@ -28,13 +28,8 @@ fn channel_as(cluster: &TestCluster, prefix: &Path, addr: &str) -> Channel {
         key: prefix.with_extension("key"),
         crl: None,
     };
-    let config = signpost_identity::client_config(
-        &files,
-        &trust(cluster),
-        &TlsSettings::default(),
-        PeerRule::AnyNode,
-    )
-    .expect("client config");
+    let config = signpost_identity::client_config_from_files(&files, PeerRule::AnyNode)
+        .expect("client config");
     channel(addr, config)
 }
 

@@ -475,14 +475,9 @@ pub fn raw_registry(
         key: cert_prefix.with_extension("key"),
         crl: None,
     };
-    let trust = signpost_identity::Trust::from_files(&files).expect("trust");
-    let config = signpost_identity::client_config(
-        &files,
-        &trust,
-        &signpost_identity::TlsSettings::default(),
-        signpost_identity::PeerRule::AnyNode,
-    )
-    .expect("client config");
+    let config =
+        signpost_identity::client_config_from_files(&files, signpost_identity::PeerRule::AnyNode)
+            .expect("client config");
     let channel = signpost_identity::connect_channel(
         &cluster.client_addr(id),
         config,

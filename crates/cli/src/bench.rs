@@ -324,13 +324,7 @@ impl Setup {
             key: prefix.with_extension("key"),
             crl: None,
         };
-        let trust = Trust::from_files(&files)?;
-        let tls = signpost_identity::client_config(
-            &files,
-            &trust,
-            &TlsSettings::default(),
-            PeerRule::AnyNode,
-        )?;
+        let tls = signpost_identity::client_config_from_files(&files, PeerRule::AnyNode)?;
         let channel = signpost_identity::connect_channel(addr, tls, Duration::from_secs(3))?;
         Ok(RegistryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }

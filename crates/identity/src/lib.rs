@@ -92,10 +92,11 @@ pub use spiffe_id::{
     DEFAULT_VALIDITY_SHORT, NAME_LEN_MAX, TRUST_DOMAIN_LEN_MAX,
 };
 pub use tls_config::{
-    client_config, client_config_anonymous, server_config, server_config_for_peers, PeerRule,
-    TlsFiles, TlsSettings, ALPN_H2, DEFAULT_CONNECTIONS_MAX, DEFAULT_CONNECTIONS_PER_IP_MAX,
-    DEFAULT_HANDSHAKES_CONCURRENT_MAX, DEFAULT_HANDSHAKES_PER_IP_BURST,
-    DEFAULT_HANDSHAKES_PER_IP_MAX, DEFAULT_HANDSHAKES_PER_IP_PER_SEC, DEFAULT_HANDSHAKE_TIMEOUT,
+    client_config, client_config_anonymous, client_config_from_files, server_config,
+    server_config_for_peers, PeerRule, TlsFiles, TlsSettings, ALPN_H2, DEFAULT_CONNECTIONS_MAX,
+    DEFAULT_CONNECTIONS_PER_IP_MAX, DEFAULT_HANDSHAKES_CONCURRENT_MAX,
+    DEFAULT_HANDSHAKES_PER_IP_BURST, DEFAULT_HANDSHAKES_PER_IP_MAX,
+    DEFAULT_HANDSHAKES_PER_IP_PER_SEC, DEFAULT_HANDSHAKE_TIMEOUT,
 };
 pub use tls_connector::{
     connect_channel, TlsConnector, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,

@@ -184,6 +184,13 @@ pub fn client_config(
     Ok(finish_client(config))
 }
 
+/// [`client_config`] with the trust loaded from `files` and default settings: what a one-off
+/// client (a tool, a test, a benchmark) needs.
+pub fn client_config_from_files(files: &TlsFiles, expected: PeerRule) -> Result<Arc<ClientConfig>> {
+    let trust = Trust::from_files(files)?;
+    client_config(files, &trust, &TlsSettings::default(), expected)
+}
+
 /// Like `client_config` but presenting no certificate. Signpost servers refuse it; it
 /// exists so tests can prove that.
 pub fn client_config_anonymous(

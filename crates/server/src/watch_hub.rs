@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use signpost_consensus::{Applied, Consensus};
-use signpost_proto::v1::{watch_event, Envelope, WatchEvent};
+use signpost_proto::v1::{watch_event, WatchEvent};
 use signpost_state::{Event, EventKind};
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tonic::metadata::MetadataValue;
@@ -138,7 +138,7 @@ fn to_proto(event: &Event) -> WatchEvent {
         },
         service: event.service.clone(),
         instance: event.instance.clone(),
-        record: record.map(|e: Envelope| e),
+        record,
     }
 }
 
