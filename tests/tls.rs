@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use signpost_identity::{Ca, Identity, IssueOptions, PeerRule, TlsFiles, TlsSettings, Trust};
-use signpost_proto::v1::raft_client::RaftClient;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{ListRequest, RaftMessage};
-use signpost_tests::{cli_ok, ClusterOptions, TestCluster};
+use signpost_tests::{cli_ok, raw_raft, ClusterOptions, TestCluster};
 use tonic::transport::Channel;
 
 const READY: Duration = Duration::from_secs(60);
@@ -105,16 +104,18 @@ async fn clients_without_a_valid_certificate_of_our_ca_are_refused_at_the_handsh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_node_identities_may_speak_raft() {
+async fn only_member_nodes_from_member_addresses_may_speak_raft() {
     let cluster = TestCluster::start(ClusterOptions::default());
     let leader = cluster.wait_ready(READY).await;
-    let raft_addr = cluster.raft_addr(leader);
+    let peer = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let peer_ip = cluster.node_ip(peer);
 
     eprintln!(
-        "phase 1: a node certificate reaches the Raft service (garbage is refused as malformed)"
+        "phase 1: a member's certificate from the member's address reaches the Raft service \
+         (garbage is refused as malformed)"
     );
-    let node = cluster.issue("node", "9");
-    let status = RaftClient::new(channel_as(&cluster, &node, &raft_addr))
+    let member = cluster.issue("node", &peer.to_string());
+    let status = raw_raft(&cluster, &member, leader, peer_ip)
         .vote(RaftMessage {
             data: vec![0xff; 3],
         })
@@ -122,14 +123,34 @@ async fn only_node_identities_may_speak_raft() {
         .expect_err("garbage is not a vote");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 
-    eprintln!("phase 2: service, reader and admin certificates are refused");
+    eprintln!("phase 2: the same certificate from another address is closed at accept");
+    let status = raw_raft(&cluster, &member, leader, cluster.outsider_ip(1))
+        .vote(RaftMessage {
+            data: vec![0xff; 3],
+        })
+        .await
+        .expect_err("an outsider address must not get in");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+
+    eprintln!("phase 3: a node certificate of the CA for a non-member id is refused");
+    let stranger = cluster.issue("node", "9");
+    let status = raw_raft(&cluster, &stranger, leader, peer_ip)
+        .vote(RaftMessage {
+            data: vec![0xff; 3],
+        })
+        .await
+        .expect_err("node 9 is not a member");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("raft.members-only"), "{status}");
+
+    eprintln!("phase 4: service, reader and admin certificates are refused");
     for (kind, name) in [
         ("service", "payments"),
         ("reader", "ops"),
         ("admin", "root"),
     ] {
         let prefix = cluster.issue(kind, name);
-        let status = RaftClient::new(channel_as(&cluster, &prefix, &raft_addr))
+        let status = raw_raft(&cluster, &prefix, leader, peer_ip)
             .vote(RaftMessage { data: vec![] })
             .await
             .expect_err("non-node identities must be refused");
@@ -141,6 +162,6 @@ async fn only_node_identities_may_speak_raft() {
         eprintln!("{kind} refused: {status}");
     }
 
-    eprintln!("phase 3: the cluster is unaffected");
+    eprintln!("phase 5: the cluster is unaffected");
     assert_eq!(cluster.agreed_leader().await, Some(leader));
 }

@@ -1,12 +1,21 @@
 //! Test harness: real `signpost` processes on loopback with real certificates and RocksDB.
 //!
-//! Every fault is one call: [`TestCluster::kill9`], [`TestCluster::restart`]. Every wait is
-//! bounded and fails the test with the node logs when it runs out.
+//! Every node listens on an address of its own in 127.0.0.0/8 (all of it is loopback on
+//! Linux), and dials its peers from it, so traffic between two chosen nodes, or between a
+//! client's address and a node, can be dropped silently with a firewall rule.
+//!
+//! Every fault is one call: [`TestCluster::kill9`], [`TestCluster::restart`],
+//! [`TestCluster::pause`] / [`TestCluster::resume`], [`TestCluster::partition`] /
+//! [`TestCluster::heal`], [`TestCluster::cut`] (a client address from nodes). Every fault is
+//! undone when the cluster is dropped, also when the test fails. Every wait is bounded and
+//! fails the test with the node logs when it runs out.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use signpost_client::{Client, ClientConfig};
@@ -56,10 +65,56 @@ pub fn cli_ok(args: &[&str], env: &[(&str, &Path)]) -> String {
 
 /// A free loopback port (the OS picks; the tiny race with other tests is acceptable).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A free port on `ip`.
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A /24 of loopback addresses of its own for each cluster of this process:
+/// 127.<from the pid>.<a counter>.0/24, so firewall rules of one test never touch another's.
+fn subnet() -> (u8, u8) {
+    static NEXT: AtomicU8 = AtomicU8::new(1);
+    let a = 20 + (std::process::id() % 200) as u8;
+    let b = NEXT.fetch_add(1, Ordering::Relaxed);
+    (a, b)
+}
+
+/// Runs a command that changes the machine (firewall, signals, mounts) and asserts it worked.
+fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running {program}: {e} (is it installed? run deploy/setup.sh)")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One firewall rule that drops packets from `from` to `to` silently (no reset, no ICMP):
+/// what a cut cable or a partitioned switch looks like to TCP.
+fn drop_rule(from: IpAddr, to: IpAddr) -> Vec<String> {
+    [
+        "INPUT",
+        "-s",
+        &from.to_string(),
+        "-d",
+        &to.to_string(),
+        "-j",
+        "DROP",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Knobs for a test cluster.
@@ -77,6 +132,10 @@ pub struct ClusterOptions {
     pub bootstrap_toml: String,
     /// Extra `key = value` lines for every node's `[limits]` section.
     pub limits_toml: String,
+    /// `[raft]` timing (heartbeat, election min, election max in ms); None: the defaults.
+    pub raft_timing: Option<(u64, u64, u64)>,
+    /// Nodes whose data directory is a tmpfs of this many MiB (a disk that can fill up).
+    pub small_disk: Option<(u64, u64)>,
 }
 
 impl Default for ClusterOptions {
@@ -88,14 +147,18 @@ impl Default for ClusterOptions {
             extra_config: String::new(),
             bootstrap_toml: String::new(),
             limits_toml: String::new(),
+            raft_timing: None,
+            small_disk: None,
         }
     }
 }
 
 struct Node {
+    ip: IpAddr,
     client_addr: String,
     raft_addr: String,
     child: Option<Child>,
+    paused: bool,
 }
 
 /// A cluster of real `signpost server` processes.
@@ -104,6 +167,11 @@ pub struct TestCluster {
     /// SIGNPOST_KEEP_TEST_DIRS is set).
     pub dir: tempfile::TempDir,
     nodes: BTreeMap<u64, Node>,
+    subnet: (u8, u8),
+    /// Firewall rules in force (iptables arguments after -I/-D).
+    rules: Mutex<Vec<Vec<String>>>,
+    /// tmpfs mounts to undo.
+    mounts: Vec<PathBuf>,
 }
 
 /// Trust domain of test clusters.
@@ -134,17 +202,30 @@ impl TestCluster {
             &[],
         );
         let admin_pub = std::fs::read_to_string(root.join("admin.key.pub")).expect("admin pub");
+        let subnet = subnet();
         let mut nodes = BTreeMap::new();
         for id in 1..=options.nodes {
+            let ip = IpAddr::V4(Ipv4Addr::new(127, subnet.0, subnet.1, id as u8));
             nodes.insert(
                 id,
                 Node {
-                    client_addr: format!("127.0.0.1:{}", free_port()),
-                    raft_addr: format!("127.0.0.1:{}", free_port()),
+                    ip,
+                    client_addr: format!("{ip}:{}", free_port_on(ip)),
+                    raft_addr: format!("{ip}:{}", free_port_on(ip)),
                     child: None,
+                    paused: false,
                 },
             );
         }
+        let raft_timing = options
+            .raft_timing
+            .map(|(h, min, max)| {
+                format!(
+                    "heartbeat_ms = {h}\nelection_timeout_min_ms = {min}\nelection_timeout_max_ms = {max}\n"
+                )
+            })
+            .unwrap_or_default();
+        let mut mounts = Vec::new();
         let members: String = nodes
             .iter()
             .map(|(id, n)| {
@@ -157,6 +238,24 @@ impl TestCluster {
         for (id, node) in &nodes {
             let nd = root.join(format!("node{id}"));
             std::fs::create_dir_all(&nd).unwrap();
+            if let Some((small, mib)) = options.small_disk {
+                if small == *id {
+                    let data = nd.join("data");
+                    std::fs::create_dir_all(&data).unwrap();
+                    sh(
+                        "mount",
+                        &[
+                            "-t",
+                            "tmpfs",
+                            "-o",
+                            &format!("size={mib}m"),
+                            "tmpfs",
+                            data.to_str().unwrap(),
+                        ],
+                    );
+                    mounts.push(data);
+                }
+            }
             cli_ok(
                 &[
                     "ca",
@@ -174,7 +273,7 @@ impl TestCluster {
                 "node_id = {id}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
                  [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
                  [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
-                 [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\n\
+                 [raft]\n{raft_timing}\
                  snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{}\n\n{members}",
                 node.client_addr,
                 node.raft_addr,
@@ -199,7 +298,13 @@ impl TestCluster {
             admin_pub.trim()
         );
         std::fs::write(root.join("client.toml"), client).unwrap();
-        let mut cluster = TestCluster { dir, nodes };
+        let mut cluster = TestCluster {
+            dir,
+            nodes,
+            subnet,
+            rules: Mutex::new(Vec::new()),
+            mounts,
+        };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in ids {
             cluster.spawn(id);
@@ -278,10 +383,117 @@ impl TestCluster {
         }
     }
 
+    /// SIGTERM: the node shuts down gracefully; reap it with [`TestCluster::wait_exit`].
+    pub fn terminate(&mut self, id: u64) {
+        let pid = self.pid(id).expect("node is running").to_string();
+        sh("kill", &["-TERM", &pid]);
+    }
+
     /// Starts a stopped node again with the same config and data.
     pub fn restart(&mut self, id: u64) {
         assert!(self.nodes[&id].child.is_none(), "node {id} is running");
         self.spawn(id);
+    }
+
+    /// The exit status of a node whose process ended by itself, if it did.
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let node = self.nodes.get_mut(&id).unwrap();
+        let status = node.child.as_mut()?.try_wait().expect("try_wait")?;
+        node.child = None;
+        Some(status)
+    }
+
+    /// Waits for a node's process to exit by itself; returns its exit status.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.nodes.get_mut(&id).unwrap();
+            let child = node.child.as_mut().expect("node is not running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                node.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still running after {timeout:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing, like a long GC pause or a
+    /// stalled VM.
+    pub fn pause(&mut self, id: u64) {
+        let pid = self.pid(id).expect("node is running").to_string();
+        sh("kill", &["-STOP", &pid]);
+        self.nodes.get_mut(&id).unwrap().paused = true;
+    }
+
+    /// SIGCONT after [`TestCluster::pause`].
+    pub fn resume(&mut self, id: u64) {
+        let pid = self.pid(id).expect("node is running").to_string();
+        sh("kill", &["-CONT", &pid]);
+        self.nodes.get_mut(&id).unwrap().paused = false;
+    }
+
+    /// The loopback address node `id` listens on and dials from.
+    pub fn node_ip(&self, id: u64) -> IpAddr {
+        self.nodes[&id].ip
+    }
+
+    /// A loopback address for the `n`th client of this cluster (1..=99), distinct from every
+    /// node's, so a client can be cut from chosen nodes.
+    pub fn client_ip(&self, n: u8) -> IpAddr {
+        assert!((1..100).contains(&n));
+        IpAddr::V4(Ipv4Addr::new(127, self.subnet.0, self.subnet.1, 100 + n))
+    }
+
+    /// A loopback address of this cluster's range for attackers (1..=50).
+    pub fn outsider_ip(&self, n: u8) -> IpAddr {
+        assert!((1..=50).contains(&n));
+        IpAddr::V4(Ipv4Addr::new(127, self.subnet.0, self.subnet.1, 200 + n))
+    }
+
+    fn add_rule(&self, rule: Vec<String>) {
+        let mut args: Vec<&str> = vec!["-w", "-I"];
+        args.extend(rule.iter().map(String::as_str));
+        sh("iptables", &args);
+        self.rules.lock().unwrap().push(rule);
+    }
+
+    /// Drops every packet between the addresses of `a` and those of `b`, both ways, silently.
+    pub fn cut_ips(&self, a: &[IpAddr], b: &[IpAddr]) {
+        for x in a {
+            for y in b {
+                self.add_rule(drop_rule(*x, *y));
+                self.add_rule(drop_rule(*y, *x));
+            }
+        }
+    }
+
+    /// Partitions nodes `a` from nodes `b` (both ways, packets dropped silently).
+    pub fn partition(&self, a: &[u64], b: &[u64]) {
+        let a: Vec<IpAddr> = a.iter().map(|id| self.node_ip(*id)).collect();
+        let b: Vec<IpAddr> = b.iter().map(|id| self.node_ip(*id)).collect();
+        self.cut_ips(&a, &b);
+    }
+
+    /// Cuts a client address from nodes.
+    pub fn cut(&self, client: IpAddr, nodes: &[u64]) {
+        let nodes: Vec<IpAddr> = nodes.iter().map(|id| self.node_ip(*id)).collect();
+        self.cut_ips(&[client], &nodes);
+    }
+
+    /// Removes every rule added by this cluster.
+    pub fn heal(&self) {
+        let rules = std::mem::take(&mut *self.rules.lock().unwrap());
+        for rule in rules {
+            let mut args: Vec<&str> = vec!["-w", "-D"];
+            args.extend(rule.iter().map(String::as_str));
+            // A rule may already be gone if a test removed it by hand; nothing to undo then.
+            let _ = Command::new("iptables").args(&args).output();
+        }
     }
 
     /// The node logs, for failure messages.
@@ -315,6 +527,36 @@ impl TestCluster {
             config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
         }
         Client::connect(&config).expect("client")
+    }
+
+    /// A client presenting `cert_prefix` (the admin certificate if None), connecting from
+    /// `source` (see [`TestCluster::client_ip`]) to the given nodes (all if empty), with a
+    /// per-call deadline.
+    pub fn client_from(
+        &self,
+        source: IpAddr,
+        cert_prefix: Option<&Path>,
+        only: &[u64],
+        deadline: Duration,
+    ) -> Client {
+        let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
+        if let Some(prefix) = cert_prefix {
+            config.tls.cert = prefix.with_extension("crt");
+            config.tls.key = prefix.with_extension("key");
+        }
+        if !only.is_empty() {
+            config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
+        }
+        config.source_ip = Some(source);
+        config.timeout_ms = config.timeout_ms.min(deadline.as_millis() as u64);
+        config.deadline_ms = deadline.as_millis() as u64;
+        Client::connect(&config).expect("client")
+    }
+
+    /// Node `id`'s own status, or None if it does not answer within 2 s.
+    pub async fn status_of(&self, id: u64) -> Option<signpost_proto::v1::StatusResponse> {
+        let client = self.client(&[id]).with_deadline(Duration::from_secs(2));
+        client.status_of(&self.client_addr(id)).await.ok()
     }
 
     /// A client presenting another certificate.
@@ -406,15 +648,24 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        if std::env::var_os("SIGNPOST_KEEP_TEST_DIRS").is_some() {
-            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
-            eprintln!("kept test cluster directory {}", kept.keep().display());
-        }
+        self.heal();
         for node in self.nodes.values_mut() {
             if let Some(mut child) = node.child.take() {
+                if node.paused {
+                    let _ = Command::new("kill")
+                        .args(["-CONT", &child.id().to_string()])
+                        .output();
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        for mount in &self.mounts {
+            let _ = Command::new("umount").arg(mount).output();
+        }
+        if std::env::var_os("SIGNPOST_KEEP_TEST_DIRS").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("kept test cluster directory {}", kept.keep().display());
         }
     }
 }
@@ -486,4 +737,31 @@ pub fn raw_registry(
     .expect("channel");
     signpost_proto::v1::registry_client::RegistryClient::new(channel)
         .max_encoding_message_size(1024 * 1024)
+}
+
+/// A raw gRPC Raft client presenting `cert_prefix`.crt/.key to node `target`'s Raft listener,
+/// dialling from `from`: what a rogue node uses.
+pub fn raw_raft(
+    cluster: &TestCluster,
+    cert_prefix: &Path,
+    target: u64,
+    from: IpAddr,
+) -> signpost_proto::v1::raft_client::RaftClient<tonic::transport::Channel> {
+    let files = signpost_identity::TlsFiles {
+        ca: cluster.ca_dir().join("ca.crt"),
+        cert: cert_prefix.with_extension("crt"),
+        key: cert_prefix.with_extension("key"),
+        crl: None,
+    };
+    let config =
+        signpost_identity::client_config_from_files(&files, signpost_identity::PeerRule::AnyNode)
+            .expect("client config");
+    let channel = signpost_identity::connect_channel_from(
+        &cluster.raft_addr(target),
+        config,
+        Duration::from_secs(3),
+        Some(from),
+    )
+    .expect("channel");
+    signpost_proto::v1::raft_client::RaftClient::new(channel)
 }

@@ -30,6 +30,13 @@ fn load_config(opts: &ClientOpts) -> anyhow::Result<ClientConfig> {
         config.tls.cert = cert.clone();
         config.tls.key = key.clone();
     }
+    if let Some(ms) = opts.deadline_ms {
+        if ms == 0 {
+            bail!("--deadline-ms must be > 0");
+        }
+        config.deadline_ms = ms;
+        config.timeout_ms = config.timeout_ms.min(ms);
+    }
     Ok(config)
 }
 
@@ -381,7 +388,8 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
             .map(|(m, s)| match s {
                 Ok(s) => json!({
                     "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
-                    "role": if m.id == leader_id { "leader" } else { s.role.as_str() },
+                    // Each node's own report: two nodes that both claim to lead show as such.
+                    "role": s.role, "leader_id": s.leader_id,
                     "term": s.term, "commit_index": s.commit_index,
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index,
                     "reachable": true, "alarms": s.alarms,
@@ -396,7 +404,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
             &json!({"leader_id": leader_id, "term": first.term, "members": members}),
         );
     } else {
-        output::print_status(leader_id, &rows);
+        output::print_status(&rows);
     }
     Ok(())
 }

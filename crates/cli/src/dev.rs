@@ -110,7 +110,11 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
                 key: PathBuf::from("node.key"),
                 crl: Some(PathBuf::from("../ca/crl.pem")),
                 allow_tls12: false,
-                handshake_timeout_ms: 5_000,
+                handshake_timeout_ms: signpost_identity::DEFAULT_HANDSHAKE_TIMEOUT.as_millis()
+                    as u64,
+                first_byte_timeout_ms: signpost_identity::DEFAULT_FIRST_BYTE_TIMEOUT.as_millis()
+                    as u64,
+                preface_timeout_ms: signpost_identity::DEFAULT_PREFACE_TIMEOUT.as_millis() as u64,
             },
             members: members.clone(),
             bootstrap: BootstrapConfig {
@@ -143,7 +147,9 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
             admin_threshold: 1,
         },
         admin_key: Some(PathBuf::from("admin.key")),
-        timeout_ms: 10_000,
+        timeout_ms: 5_000,
+        deadline_ms: 15_000,
+        source_ip: None,
     };
     Ok(client)
 }

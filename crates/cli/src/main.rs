@@ -41,6 +41,10 @@ pub(crate) struct ClientOpts {
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// Give up on a call after this many milliseconds, retries included (default: the
+    /// client config's deadline_ms).
+    #[arg(long = "deadline-ms", global = true)]
+    pub(crate) deadline_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -71,7 +71,8 @@ pub(crate) fn print_instances(services: &[Resolved]) {
     );
 }
 
-pub(crate) fn print_status(leader_id: u64, rows: &[(Member, Result<StatusResponse, ClientError>)]) {
+/// One row per member, each with the role that member reports for itself.
+pub(crate) fn print_status(rows: &[(Member, Result<StatusResponse, ClientError>)]) {
     let mut table = vec![[
         "ID".to_string(),
         "ADDR".to_string(),
@@ -85,11 +86,7 @@ pub(crate) fn print_status(leader_id: u64, rows: &[(Member, Result<StatusRespons
             Ok(s) => table.push([
                 m.id.to_string(),
                 m.addr.clone(),
-                if m.id == leader_id {
-                    "leader".into()
-                } else {
-                    s.role.clone()
-                },
+                s.role.clone(),
                 s.term.to_string(),
                 s.commit_index.to_string(),
                 s.applied_index.to_string(),

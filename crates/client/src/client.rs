@@ -20,13 +20,13 @@ use crate::error::ClientError;
 use crate::watcher::Watcher;
 use crate::{LEADER_METADATA, RETRY_AFTER_METADATA};
 
-/// Attempts per call before giving up. Each failed attempt backs off, so a call spans a leader
-/// election (a few seconds) but never loops forever.
-const ATTEMPTS_MAX: u32 = 12;
-const BACKOFF_START: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_millis(1_000);
-/// A keep-alive session gives up after this long without one successful renewal.
-const KEEP_ALIVE_GIVE_UP: Duration = Duration::from_secs(30);
+/// A call retries until its deadline (`deadline_ms`, long enough to span a leader election);
+/// this bounds the attempts as well, whatever the pauses.
+const ATTEMPTS_MAX: u32 = 1_000;
+const BACKOFF_START: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// Longest pause a server's `retry-after-ms` hint can impose on one attempt.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(5);
 /// Largest response the client decodes (a full List of a big registry).
 const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -56,7 +56,22 @@ pub struct Client {
     // The node to try first: the last known leader, or the last node that answered.
     preferred: Mutex<Option<String>>,
     genesis: AdminSet,
+    /// One attempt.
     timeout: Duration,
+    /// A whole call, retries included.
+    deadline: Duration,
+    source_ip: Option<std::net::IpAddr>,
+}
+
+/// The pause before retry `attempt` (0-based): exponential with "equal jitter" (half fixed,
+/// half random), so clients that failed together do not retry together.
+fn backoff(attempt: u32) -> Duration {
+    use rand::Rng;
+    let ceiling = BACKOFF_START
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let half = ceiling / 2;
+    half + rand::thread_rng().gen_range(Duration::ZERO..=half)
 }
 
 fn now_ms() -> u64 {
@@ -143,7 +158,17 @@ impl Client {
             preferred: Mutex::new(None),
             genesis,
             timeout: Duration::from_millis(config.timeout_ms),
+            deadline: Duration::from_millis(config.deadline_ms),
+            source_ip: config.source_ip,
         })
+    }
+
+    /// The same client with another per-call deadline (retries included) and per-attempt
+    /// timeout (capped by the deadline).
+    pub fn with_deadline(mut self, deadline: Duration) -> Client {
+        self.deadline = deadline;
+        self.timeout = self.timeout.min(deadline);
+        self
     }
 
     /// The configured endpoints.
@@ -159,9 +184,13 @@ impl Client {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel =
-            signpost_identity::connect_channel(addr, self.tls.clone(), Duration::from_secs(3))
-                .map_err(|e| tonic::Status::invalid_argument(format!("endpoint {addr}: {e}")))?;
+        let channel = signpost_identity::connect_channel_from(
+            addr,
+            self.tls.clone(),
+            Duration::from_secs(3).min(self.timeout),
+            self.source_ip,
+        )
+        .map_err(|e| tonic::Status::invalid_argument(format!("endpoint {addr}: {e}")))?;
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -177,8 +206,8 @@ impl Client {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
         match preferred {
-            Some(p) if attempt == 0 => p,
-            _ => self.endpoints[(attempt as usize) % self.endpoints.len()].clone(),
+            Some(p) => p,
+            None => self.endpoints[(attempt as usize) % self.endpoints.len()].clone(),
         }
     }
 
@@ -189,18 +218,25 @@ impl Client {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = addr;
     }
 
-    /// Runs `call` against the cluster with leader following and bounded retries.
+    /// Runs `call` against the cluster with leader following, retrying until the call's
+    /// deadline: a redirect is followed at once, a node that is down or has no leader is left
+    /// for the next one after a jittered backoff, a shed request waits for the server's hint.
     async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
         F: Fn(String) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let mut backoff = BACKOFF_START;
+        let deadline = Instant::now() + self.deadline;
         let mut redirect: Option<String> = None;
         let mut last: Option<tonic::Status> = None;
+        let mut failures = 0u32;
         for attempt in 0..ATTEMPTS_MAX {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
             let addr = redirect.take().unwrap_or_else(|| self.target(attempt));
-            let result = tokio::time::timeout(self.timeout, call(addr.clone())).await;
+            let result = tokio::time::timeout(self.timeout.min(left), call(addr.clone())).await;
             let status = match result {
                 Ok(Ok(value)) => {
                     self.prefer(Some(addr));
@@ -211,29 +247,40 @@ impl Client {
                     tonic::Status::deadline_exceeded(format!("{addr} did not answer in time"))
                 }
             };
-            match classify(&status) {
-                Next::Redirect(leader) => {
+            let pause = match classify(&status) {
+                Next::Redirect(leader) if leader != addr => {
                     tracing::debug!(from = %addr, to = %leader, "following the leader");
                     self.prefer(Some(leader.clone()));
                     redirect = Some(leader);
+                    Duration::ZERO
                 }
-                Next::Wait(pause) => {
-                    tokio::time::sleep(pause.min(BACKOFF_MAX * 5)).await;
+                // A node that names itself as the leader but refused: treat it as unavailable.
+                Next::Redirect(_) => {
+                    self.rotate_away_from(&addr);
+                    failures += 1;
+                    backoff(failures)
+                }
+                Next::Wait(hint) => {
                     redirect = Some(addr);
+                    hint.min(RETRY_AFTER_MAX)
                 }
                 Next::Backoff(hint) => {
                     tracing::debug!(node = %addr, %status, "node unavailable; trying another");
-                    self.prefer(None);
-                    tokio::time::sleep(hint.unwrap_or(backoff).min(BACKOFF_MAX)).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    self.rotate_away_from(&addr);
+                    failures += 1;
+                    hint.unwrap_or_else(|| backoff(failures)).min(BACKOFF_MAX)
                 }
                 Next::Fail => return Err(ClientError::from_status(&status)),
-            }
+            };
             last = Some(status);
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(pause.min(left)).await;
         }
-        Err(ClientError::Unavailable(
-            last.map(|s| s.message().to_string()).unwrap_or_default(),
-        ))
+        Err(ClientError::Unavailable(format!(
+            "no answer within the {} ms call deadline: {}",
+            self.deadline.as_millis(),
+            last.map(|s| s.message().to_string()).unwrap_or_default()
+        )))
     }
 
     /// Registers (or replaces) an instance. Returns the revision it was applied at.
@@ -503,9 +550,15 @@ impl Client {
         .await
     }
 
-    /// Renews the leases of `instances` every `interval` over one KeepAlive stream to the
-    /// leader, until `stop` resolves. Follows the leader and reconnects (bounded) on failure.
-    /// Returns `LeaseLost` as soon as the leader says an instance is unknown.
+    /// Renews the leases of `instances` every `interval` (a third of their TTL) over one
+    /// KeepAlive stream to the leader, until `stop` resolves.
+    ///
+    /// Each renewal must be answered within half an interval; a node that does not answer in
+    /// time (partitioned, paused, or a leader that lost its quorum) is left at once for another,
+    /// so a lease is renewed through whichever node the majority follows. Returns `LeaseLost`
+    /// as soon as the leader says an instance is unknown, or once no renewal was confirmed for
+    /// a whole TTL (as the leader last granted it): the registry has then expired the
+    /// instance, and its owner must know.
     pub async fn keep_alive(
         &self,
         instances: &[(String, String)],
@@ -513,24 +566,41 @@ impl Client {
         stop: impl Future<Output = ()>,
     ) -> Result<(), ClientError> {
         tokio::pin!(stop);
+        let reply_deadline = interval / 2;
+        // The lease the leader grants, from its answers; until one arrives, the usual three
+        // renewals per TTL.
+        let mut ttl = interval * 3;
         let mut failures = 0u32;
-        // Renewals must ride out a leader election (seconds), so the retry bound is time
-        // without a successful renewal rather than a small count.
-        let mut failing_since: Option<Instant> = None;
+        let mut confirmed_at = Instant::now();
         let mut redirect: Option<String> = None;
+        let lost = || {
+            let (service, instance) = instances.first().cloned().unwrap_or_default();
+            ClientError::LeaseLost { service, instance }
+        };
         loop {
             let addr = redirect.take().unwrap_or_else(|| self.target(failures));
             let (tx, rx) = tokio::sync::mpsc::channel::<KeepAliveRequest>(instances.len() * 2 + 1);
             let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
             let opened = tokio::select! {
                 _ = &mut stop => return Ok(()),
-                r = async { self.registry(&addr)?.keep_alive(outbound).await } => r,
+                r = tokio::time::timeout(
+                    reply_deadline,
+                    async { self.registry(&addr)?.keep_alive(outbound).await },
+                ) => r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("keep-alive stream did not open in time"))),
             };
             let status = match opened {
                 Ok(response) => {
                     let mut replies = response.into_inner();
                     let mut tick = tokio::time::interval(interval);
+                    // When the oldest unanswered renewal must be answered by.
+                    let mut answer_by: Option<tokio::time::Instant> = None;
                     loop {
+                        let overdue = async {
+                            match answer_by {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             _ = &mut stop => return Ok(()),
                             _ = tick.tick() => {
@@ -540,14 +610,18 @@ impl Client {
                                         break;
                                     }
                                 }
+                                answer_by.get_or_insert(tokio::time::Instant::now() + reply_deadline);
                             }
+                            _ = overdue => break tonic::Status::deadline_exceeded(format!("{addr} did not answer a renewal within {} ms", reply_deadline.as_millis())),
                             reply = replies.message() => match reply {
                                 Ok(Some(r)) if r.ttl_secs == 0 => {
                                     return Err(ClientError::LeaseLost { service: r.service, instance: r.instance });
                                 }
-                                Ok(Some(_)) => {
+                                Ok(Some(r)) => {
                                     failures = 0;
-                                    failing_since = None;
+                                    confirmed_at = Instant::now();
+                                    ttl = Duration::from_secs(u64::from(r.ttl_secs));
+                                    answer_by = None;
                                     self.prefer(Some(addr.clone()));
                                 }
                                 Ok(None) => break tonic::Status::unavailable("keep-alive stream closed"),
@@ -559,23 +633,27 @@ impl Client {
                 Err(status) => status,
             };
             failures = failures.saturating_add(1);
-            let since = *failing_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > KEEP_ALIVE_GIVE_UP {
-                return Err(ClientError::from_status(&status));
+            if confirmed_at.elapsed() >= ttl {
+                tracing::warn!(%status, "no renewal confirmed for a whole TTL; the lease is lost");
+                return Err(lost());
             }
-            match classify(&status) {
-                Next::Redirect(leader) => {
+            let pause = match classify(&status) {
+                Next::Redirect(leader) if leader != addr => {
                     self.prefer(Some(leader.clone()));
                     redirect = Some(leader);
+                    Duration::ZERO
                 }
-                Next::Wait(pause) | Next::Backoff(Some(pause)) => {
-                    tokio::time::sleep(pause.min(BACKOFF_MAX)).await;
-                }
-                Next::Backoff(None) => {
-                    self.prefer(None);
-                    tokio::time::sleep((BACKOFF_START * failures.min(20)).min(BACKOFF_MAX)).await;
+                Next::Wait(pause) => pause.min(BACKOFF_MAX),
+                Next::Redirect(_) | Next::Backoff(_) => {
+                    tracing::debug!(node = %addr, %status, "renewing through another node");
+                    self.rotate_away_from(&addr);
+                    backoff(failures)
                 }
                 Next::Fail => return Err(ClientError::from_status(&status)),
+            };
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

@@ -21,13 +21,23 @@ pub struct ClientConfig {
     /// Admin signing key (ed25519 seed file) used by `bind` and admin deregistration.
     #[serde(default)]
     pub admin_key: Option<PathBuf>,
-    /// Request timeout.
+    /// Time one attempt of a call may take (one node's answer).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Time a whole call may take, retries included: long enough to span a leader election.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Local address to connect from (multi-homed hosts; tests that partition a client).
+    #[serde(default)]
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 fn default_timeout_ms() -> u64 {
-    10_000
+    5_000
+}
+
+fn default_deadline_ms() -> u64 {
+    15_000
 }
 
 /// Certificate files presented by the client.
@@ -84,6 +94,11 @@ impl ClientConfig {
         }
         if config.endpoints.is_empty() {
             return Err(ClientError::Config("endpoints must not be empty".into()));
+        }
+        if config.timeout_ms == 0 || config.deadline_ms < config.timeout_ms {
+            return Err(ClientError::Config(
+                "need 0 < timeout_ms <= deadline_ms (one attempt fits in the call)".into(),
+            ));
         }
         Ok(config)
     }

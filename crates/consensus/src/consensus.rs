@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLockReadGuard};
 use std::time::Duration;
@@ -10,12 +11,20 @@ use signpost_state::{Outcome, Request};
 use signpost_storage::Store;
 use tokio::sync::{broadcast, watch};
 
+use crate::election::{ElectionDriver, ElectionTiming, Liveness};
 use crate::error::ConsensusError;
 use crate::log_store::LogStore;
 use crate::network::Network;
 use crate::raft_service::RaftService;
 use crate::state_machine::{Applied, SharedState, StateMachine};
 use crate::type_config::{NodeAddr, TypeConfig};
+
+/// Default leader heartbeat period.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
+/// Default lower bound of the election timeout; also the leader's quorum lease.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 400;
+/// Default upper bound of the election timeout; also the voters' lease.
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 
 /// How a node takes part in consensus.
 #[derive(Debug, Clone)]
@@ -31,6 +40,9 @@ pub struct ConsensusConfig {
     pub trust_domain: String,
     /// TLS configuration for outgoing Raft connections (node certificate, peers must be nodes).
     pub peer_tls: Arc<rustls::ClientConfig>,
+    /// Address outgoing Raft connections are made from (the node's Raft listen address), so
+    /// peers can admit members by source address. None: the kernel's choice.
+    pub local_ip: Option<IpAddr>,
     /// Leader heartbeat period.
     pub heartbeat_ms: u64,
     /// Election timeout range; a follower that hears nothing for this long campaigns.
@@ -44,8 +56,8 @@ pub struct ConsensusConfig {
 }
 
 impl ConsensusConfig {
-    /// Defaults tuned for a LAN cluster on small machines: a missed heartbeat or two under load
-    /// must not cause an election.
+    /// Defaults tuned for a LAN cluster: a leader crash costs well under a second of writes,
+    /// while pre-vote keeps a missed heartbeat or two on one follower from causing an election.
     pub fn new(
         node_id: u64,
         data_dir: PathBuf,
@@ -59,9 +71,10 @@ impl ConsensusConfig {
             members,
             trust_domain,
             peer_tls,
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
+            local_ip: None,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            election_timeout_min_ms: DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
         }
@@ -102,6 +115,10 @@ pub struct NodeStatus {
     pub purged_index: u64,
     /// Members of the current configuration.
     pub members: Vec<MemberStatus>,
+    /// For a leader: a quorum acknowledged it within the leader lease, so it serves writes.
+    pub quorum_lease: bool,
+    /// For a leader: milliseconds since a quorum last acknowledged it.
+    pub millis_since_quorum_ack: Option<u64>,
 }
 
 /// The consensus handle of a node.
@@ -110,6 +127,7 @@ pub struct Consensus {
     raft: Raft<TypeConfig>,
     state_machine: StateMachine,
     log_store: LogStore,
+    liveness: Arc<Liveness>,
     config: Arc<ConsensusConfig>,
 }
 
@@ -129,7 +147,8 @@ impl Consensus {
             ConsensusError::Invalid(format!("creating {}: {e}", config.data_dir.display()))
         })?;
         let store = Arc::new(Store::open(&config.data_dir)?);
-        let log_store = LogStore::new(store.clone());
+        let mut log_store = LogStore::new(store.clone());
+        log_store.check_watermark().await?;
         let state_machine = StateMachine::open(store)?;
         let raft_config = openraft::Config {
             cluster_name: "signpost".into(),
@@ -140,25 +159,85 @@ impl Consensus {
             max_payload_entries: 300,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
             max_in_snapshot_log_to_keep: config.log_entries_kept,
+            // Elections are started by the pre-vote driver (crate::election), never by
+            // openraft's own timer, so a node that cannot win never raises its term.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
         .map_err(|e| ConsensusError::Invalid(e.to_string()))?;
+        let network = Network::new(config.peer_tls.clone(), config.local_ip);
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            Network::new(config.peer_tls.clone()),
+            network.clone(),
             log_store.clone(),
             state_machine.clone(),
         )
         .await
         .map_err(|e| ConsensusError::Unavailable(e.to_string()))?;
+        let timing = ElectionTiming {
+            heartbeat: Duration::from_millis(config.heartbeat_ms),
+            timeout_min: Duration::from_millis(config.election_timeout_min_ms),
+            timeout_max: Duration::from_millis(config.election_timeout_max_ms),
+        };
+        let liveness = Liveness::new(timing.timeout_max, timing.timeout_min);
+        tokio::spawn(log_store.clone().flush_watermark_periodically({
+            let this = raft.clone();
+            async move {
+                let mut metrics = this.metrics();
+                while metrics.changed().await.is_ok() {
+                    if metrics.borrow().running_state.is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+        ElectionDriver {
+            raft: raft.clone(),
+            network,
+            liveness: liveness.clone(),
+            timing,
+            node_id: config.node_id,
+        }
+        .spawn();
         Ok(Consensus {
             raft,
             state_machine,
             log_store,
+            liveness,
             config: Arc::new(config),
         })
+    }
+
+    /// True while this node leads with a quorum acknowledgement inside the leader lease; a
+    /// leader cut off from its quorum stops serving writes, linearizable reads and renewals.
+    pub fn has_quorum_lease(&self) -> bool {
+        self.liveness.has_quorum_lease()
+    }
+
+    /// A leader without its quorum lease answers as if no leader were known: clients move to
+    /// another node at once instead of waiting on a write that cannot commit.
+    fn check_leader_lease(&self) -> Result<(), ConsensusError> {
+        let m = self.raft.metrics();
+        let leading = m.borrow().state == ServerState::Leader;
+        if leading && !self.liveness.has_quorum_lease() {
+            return Err(ConsensusError::NotLeader { leader: None });
+        }
+        Ok(())
+    }
+
+    /// Resolves with the reason when Raft has stopped for good (a storage error, or shutdown).
+    pub async fn fatal(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
     }
 
     /// This node's id.
@@ -168,7 +247,57 @@ impl Consensus {
 
     /// The node-only Raft gRPC service, for the Raft listener.
     pub fn raft_service(&self) -> RaftServer<RaftService> {
-        RaftService::new(self.raft.clone(), self.config.trust_domain.clone()).into_server()
+        RaftService::new(
+            self.raft.clone(),
+            self.config.trust_domain.clone(),
+            self.liveness.clone(),
+            self.config.members.keys().copied().collect(),
+        )
+        .into_server()
+    }
+
+    /// The Raft addresses of the current members (or of the configured initial members while
+    /// this node knows no membership): the only sources the Raft listener admits.
+    pub fn member_raft_addrs(&self) -> Vec<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let addrs: Vec<String> = m
+            .membership_config
+            .nodes()
+            .map(|(_, a)| a.raft_addr.clone())
+            .collect();
+        if addrs.is_empty() {
+            return self
+                .config
+                .members
+                .values()
+                .map(|a| a.raft_addr.clone())
+                .collect();
+        }
+        addrs
+    }
+
+    /// Membership changes (and every other metrics change), for listeners that follow it.
+    pub fn watch_membership(&self) -> watch::Receiver<Vec<String>> {
+        let (tx, rx) = watch::channel(self.member_raft_addrs());
+        let mut metrics = self.raft.metrics();
+        let this = self.clone();
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let addrs = this.member_raft_addrs();
+                tx.send_if_modified(|current| {
+                    let changed = *current != addrs;
+                    if changed {
+                        *current = addrs;
+                    }
+                    changed
+                });
+                if tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        rx
     }
 
     /// Initializes a new cluster from the configured members if this node is the lowest member
@@ -198,6 +327,7 @@ impl Consensus {
     /// Replicates `request` and returns the outcome of applying it (computed by this node, the
     /// leader) together with the log index it was applied at.
     pub async fn propose(&self, request: Request) -> Result<(u64, Outcome), ConsensusError> {
+        self.check_leader_lease()?;
         match self.raft.client_write(request).await {
             Ok(response) => Ok((response.log_id.index, response.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -216,6 +346,7 @@ impl Consensus {
     /// everything committed before the call. Reads made after it are linearizable. Returns the
     /// revision the reads will reflect (at least).
     pub async fn read_barrier(&self) -> Result<u64, ConsensusError> {
+        self.check_leader_lease()?;
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id
                 .map(|l| l.index)
@@ -246,6 +377,10 @@ impl Consensus {
     pub fn leader(&self) -> Option<(u64, NodeAddr)> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;
+        // We "lead" without a quorum: nobody should be sent here.
+        if leader == self.config.node_id && !self.liveness.has_quorum_lease() {
+            return None;
+        }
         let addr = metrics
             .membership_config
             .nodes()
@@ -288,6 +423,11 @@ impl Consensus {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
+            quorum_lease: m.state == ServerState::Leader && self.liveness.has_quorum_lease(),
+            millis_since_quorum_ack: self
+                .liveness
+                .since_quorum_ack()
+                .map(|d| d.as_millis() as u64),
         }
     }
 

@@ -40,6 +40,22 @@ pub enum ConsensusError {
         /// The decode error.
         detail: String,
     },
+    /// The log ends below the committed index this node recorded: it lost acknowledged entries.
+    #[error(
+        "the Raft log in {dir} ends at index {last}, but this node had recorded index {committed} \
+         as committed and synced: the log lost entries it acknowledged (a damaged or truncated \
+         write-ahead log?). Refusing to start with a shorter log. To rejoin this node: while a \
+         majority of the other members is up, stop it, move {dir} aside, and start it again with \
+         an empty data directory; it catches up from the leader"
+    )]
+    LogBehindWatermark {
+        /// Last index in the log.
+        last: u64,
+        /// The recorded committed index.
+        committed: u64,
+        /// The database directory.
+        dir: String,
+    },
     /// The registry state could not be loaded.
     #[error("state: {0}")]
     State(#[from] signpost_state::StateError),

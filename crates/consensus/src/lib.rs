@@ -26,6 +26,7 @@
 
 pub mod codec;
 mod consensus;
+mod election;
 mod error;
 mod log_store;
 mod network;
@@ -33,10 +34,14 @@ mod raft_service;
 mod state_machine;
 mod type_config;
 
-pub use consensus::{Consensus, ConsensusConfig, MemberStatus, NodeStatus};
+pub use consensus::{
+    Consensus, ConsensusConfig, MemberStatus, NodeStatus, DEFAULT_ELECTION_TIMEOUT_MAX_MS,
+    DEFAULT_ELECTION_TIMEOUT_MIN_MS, DEFAULT_HEARTBEAT_MS,
+};
+pub use election::{Liveness, PreVoteRequest, PreVoteResponse};
 pub use error::ConsensusError;
 pub use log_store::LogStore;
 pub use network::Network;
-pub use raft_service::RaftService;
+pub use raft_service::{RaftService, PEER_COUNTER_MAX};
 pub use state_machine::{Applied, SharedState, StateMachine};
 pub use type_config::{NodeAddr, TypeConfig};

@@ -1,7 +1,8 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
@@ -18,9 +19,13 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "purged";
 
-/// Entries returned by one read, so a lagging follower cannot make the leader load the whole
-/// log into memory at once.
-const READ_ENTRIES_MAX: usize = 4096;
+/// Entries returned by one limited read (replication), so a lagging follower cannot make the
+/// leader load the whole log into memory at once. Apply reads whole ranges: openraft requires
+/// `try_get_log_entries` to return everything asked for.
+const LIMITED_READ_ENTRIES_MAX: usize = 4096;
+
+/// How often at most the durable watermark file is rewritten (one fsync each time).
+const WATERMARK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The Raft log on RocksDB. Cloning is cheap; clones share the database.
 #[derive(Debug, Clone)]
@@ -28,6 +33,9 @@ pub struct LogStore {
     store: Arc<Store>,
     // Mirrors the persisted committed index for status reporting without a disk read.
     committed: Arc<AtomicU64>,
+    // When the watermark was last written and what it says; at most one write per
+    // WATERMARK_INTERVAL from the commit path, the rest by `flush_watermark`.
+    watermark_written: Arc<Mutex<(Option<Instant>, u64)>>,
 }
 
 impl LogStore {
@@ -36,6 +44,88 @@ impl LogStore {
         LogStore {
             store,
             committed: Arc::new(AtomicU64::new(0)),
+            watermark_written: Arc::new(Mutex::new((None, 0))),
+        }
+    }
+
+    /// Refuses a log that ends below the committed index this node recorded outside RocksDB:
+    /// entries it synced and acknowledged are gone (a damaged or truncated WAL), and a node
+    /// that rejoined with a shorter log could help lose committed data.
+    pub async fn check_watermark(&mut self) -> Result<(), crate::ConsensusError> {
+        let Some(committed) = self.store.watermark()? else {
+            return Ok(());
+        };
+        let state = self
+            .get_log_state()
+            .await
+            .map_err(|e| crate::ConsensusError::Corrupt {
+                what: "raft log",
+                detail: e.to_string(),
+            })?;
+        let last = state.last_log_id.map(|l| l.index).unwrap_or(0);
+        if last < committed {
+            return Err(crate::ConsensusError::LogBehindWatermark {
+                last,
+                committed,
+                dir: self.store.path().display().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn maybe_record_watermark(&self, index: u64) -> Result<(), StorageError<u64>> {
+        let mut written = self
+            .watermark_written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if written
+            .0
+            .is_some_and(|at| at.elapsed() < WATERMARK_INTERVAL)
+            || written.1 >= index
+        {
+            return Ok(());
+        }
+        self.store
+            .record_watermark(index)
+            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, &e))?;
+        *written = (Some(Instant::now()), index);
+        Ok(())
+    }
+
+    /// Records the committed index if the commit path's rate limit left it unrecorded; called
+    /// every [`WATERMARK_INTERVAL`], so the watermark trails the commit index by at most that.
+    pub fn flush_watermark(&self) -> Result<(), signpost_storage::StorageError> {
+        let index = self.committed_index();
+        let mut written = self
+            .watermark_written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if written.1 >= index {
+            return Ok(());
+        }
+        self.store.record_watermark(index)?;
+        *written = (Some(Instant::now()), index);
+        Ok(())
+    }
+
+    /// Runs [`LogStore::flush_watermark`] every [`WATERMARK_INTERVAL`] until `stop` resolves.
+    pub(crate) async fn flush_watermark_periodically(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(WATERMARK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.flush_watermark()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot record the committed watermark"),
+                Err(e) => tracing::error!(error = %e, "watermark task failed"),
+            }
         }
     }
 
@@ -92,7 +182,33 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    async fn read_range(
+        &self,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        let store = self.store.clone();
+        let raw = tokio::task::spawn_blocking(move || store.log_range(start, end, limit))
+            .await
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?
+            .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?;
+        raw.iter()
+            .map(|(index, bytes)| Self::decode_entry(*index, bytes))
+            .collect()
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        self.read_range(start, end, LIMITED_READ_ENTRIES_MAX).await
+    }
+
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -107,15 +223,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => *i,
             Bound::Unbounded => u64::MAX,
         };
-        let store = self.store.clone();
-        let raw =
-            tokio::task::spawn_blocking(move || store.log_range(start, end, READ_ENTRIES_MAX))
-                .await
-                .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?
-                .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Read, &e))?;
-        raw.iter()
-            .map(|(index, bytes)| Self::decode_entry(*index, bytes))
-            .collect()
+        self.read_range(start, end, usize::MAX).await
     }
 }
 
@@ -155,9 +263,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         committed: Option<LogId<u64>>,
     ) -> Result<(), StorageError<u64>> {
         self.write_meta(KEY_COMMITTED, &committed, ErrorSubject::Store)?;
-        self.committed
-            .store(committed.map(|l| l.index).unwrap_or(0), Ordering::Relaxed);
-        Ok(())
+        let index = committed.map(|l| l.index).unwrap_or(0);
+        self.committed.store(index, Ordering::Relaxed);
+        // The committed index is on disk (synced) in RocksDB; the watermark outside it lags by
+        // at most WATERMARK_INTERVAL and lets the next start detect a shortened log.
+        self.maybe_record_watermark(index)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use signpost_proto::v1::{snapshot_chunk, RaftMessage, SnapshotChunk, SnapshotHea
 use tonic::transport::Channel;
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
+use crate::election::{PreVoteRequest, PreVoteResponse};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Size of the chunks a snapshot is streamed in (below the receiver's chunk limit).
@@ -32,6 +34,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Network {
     tls: Arc<rustls::ClientConfig>,
+    local_ip: Option<IpAddr>,
     channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
 }
 
@@ -43,10 +46,11 @@ impl std::fmt::Debug for Network {
 
 impl Network {
     /// A network whose connections present the node's certificate and accept only node peers
-    /// (as encoded in `tls`).
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Network {
+    /// (as encoded in `tls`), dialled from `local_ip` when given (the address peers admit us by).
+    pub fn new(tls: Arc<rustls::ClientConfig>, local_ip: Option<IpAddr>) -> Network {
         Network {
             tls,
+            local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -65,9 +69,35 @@ impl Network {
                 return Ok(channel.clone());
             }
         }
-        let channel = signpost_identity::connect_channel(addr, self.tls.clone(), CONNECT_TIMEOUT)?;
+        let channel = signpost_identity::connect_channel_from(
+            addr,
+            self.tls.clone(),
+            CONNECT_TIMEOUT,
+            self.local_ip,
+        )?;
         channels.insert(target, (addr.to_string(), channel.clone()));
         Ok(channel)
+    }
+}
+
+impl Network {
+    /// Asks `target` for a pre-vote (see [`crate::election`]).
+    pub(crate) async fn pre_vote(
+        &self,
+        target: u64,
+        node: &NodeAddr,
+        request: &PreVoteRequest,
+    ) -> Result<PreVoteResponse, String> {
+        let channel = self
+            .channel(target, &node.raft_addr)
+            .map_err(|e| e.to_string())?;
+        let data = codec::encode(request, RAFT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
+        let response = RaftClient::new(channel)
+            .pre_vote(RaftMessage { data })
+            .await
+            .map_err(|s| s.to_string())?;
+        codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -1,6 +1,9 @@
+use std::collections::BTreeSet;
 use std::io::Cursor;
+use std::sync::Arc;
 
-use openraft::{Raft, Snapshot, SnapshotMeta, Vote};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
+use openraft::{LogId, Raft, ServerState, Snapshot, SnapshotMeta, Vote};
 use signpost_identity::{Identity, SpiffeId};
 use signpost_proto::v1::raft_server::{self, RaftServer};
 use signpost_proto::v1::{snapshot_chunk, RaftMessage, SnapshotChunk};
@@ -8,13 +11,22 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
+use crate::election::{Liveness, PreVoteRequest, PreVoteResponse};
 use crate::type_config::{NodeAddr, TypeConfig};
+
+/// Largest term or log index accepted from a peer. Honest clusters never come near it (a term a
+/// millisecond for a million years); it keeps a lying peer from pushing a counter to where
+/// openraft's `+ 1` overflows.
+pub const PEER_COUNTER_MAX: u64 = 1 << 62;
 
 /// The node-only `Raft` gRPC service. Mounted on the Raft listener, never on the client one.
 #[derive(Clone)]
 pub struct RaftService {
     raft: Raft<TypeConfig>,
     trust_domain: String,
+    liveness: Arc<Liveness>,
+    // Who may speak before this node knows any membership (a new cluster's first contact).
+    initial_members: BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -26,9 +38,19 @@ impl std::fmt::Debug for RaftService {
 }
 
 impl RaftService {
-    /// The service for `raft`, accepting only node identities of `trust_domain`.
-    pub fn new(raft: Raft<TypeConfig>, trust_domain: String) -> RaftService {
-        RaftService { raft, trust_domain }
+    /// The service for `raft`, accepting only member node identities of `trust_domain`.
+    pub(crate) fn new(
+        raft: Raft<TypeConfig>,
+        trust_domain: String,
+        liveness: Arc<Liveness>,
+        initial_members: BTreeSet<u64>,
+    ) -> RaftService {
+        RaftService {
+            raft,
+            trust_domain,
+            liveness,
+            initial_members,
+        }
     }
 
     /// The tonic server with the Raft message size limits set.
@@ -49,7 +71,73 @@ impl RaftService {
                 self.trust_domain
             ))),
         }
+        .and_then(|id| self.check_member(id))
     }
+
+    /// Only members (voters and learners of the applied membership, or of the configured
+    /// initial members while this node knows none) may speak Raft: a certificate for another
+    /// node id of the CA is not enough.
+    fn check_member(&self, id: u64) -> Result<u64, Status> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let mut nodes = m.membership_config.nodes().map(|(n, _)| *n).peekable();
+        let member = if nodes.peek().is_none() {
+            self.initial_members.contains(&id)
+        } else {
+            nodes.any(|n| n == id)
+        };
+        if member {
+            Ok(id)
+        } else {
+            Err(Status::permission_denied(format!(
+                "rule raft.members-only: node {id} is not a member of this cluster"
+            )))
+        }
+    }
+}
+
+/// The vote in a peer's message must be the sender's own and its counters bounded.
+fn check_vote(from: u64, vote: &Vote<u64>, what: &str) -> Result<(), Status> {
+    if vote.leader_id().voted_for() != Some(from) {
+        return Err(Status::permission_denied(format!(
+            "rule raft.own-vote: {what} from node {from} carries a vote for {:?}",
+            vote.leader_id().voted_for()
+        )));
+    }
+    check_counter(vote.leader_id().get_term(), what, "term")
+}
+
+fn check_counter(value: u64, what: &str, name: &str) -> Result<(), Status> {
+    if value > PEER_COUNTER_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{what}: {name} {value} is above the bound {PEER_COUNTER_MAX}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_log_id(log_id: Option<&LogId<u64>>, what: &str) -> Result<(), Status> {
+    if let Some(l) = log_id {
+        check_counter(l.leader_id.term, what, "log term")?;
+        check_counter(l.index, what, "log index")?;
+    }
+    Ok(())
+}
+
+fn check_append(from: u64, rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), Status> {
+    let what = "AppendEntries";
+    check_vote(from, &rpc.vote, what)?;
+    check_log_id(rpc.prev_log_id.as_ref(), what)?;
+    check_log_id(rpc.leader_commit.as_ref(), what)?;
+    for entry in &rpc.entries {
+        check_log_id(Some(&entry.log_id), what)?;
+    }
+    Ok(())
+}
+
+fn check_vote_request(from: u64, rpc: &VoteRequest<u64>) -> Result<(), Status> {
+    check_vote(from, &rpc.vote, "Vote")?;
+    check_log_id(rpc.last_log_id.as_ref(), "Vote")
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
@@ -69,19 +157,27 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.authorize(&request)?;
-        let rpc = decode(&request.into_inner().data, "AppendEntries")?;
+        let from = self.authorize(&request)?;
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode(&request.into_inner().data, "AppendEntries")?;
+        check_append(from, &rpc)?;
+        let committed = rpc.vote.is_committed();
         let response = self
             .raft
             .append_entries(rpc)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        // Any answer but "your vote is lower than mine" means we accept the sender as leader.
+        if committed && !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            self.liveness.leader_contact();
+        }
         encode(&response)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.authorize(&request)?;
-        let rpc = decode(&request.into_inner().data, "Vote")?;
+        let from = self.authorize(&request)?;
+        let rpc: VoteRequest<u64> = decode(&request.into_inner().data, "Vote")?;
+        check_vote_request(from, &rpc)?;
         let response = self
             .raft
             .vote(rpc)
@@ -117,8 +213,11 @@ impl raft_server::Raft for RaftService {
                 ))
             })?;
         let vote: Vote<u64> = decode(&header.vote, "snapshot vote")?;
+        check_vote(from, &vote, "InstallSnapshot")?;
         let meta: SnapshotMeta<u64, NodeAddr> = decode(&header.meta, "snapshot meta")?;
-        let mut body = Vec::with_capacity(total);
+        check_log_id(meta.last_log_id.as_ref(), "InstallSnapshot")?;
+        // Grows with what actually arrives: a header's claim alone allocates nothing.
+        let mut body = Vec::new();
         while let Some(chunk) = stream.next().await {
             let data = match chunk?.chunk {
                 Some(snapshot_chunk::Chunk::Data(d)) => d,
@@ -153,6 +252,29 @@ impl raft_server::Raft for RaftService {
             .install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        if response.vote == vote {
+            self.liveness.leader_contact();
+        }
         encode(&response)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let from = self.authorize(&request)?;
+        let rpc: PreVoteRequest = decode(&request.into_inner().data, "PreVote")?;
+        if rpc.candidate != from {
+            return Err(Status::permission_denied(format!(
+                "rule raft.own-vote: pre-vote from node {from} names candidate {}",
+                rpc.candidate
+            )));
+        }
+        check_log_id(rpc.last_log_id.as_ref(), "PreVote")?;
+        let leading = self.raft.metrics().borrow().state == ServerState::Leader;
+        let my_last = self.raft.data_metrics().borrow().last_log;
+        let granted = self.liveness.lease_expired(leading) && rpc.last_log_id >= my_last;
+        tracing::debug!(candidate = from, granted, "pre-vote");
+        encode(&PreVoteResponse { granted })
     }
 }

@@ -93,4 +93,31 @@ mod reopen {
             .expect("snapshot kept");
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 10)));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_range_read_returns_every_entry_and_a_limited_read_is_capped() {
+        eprintln!("phase 1: 5,000 entries in the log (more than one limited read)");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut log = LogStore::new(store);
+        for chunk in (1..=5_000u64).collect::<Vec<_>>().chunks(500) {
+            log.blocking_append(chunk.iter().copied().map(noop).collect::<Vec<_>>())
+                .await
+                .unwrap();
+        }
+
+        eprintln!("phase 2: apply reads the whole committed range; openraft requires it");
+        let all = log.try_get_log_entries(1..5_001).await.unwrap();
+        assert_eq!(all.len(), 5_000);
+        assert_eq!(all.first().map(|e| e.log_id.index), Some(1));
+        assert_eq!(all.last().map(|e| e.log_id.index), Some(5_000));
+
+        eprintln!("phase 3: replication reads are capped, never empty");
+        let limited = log.limited_get_log_entries(1, 5_001).await.unwrap();
+        assert!(!limited.is_empty() && limited.len() < 5_000);
+        assert_eq!(
+            limited.last().map(|e| e.log_id.index),
+            Some(limited.len() as u64)
+        );
+    }
 }

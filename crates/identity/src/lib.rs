@@ -94,12 +94,13 @@ pub use spiffe_id::{
 pub use tls_config::{
     client_config, client_config_anonymous, client_config_from_files, server_config,
     server_config_for_peers, PeerRule, TlsFiles, TlsSettings, ALPN_H2, DEFAULT_CONNECTIONS_MAX,
-    DEFAULT_CONNECTIONS_PER_IP_MAX, DEFAULT_HANDSHAKES_CONCURRENT_MAX,
+    DEFAULT_CONNECTIONS_PER_IP_MAX, DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_HANDSHAKES_CONCURRENT_MAX,
     DEFAULT_HANDSHAKES_PER_IP_BURST, DEFAULT_HANDSHAKES_PER_IP_MAX,
-    DEFAULT_HANDSHAKES_PER_IP_PER_SEC, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HANDSHAKES_PER_IP_PER_SEC, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_PREFACE_TIMEOUT,
 };
 pub use tls_connector::{
-    connect_channel, TlsConnector, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
+    connect_channel, connect_channel_from, TlsConnector, HTTP2_KEEPALIVE_INTERVAL,
+    HTTP2_KEEPALIVE_TIMEOUT,
 };
-pub use tls_incoming::{TlsConnection, TlsIncoming};
+pub use tls_incoming::{SourceAllowlist, TlsConnection, TlsIncoming, HTTP2_PREFACE};
 pub use trust::{spawn_crl_watcher, spawn_sighup_reloader, Trust, DEFAULT_CRL_POLL_INTERVAL};

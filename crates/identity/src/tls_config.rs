@@ -24,10 +24,12 @@ use crate::trust::Trust;
 
 /// The ALPN protocol of gRPC.
 pub const ALPN_H2: &[u8] = b"h2";
-/// Default bound on concurrent TLS handshakes per listener.
-pub const DEFAULT_HANDSHAKES_CONCURRENT_MAX: usize = 256;
+/// Default bound on concurrent TLS handshakes per listener: far above what a handful of
+/// source addresses can hold under the per-IP bound, so a flood from a few addresses cannot
+/// take the slots of everybody else.
+pub const DEFAULT_HANDSHAKES_CONCURRENT_MAX: usize = 2048;
 /// Default bound on concurrent TLS handshakes from one source IP.
-pub const DEFAULT_HANDSHAKES_PER_IP_MAX: usize = 32;
+pub const DEFAULT_HANDSHAKES_PER_IP_MAX: usize = 8;
 /// Default bound on open connections per listener, counted from accept until the connection
 /// closes (handshakes in progress included).
 pub const DEFAULT_CONNECTIONS_MAX: usize = 4096;
@@ -38,7 +40,12 @@ pub const DEFAULT_HANDSHAKES_PER_IP_PER_SEC: u32 = 50;
 /// Default burst of TLS handshakes started per source IP.
 pub const DEFAULT_HANDSHAKES_PER_IP_BURST: u32 = 100;
 /// Default time a peer has to complete the TLS handshake.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default time a peer has to send its first byte (the ClientHello) after connecting: a real
+/// client sends it at once, an idle connection only holds a slot.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time a peer has, after the handshake, to send the HTTP/2 connection preface.
+pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a process finds its TLS material (all PEM).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +84,11 @@ pub struct TlsSettings {
     pub handshakes_per_ip_per_sec: u32,
     /// `TlsIncoming`: burst of handshakes from one source IP.
     pub handshakes_per_ip_burst: u32,
+    /// `TlsIncoming`: a connection that sends nothing this long after accept is closed.
+    pub first_byte_timeout: Duration,
+    /// `TlsIncoming`: a connection that does not send the HTTP/2 preface this long after its
+    /// handshake is closed.
+    pub preface_timeout: Duration,
 }
 
 impl Default for TlsSettings {
@@ -90,6 +102,8 @@ impl Default for TlsSettings {
             connections_per_ip_max: DEFAULT_CONNECTIONS_PER_IP_MAX,
             handshakes_per_ip_per_sec: DEFAULT_HANDSHAKES_PER_IP_PER_SEC,
             handshakes_per_ip_burst: DEFAULT_HANDSHAKES_PER_IP_BURST,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            preface_timeout: DEFAULT_PREFACE_TIMEOUT,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! which wraps it in a lazy, reusable tonic `Channel`.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,7 +11,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -29,6 +30,7 @@ pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TlsConnector {
     config: Arc<ClientConfig>,
     connect_timeout: Duration,
+    local_ip: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for TlsConnector {
@@ -45,7 +47,15 @@ impl TlsConnector {
         TlsConnector {
             config,
             connect_timeout,
+            local_ip: None,
         }
+    }
+
+    /// Connects from `ip` instead of the address the kernel picks. Nodes dial peers from the
+    /// address they listen on, so a peer's Raft listener can admit members by source address.
+    pub fn from_local_ip(mut self, ip: Option<IpAddr>) -> TlsConnector {
+        self.local_ip = ip;
+        self
     }
 
     /// Connects to `host:port` from `uri` and completes the handshake.
@@ -58,14 +68,19 @@ impl TlsConnector {
                 reason: e.to_string(),
             })?;
         let config = Arc::clone(&self.config);
+        let local_ip = self.local_ip;
         let attempt = async move {
-            let tcp = TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(|source| IdentityError::Net {
-                    action: "connect to",
-                    addr: format!("{host}:{port}"),
-                    source,
-                })?;
+            let net_error = |source| IdentityError::Net {
+                action: "connect to",
+                addr: format!("{host}:{port}"),
+                source,
+            };
+            let tcp = match local_ip {
+                None => TcpStream::connect((host.as_str(), port))
+                    .await
+                    .map_err(net_error)?,
+                Some(ip) => connect_from(ip, &host, port).await.map_err(net_error)?,
+            };
             // gRPC messages are small and latency-bound; Nagle only adds delay.
             tcp.set_nodelay(true).map_err(|source| IdentityError::Net {
                 action: "set TCP_NODELAY on connection to",
@@ -106,6 +121,21 @@ impl tower::Service<Uri> for TlsConnector {
     }
 }
 
+/// Connects to the first address of `host:port` of `ip`'s family, from `ip` (any port).
+async fn connect_from(ip: IpAddr, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let target = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4() == ip.is_ipv4())
+        .ok_or_else(|| std::io::Error::other(format!("no address of {host} matches {ip}")))?;
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(target).await
+}
+
 /// A lazy tonic channel to `addr` ("host:port") over mutual TLS with `config`. Nothing is
 /// dialled until the first request; the channel reconnects on its own and is cheap to
 /// clone. `timeout` bounds TCP connect plus handshake, and HTTP/2 keepalive pings detect
@@ -114,6 +144,16 @@ pub fn connect_channel(
     addr: &str,
     config: Arc<ClientConfig>,
     timeout: Duration,
+) -> Result<Channel> {
+    connect_channel_from(addr, config, timeout, None)
+}
+
+/// [`connect_channel`] from a chosen local address (None: the kernel's choice).
+pub fn connect_channel_from(
+    addr: &str,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+    local_ip: Option<IpAddr>,
 ) -> Result<Channel> {
     let uri =
         format!("http://{addr}")
@@ -130,7 +170,8 @@ pub fn connect_channel(
         .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_with_connector_lazy(TlsConnector::new(config, timeout)))
+    Ok(endpoint
+        .connect_with_connector_lazy(TlsConnector::new(config, timeout).from_local_ip(local_ip)))
 }
 
 fn host_port(uri: &Uri) -> Result<(String, u16)> {

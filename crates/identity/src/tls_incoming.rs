@@ -10,17 +10,24 @@
 //! tonic drops it), so one address cannot hold every connection of the listener either.
 //! Finished handshakes go through a bounded channel, so a server that stops pulling
 //! connections stops the handshakes from piling up.
+//!
+//! Deadlines keep idle connections from holding slots: a connection must send its first byte
+//! within `first_byte_timeout`, finish the handshake within `handshake_timeout`, and send the
+//! HTTP/2 connection preface within `preface_timeout` after it; anything else is closed
+//! before tonic sees it. A listener can also admit only an allowlist of source addresses
+//! ([`SourceAllowlist`]): the Raft listener admits only its members, so no outsider can take
+//! a slot that Raft needs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -38,6 +45,43 @@ const ACCEPTED_QUEUE_MAX: usize = 64;
 const RATE_TRACKED_IPS_MAX: usize = 65_536;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4), the first bytes of every gRPC
+/// connection.
+pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The source addresses a listener admits; shared, so it can follow membership changes.
+#[derive(Debug, Clone, Default)]
+pub struct SourceAllowlist {
+    ips: Arc<RwLock<HashSet<IpAddr>>>,
+}
+
+impl SourceAllowlist {
+    /// An allowlist of `ips`.
+    pub fn new(ips: impl IntoIterator<Item = IpAddr>) -> SourceAllowlist {
+        let list = SourceAllowlist::default();
+        list.set(ips);
+        list
+    }
+
+    /// Replaces the admitted addresses.
+    pub fn set(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        let ips: HashSet<IpAddr> = ips.into_iter().collect();
+        *self.ips.write().unwrap_or_else(|p| p.into_inner()) = ips;
+    }
+
+    /// Whether `ip` is admitted. IPv4-mapped IPv6 addresses match their IPv4 form.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.ips
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+}
 
 /// A stream of established server-side TLS connections, for
 /// `tonic::transport::Server::builder().serve_with_incoming(incoming)`.
@@ -60,6 +104,16 @@ impl TlsIncoming {
         config: Arc<ServerConfig>,
         settings: &TlsSettings,
     ) -> Result<TlsIncoming> {
+        TlsIncoming::bind_admitting(addr, config, settings, None).await
+    }
+
+    /// [`TlsIncoming::bind`] admitting only connections from `allow`'s addresses (None: any).
+    pub async fn bind_admitting(
+        addr: &str,
+        config: Arc<ServerConfig>,
+        settings: &TlsSettings,
+        allow: Option<SourceAllowlist>,
+    ) -> Result<TlsIncoming> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| IdentityError::Net {
@@ -67,7 +121,7 @@ impl TlsIncoming {
                 addr: addr.to_string(),
                 source,
             })?;
-        TlsIncoming::from_listener(listener, config, settings)
+        TlsIncoming::start(listener, config, settings, allow)
     }
 
     /// Starts accepting on an already bound listener. Must be called inside a tokio runtime.
@@ -75,6 +129,15 @@ impl TlsIncoming {
         listener: TcpListener,
         config: Arc<ServerConfig>,
         settings: &TlsSettings,
+    ) -> Result<TlsIncoming> {
+        TlsIncoming::start(listener, config, settings, None)
+    }
+
+    fn start(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        settings: &TlsSettings,
+        allow: Option<SourceAllowlist>,
     ) -> Result<TlsIncoming> {
         let local_addr = listener.local_addr().map_err(|source| IdentityError::Net {
             action: "query local address of",
@@ -95,7 +158,12 @@ impl TlsIncoming {
         let accept_loop = AcceptLoop {
             listener,
             acceptor: TlsAcceptor::from(config),
-            handshake_timeout: settings.handshake_timeout,
+            deadlines: Deadlines {
+                first_byte: settings.first_byte_timeout.min(settings.handshake_timeout),
+                handshake: settings.handshake_timeout,
+                preface: settings.preface_timeout,
+            },
+            allow,
             permits: Arc::new(Semaphore::new(settings.handshakes_concurrent_max)),
             per_ip: PerIpLimit::new(settings.handshakes_per_ip_max),
             connections: Arc::new(Semaphore::new(settings.connections_max)),
@@ -135,10 +203,19 @@ impl Drop for TlsIncoming {
     }
 }
 
+/// How long a new connection may take for each step before it is closed.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    first_byte: Duration,
+    handshake: Duration,
+    preface: Duration,
+}
+
 struct AcceptLoop {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
+    deadlines: Deadlines,
+    allow: Option<SourceAllowlist>,
     permits: Arc<Semaphore>,
     per_ip: PerIpLimit,
     connections: Arc<Semaphore>,
@@ -158,9 +235,16 @@ impl AcceptLoop {
                     continue;
                 }
             };
-            // Dropping `tcp` closes it: that is the whole response to a flood. The rate first:
+            // Dropping `tcp` closes it: that is the whole response to a flood. Outsiders of an
+            // allowlisted listener first: they get nothing at all. Then the rate:
             // it is what makes a handshake flood cheap for us. Then connection slots: they are
             // the scarcer, longer-lived resource.
+            if let Some(allow) = &self.allow {
+                if !allow.admits(peer.ip()) {
+                    tracing::debug!(%peer, "source address is not admitted here; closing");
+                    continue;
+                }
+            }
             if !self.handshake_rate.try_take(peer.ip()) {
                 tracing::debug!(%peer, "handshake rate of this address exceeded; closing");
                 continue;
@@ -192,7 +276,7 @@ impl AcceptLoop {
                 tcp,
                 peer,
                 self.acceptor.clone(),
-                self.handshake_timeout,
+                self.deadlines,
                 self.accepted.clone(),
                 (permit, ip_slot),
                 slots,
@@ -201,28 +285,66 @@ impl AcceptLoop {
     }
 }
 
-/// One handshake under its deadline; the permits are released when it ends.
+/// One connection's way in, each step under its deadline: first byte, TLS handshake, HTTP/2
+/// preface. The handshake permits are released when it ends, whatever the outcome.
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    timeout: Duration,
+    deadlines: Deadlines,
     accepted: mpsc::Sender<TlsConnection>,
-    _permits: (OwnedSemaphorePermit, PerIpSlot),
+    permits: (OwnedSemaphorePermit, PerIpSlot),
     slots: ConnectionSlots,
 ) {
-    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            let stream = TlsConnection {
-                stream,
-                _slots: slots,
-            };
-            // Err only when the TlsIncoming is gone; the connection is dropped with it.
-            let _ = accepted.send(stream).await;
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(deadlines.first_byte, tcp.readable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before its first byte");
+            return;
         }
-        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-        Err(_) => tracing::debug!(%peer, ?timeout, "TLS handshake timed out"),
+        Err(_) => {
+            tracing::debug!(%peer, timeout = ?deadlines.first_byte, "no first byte in time; closing");
+            return;
+        }
     }
+    let left = deadlines.handshake.saturating_sub(started.elapsed());
+    let mut stream = match tokio::time::timeout(left, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, timeout = ?deadlines.handshake, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The handshake is done: its slots go back before we wait on the preface.
+    drop(permits);
+    let mut preface = [0u8; HTTP2_PREFACE.len()];
+    match tokio::time::timeout(deadlines.preface, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if &preface == HTTP2_PREFACE => {}
+        Ok(Ok(_)) => {
+            tracing::debug!(%peer, "connection did not start with the HTTP/2 preface; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before the HTTP/2 preface");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, timeout = ?deadlines.preface, "no HTTP/2 preface in time; closing");
+            return;
+        }
+    }
+    let stream = TlsConnection {
+        stream,
+        replay: 0,
+        _slots: slots,
+    };
+    // Err only when the TlsIncoming is gone; the connection is dropped with it.
+    let _ = accepted.send(stream).await;
 }
 
 /// Counts handshakes (or connections) in progress per source IP. The map holds only IPs with a
@@ -336,6 +458,8 @@ struct ConnectionSlots {
 /// is the `TlsStream` (tonic sees the same connect info, so `peer_identity` works unchanged).
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
+    // Bytes of the HTTP/2 preface (read to check it) already handed back to the server.
+    replay: usize,
     _slots: ConnectionSlots,
 }
 
@@ -368,6 +492,13 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.replay < HTTP2_PREFACE.len() {
+            let rest = &HTTP2_PREFACE[self.replay..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.replay += n;
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

@@ -441,6 +441,7 @@ async fn handshakes_beyond_the_per_ip_cap_are_closed_at_once() {
     let trust = pki.trust();
     let settings = TlsSettings {
         handshake_timeout: Duration::from_secs(30),
+        first_byte_timeout: Duration::from_secs(30),
         handshakes_per_ip_max: 2,
         ..TlsSettings::default()
     };
@@ -579,4 +580,91 @@ async fn tonic_round_trip_handler_sees_the_callers_spiffe_id() {
     assert!(connect_channel("host:1/path", config, Duration::from_secs(1)).is_err());
 
     server.abort();
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_the_http2_preface_is_closed_after_its_deadline() {
+    init_logging();
+    let pki = Pki::new(TRUST_DOMAIN);
+    let server_files = pki.issue(Identity::Node(1), "n1");
+    let client_files = pki.issue(Identity::Node(2), "n2");
+    let trust = pki.trust();
+    let preface = Duration::from_millis(500);
+    let settings = TlsSettings {
+        preface_timeout: preface,
+        ..TlsSettings::default()
+    };
+    let server = start_echo_server(&server_files, &trust, &settings).await;
+
+    tracing::info!("phase: a certificate holder completes TLS, then sends nothing");
+    let started = Instant::now();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut tls =
+        tokio_rustls::TlsConnector::from(client(&client_files, &trust, PeerRule::AnyNode))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("handshake");
+
+    tracing::info!("phase: the server closes it after the preface deadline, not before");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(common::PROMPTLY, tls.read(&mut buf))
+        .await
+        .expect("server never closed the connection without a preface");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= preface, "closed after {elapsed:?}");
+    assert!(elapsed < preface * 10, "closed after {elapsed:?}");
+
+    tracing::info!("phase: a client that sends the preface is served");
+    assert!(try_handshake(
+        server.addr,
+        client(&client_files, &trust, PeerRule::AnyNode)
+    )
+    .await
+    .is_ok());
+}
+
+#[tokio::test]
+async fn an_allowlisted_listener_closes_other_sources_before_any_tls() {
+    init_logging();
+    let pki = Pki::new(TRUST_DOMAIN);
+    let server_files = pki.issue(Identity::Node(1), "n1");
+    let client_files = pki.issue(Identity::Node(2), "n2");
+    let trust = pki.trust();
+    let settings = TlsSettings::default();
+    let config = server_config(&server_files, &trust, &settings).unwrap();
+    let allow = signpost_identity::SourceAllowlist::new(["127.0.0.1".parse().unwrap()]);
+    let mut incoming =
+        TlsIncoming::bind_admitting("127.0.0.1:0", config, &settings, Some(allow.clone()))
+            .await
+            .unwrap();
+    let addr = incoming.local_addr();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+        while let Some(Ok(mut stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"node/1\n").await;
+                let _ = stream.flush().await;
+                let mut sink = [0u8; 64];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+
+    tracing::info!("phase: the admitted address completes a handshake");
+    assert!(
+        try_handshake(addr, client(&client_files, &trust, PeerRule::AnyNode))
+            .await
+            .is_ok()
+    );
+
+    tracing::info!("phase: once 127.0.0.1 is no longer admitted, it is closed at accept");
+    allow.set(["127.0.0.9".parse().unwrap()]);
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf))
+        .await
+        .expect("an outsider was left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }

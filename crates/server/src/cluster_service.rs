@@ -57,7 +57,12 @@ impl Cluster for ClusterService {
             commit_index: status.commit_index,
             applied_index: status.applied_index,
             members,
-            role: status.role.to_string(),
+            // A leader cut off from its quorum says so: it serves no writes.
+            role: if status.role == "leader" && !status.quorum_lease {
+                "leader-without-quorum".to_string()
+            } else {
+                status.role.to_string()
+            },
             snapshot_index: status.snapshot_index,
             purged_index: status.purged_index,
             alarms,

@@ -78,10 +78,25 @@ pub struct TlsConfig {
     /// A handshake not finished within this time is dropped.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// A connection that sends nothing within this time of being accepted is dropped.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// A connection that does not send the HTTP/2 preface within this time of its handshake is
+    /// dropped.
+    #[serde(default = "default_preface_timeout_ms")]
+    pub preface_timeout_ms: u64,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
-    5_000
+    signpost_identity::DEFAULT_HANDSHAKE_TIMEOUT.as_millis() as u64
+}
+
+fn default_first_byte_timeout_ms() -> u64 {
+    signpost_identity::DEFAULT_FIRST_BYTE_TIMEOUT.as_millis() as u64
+}
+
+fn default_preface_timeout_ms() -> u64 {
+    signpost_identity::DEFAULT_PREFACE_TIMEOUT.as_millis() as u64
 }
 
 /// One initial member.
@@ -135,9 +150,10 @@ fn default_state_bytes_max() -> u64 {
 pub struct RaftConfig {
     /// Leader heartbeat period.
     pub heartbeat_ms: u64,
-    /// Lower bound of the randomized election timeout.
+    /// Lower bound of the randomized election timeout; also the leader's quorum lease.
     pub election_timeout_min_ms: u64,
-    /// Upper bound of the randomized election timeout.
+    /// Upper bound of the randomized election timeout; also the voters' lease, so a leader
+    /// crash costs about this long plus part of the range.
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many entries since the last.
     pub snapshot_after_entries: u64,
@@ -148,9 +164,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 1_000,
-            election_timeout_max_ms: 2_000,
+            heartbeat_ms: signpost_consensus::DEFAULT_HEARTBEAT_MS,
+            election_timeout_min_ms: signpost_consensus::DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: signpost_consensus::DEFAULT_ELECTION_TIMEOUT_MAX_MS,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
         }

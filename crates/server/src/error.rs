@@ -32,6 +32,9 @@ pub enum ServerError {
         /// What failed.
         detail: String,
     },
+    /// Consensus stopped for good while serving (a storage failure): the node left service.
+    #[error("fatal: {0}; the node left service (fix the disk, then restart it)")]
+    Fatal(String),
 }
 
 /// The gRPC code for an apply or pre-check refusal. Every reason has exactly one code.
@@ -105,10 +108,13 @@ pub fn consensus_status(e: ConsensusError) -> Status {
             status
         }
         ConsensusError::NotLeader { leader: None } => {
-            let mut status = Status::unavailable("no leader is known yet; retry shortly");
+            // Elections take well under a second: a short hint, so clients notice the new
+            // leader soon without polling hard.
+            let mut status =
+                Status::unavailable("no leader with a quorum is known here; retry shortly");
             status
                 .metadata_mut()
-                .insert(RETRY_AFTER_METADATA, MetadataValue::from(200u64));
+                .insert(RETRY_AFTER_METADATA, MetadataValue::from(100u64));
             status
         }
         ConsensusError::Unavailable(m) => {
@@ -121,6 +127,7 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         ConsensusError::Invalid(m) => Status::invalid_argument(m),
         e @ (ConsensusError::Storage(_)
         | ConsensusError::Corrupt { .. }
+        | ConsensusError::LogBehindWatermark { .. }
         | ConsensusError::State(_)) => Status::internal(e.to_string()),
     }
 }

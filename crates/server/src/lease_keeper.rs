@@ -77,7 +77,10 @@ impl LeaseKeeper {
             return Renewal::Unknown;
         };
         let mut table = self.table();
-        if table.term.is_none() {
+        // A renewal is a promise that the instance stays registered for a TTL; only a leader
+        // that a quorum acknowledged within its lease can keep it. A leader cut off from its
+        // quorum refuses, so the client renews through the majority's new leader instead.
+        if table.term.is_none() || !self.consensus.has_quorum_lease() {
             return Renewal::NotLeader;
         }
         let deadline = Instant::now() + Duration::from_secs(u64::from(info.ttl_secs));

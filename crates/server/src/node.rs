@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use signpost_consensus::{Consensus, ConsensusConfig, NodeAddr};
-use signpost_identity::{PeerRule, TlsFiles, TlsIncoming, TlsSettings, Trust};
+use signpost_identity::{PeerRule, SourceAllowlist, TlsFiles, TlsIncoming, TlsSettings, Trust};
 use signpost_proto::v1::cluster_server::ClusterServer;
 use signpost_proto::v1::registry_server::RegistryServer;
 use signpost_state::{Command, Quotas, Request as LogRequest};
@@ -39,6 +39,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         connections_per_ip_max: config.limits.connections_per_ip_max,
         handshakes_per_ip_per_sec: config.limits.handshakes_per_ip_per_sec,
         handshakes_per_ip_burst: config.limits.handshakes_per_ip_burst,
+        first_byte_timeout: Duration::from_millis(config.tls.first_byte_timeout_ms),
+        preface_timeout: Duration::from_millis(config.tls.preface_timeout_ms),
     };
     let trust = Trust::from_files(&files)?;
     signpost_identity::spawn_crl_watcher(trust.clone(), Duration::from_secs(1));
@@ -70,6 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.trust_domain.clone(),
         peer_tls,
     );
+    consensus_config.local_ip = listen_ip(&config.raft_addr);
     consensus_config.heartbeat_ms = config.raft.heartbeat_ms;
     consensus_config.election_timeout_min_ms = config.raft.election_timeout_min_ms;
     consensus_config.election_timeout_max_ms = config.raft.election_timeout_max_ms;
@@ -80,21 +83,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Raft listener first: peers may already be waiting for our vote.
-    // The client limits do not apply to the Raft listener (I5): it only ever sees the few
-    // node identities, so it keeps the library defaults.
+    // The client limits do not apply to the Raft listener (I5). It admits only the source
+    // addresses of members, following membership changes, so no outsider can take a slot
+    // that Raft needs; the library's per-address limits still bound a misbehaving member.
     let raft_settings = TlsSettings {
         allow_tls12: settings.allow_tls12,
         handshake_timeout: settings.handshake_timeout,
+        first_byte_timeout: settings.first_byte_timeout,
+        preface_timeout: settings.preface_timeout,
         ..TlsSettings::default()
     };
-    let raft_incoming = TlsIncoming::bind(&config.raft_addr, raft_tls, &raft_settings)
-        .await
-        .map_err(|e| ServerError::Listener {
-            addr: config.raft_addr.clone(),
-            detail: e.to_string(),
-        })?;
+    let members_only = SourceAllowlist::default();
+    follow_members(&consensus, members_only.clone()).await;
+    let raft_incoming = TlsIncoming::bind_admitting(
+        &config.raft_addr,
+        raft_tls,
+        &raft_settings,
+        Some(members_only),
+    )
+    .await
+    .map_err(|e| ServerError::Listener {
+        addr: config.raft_addr.clone(),
+        detail: e.to_string(),
+    })?;
     let raft_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(consensus.raft_service())
         .serve_with_incoming_shutdown(raft_incoming, stopped(stop_rx.clone()));
     let raft_task = tokio::spawn(raft_server);
@@ -129,6 +143,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .concurrency_limit_per_connection(config.limits.streams_per_connection_max as usize)
         .timeout(Duration::from_millis(config.limits.request_timeout_ms))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(
             RegistryServer::new(registry)
                 .max_decoding_message_size(max)
@@ -153,14 +168,73 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "node serving"
     );
 
-    shutdown.await;
-    tracing::info!(node = config.node_id, "shutting down");
+    // A fatal storage error stops openraft's core for good; a node that kept answering from
+    // its last state would serve stale reads and confuse status. It leaves service instead
+    // and exits non-zero, for its supervisor to restart it on a disk that works.
+    let fatal = tokio::select! {
+        _ = shutdown => None,
+        reason = consensus.fatal() => Some(reason),
+    };
+    if let Some(reason) = &fatal {
+        tracing::error!(
+            node = config.node_id,
+            %reason,
+            "FATAL: consensus stopped (storage failure?); leaving service and exiting so a \
+             supervisor can restart the node once the disk is fixed"
+        );
+    } else {
+        tracing::info!(node = config.node_id, "shutting down");
+    }
     let _ = stop_tx.send(true);
     genesis.abort();
+    if fatal.is_some() {
+        // Do not wait for clients to finish: every answer from here on would be stale.
+        client_task.abort();
+        raft_task.abort();
+    }
     let _ = client_task.await;
     let _ = raft_task.await;
     consensus.shutdown().await;
-    Ok(())
+    match fatal {
+        Some(reason) => Err(ServerError::Fatal(reason)),
+        None => Ok(()),
+    }
+}
+
+/// The IP a listen address binds, unless it is a wildcard (then the kernel picks the source).
+fn listen_ip(addr: &str) -> Option<std::net::IpAddr> {
+    addr.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+}
+
+/// Keeps `allow` equal to the addresses of the members' Raft listeners (names resolved), and
+/// fills it once before returning so the listener never starts empty.
+async fn follow_members(consensus: &Consensus, allow: SourceAllowlist) {
+    async fn resolve(addrs: &[String]) -> Vec<std::net::IpAddr> {
+        let mut ips = Vec::new();
+        for addr in addrs {
+            match tokio::net::lookup_host(addr.as_str()).await {
+                Ok(found) => ips.extend(found.map(|a| a.ip())),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot resolve a member's Raft address")
+                }
+            }
+        }
+        ips
+    }
+    let mut members = consensus.watch_membership();
+    let first = members.borrow_and_update().clone();
+    allow.set(resolve(&first).await);
+    tokio::spawn(async move {
+        while members.changed().await.is_ok() {
+            let addrs = members.borrow_and_update().clone();
+            let ips = resolve(&addrs).await;
+            tracing::info!(?addrs, "raft listener admits the members' addresses");
+            allow.set(ips);
+        }
+    });
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

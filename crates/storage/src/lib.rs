@@ -37,6 +37,18 @@ const CF_RAFT: &str = "raft";
 const CF_STATE: &str = "state";
 const CF_MACHINE: &str = "machine";
 const CFS: [&str; 4] = [CF_LOG, CF_RAFT, CF_STATE, CF_MACHINE];
+/// File (in the database directory) holding the durable committed watermark.
+pub const WATERMARK_FILE: &str = "SIGNPOST-COMMITTED";
+const WATERMARK_MAGIC: &str = "signpost-committed-v1";
+
+fn parse_watermark(text: &str) -> Option<u64> {
+    let mut words = text.trim_end_matches('\n').split(' ');
+    let (magic, index) = (words.next()?, words.next()?);
+    if magic != WATERMARK_MAGIC || words.next().is_some() {
+        return None;
+    }
+    index.parse().ok()
+}
 
 /// Errors of the storage layer. Every one of them is fatal for the node's Raft instance:
 /// a store that cannot write or read back what it wrote must stop, not limp on.
@@ -317,6 +329,57 @@ impl Store {
         }
         Ok(value)
     }
+
+    // ----- durable watermark ----------------------------------------------------------------
+
+    fn watermark_path(&self) -> PathBuf {
+        self.path.join(WATERMARK_FILE)
+    }
+
+    /// The committed index last recorded by [`Store::record_watermark`], if any.
+    ///
+    /// It lives in its own small file, outside RocksDB's write-ahead log, so damage to the WAL
+    /// cannot take it down with the entries it vouches for.
+    pub fn watermark(&self) -> Result<Option<u64>> {
+        let path = self.watermark_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(StorageError::Corrupt {
+                    what: "durable watermark",
+                    detail: format!("{}: {e}", path.display()),
+                })
+            }
+        };
+        parse_watermark(&text)
+            .map(Some)
+            .ok_or_else(|| StorageError::Corrupt {
+                what: "durable watermark",
+                detail: format!("{}: unreadable content {text:?}", path.display()),
+            })
+    }
+
+    /// Records that every log entry up to `index` is committed and was synced here: written to
+    /// a temporary file, synced, renamed over the old one and the directory synced, so a crash
+    /// leaves either the old or the new value.
+    pub fn record_watermark(&self, index: u64) -> Result<()> {
+        use std::io::Write;
+        let io = |e: std::io::Error| StorageError::Corrupt {
+            what: "durable watermark",
+            detail: format!("writing {}: {e}", self.watermark_path().display()),
+        };
+        let tmp = self.path.join(format!("{WATERMARK_FILE}.tmp"));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(format!("{WATERMARK_MAGIC} {index}\n").as_bytes())
+            .map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.watermark_path()).map_err(io)?;
+        std::fs::File::open(&self.path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
 }
 
 fn decode_index(key: &[u8]) -> Result<u64> {
@@ -330,6 +393,28 @@ fn decode_index(key: &[u8]) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watermark_survives_reopen_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.watermark().unwrap(), None, "a new store has none");
+            store.record_watermark(41).unwrap();
+            store.record_watermark(46).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.watermark().unwrap(), Some(46));
+        std::fs::write(
+            dir.path().join(WATERMARK_FILE),
+            "signpost-committed-v1 4x6\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            store.watermark(),
+            Err(StorageError::Corrupt { .. })
+        ));
+    }
 
     fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
         range

@@ -145,6 +145,10 @@ pub async fn try_handshake(addr: SocketAddr, config: Arc<ClientConfig>) -> Resul
             .connect(name, tcp)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
+        // The listener admits only gRPC connections: the HTTP/2 preface comes first.
+        tls.write_all(signpost_identity::HTTP2_PREFACE)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         let mut line = Vec::new();
         let mut buf = [0u8; 256];
         loop {
