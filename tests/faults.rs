@@ -686,3 +686,50 @@ async fn a_flood_of_idle_connections_on_every_port_neither_stops_elections_nor_l
     );
     assert!(ok >= 20, "only {ok} honest writes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_leadership_to_a_follower_first() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let term = cluster.status_of(leader).await.expect("leader status").term;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("rolling")).unwrap();
+    let cert = cluster.issue("service", "rolling");
+
+    eprintln!("phase 1: a writer works while the leader is stopped for a restart");
+    let writer = Writer::start(
+        cluster.client_from(
+            cluster.client_ip(1),
+            Some(&cert),
+            &[],
+            Duration::from_secs(10),
+        ),
+        key,
+        "rolling",
+        Duration::from_millis(50),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.terminate(leader);
+    let status = cluster.wait_exit(leader, Duration::from_secs(10));
+    assert!(status.success(), "a graceful stop exits 0: {status:?}");
+
+    eprintln!("phase 2: it named its successor, which won the very next term");
+    let log =
+        std::fs::read_to_string(cluster.root().join(format!("node{leader}/server.log"))).unwrap();
+    assert!(log.contains("handed leadership over"), "{log}");
+    let successor = cluster
+        .agreed_leader()
+        .await
+        .expect("a leader among the others");
+    assert_ne!(successor, leader);
+    let now = cluster
+        .status_of(successor)
+        .await
+        .expect("successor status");
+    assert_eq!(now.term, term + 1, "one term for one transfer");
+
+    eprintln!("phase 3: no write failed across the hand-over");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed, errors) = writer.finish().await;
+    assert_eq!(failed, 0, "{errors:?}");
+    assert!(ok > 10, "the writer wrote {ok} records");
+}

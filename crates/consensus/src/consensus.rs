@@ -150,11 +150,16 @@ impl Consensus {
         let mut log_store = LogStore::new(store.clone());
         log_store.check_watermark().await?;
         let state_machine = StateMachine::open(store)?;
+        // openraft's own election timing only sets the vote lease it enforces (and its vote RPC
+        // timeout): elections are started and gated by the pre-vote driver below, with the
+        // configured timeouts.
+        let (raft_election_min, raft_election_max) =
+            crate::election::raft_vote_lease(Duration::from_millis(config.heartbeat_ms));
         let raft_config = openraft::Config {
             cluster_name: "signpost".into(),
             heartbeat_interval: config.heartbeat_ms,
-            election_timeout_min: config.election_timeout_min_ms,
-            election_timeout_max: config.election_timeout_max_ms,
+            election_timeout_min: raft_election_min,
+            election_timeout_max: raft_election_max,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 300,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_entries),
@@ -247,13 +252,84 @@ impl Consensus {
 
     /// The node-only Raft gRPC service, for the Raft listener.
     pub fn raft_service(&self) -> RaftServer<RaftService> {
+        let (_, raft_vote_lease) =
+            crate::election::raft_vote_lease(Duration::from_millis(self.config.heartbeat_ms));
         RaftService::new(
             self.raft.clone(),
             self.config.trust_domain.clone(),
             self.liveness.clone(),
             self.config.members.keys().copied().collect(),
+            Duration::from_millis(raft_vote_lease),
         )
         .into_server()
+    }
+
+    /// Hands leadership to the most up-to-date voter before this node stops (a rolling
+    /// restart): stops taking writes, lets the target catch up, stops heartbeats and tells the
+    /// target to campaign as soon as the voters' short openraft lease allows. Returns the new
+    /// leader, or None if this node was not leading or no transfer happened within `timeout`
+    /// (the cluster then elects a leader as after a crash).
+    pub async fn transfer_leadership(&self, timeout: Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut metrics = self.raft.metrics();
+        let me = self.config.node_id;
+        if metrics.borrow().state != ServerState::Leader {
+            return None;
+        }
+        self.liveness.step_down();
+        // The target must hold everything this leader has; entries in flight get a moment.
+        let target = loop {
+            let m = metrics.borrow_and_update().clone();
+            let last = m.last_log_index;
+            let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
+            let best = m
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != me && voters.contains(id))
+                .max_by_key(|(_, matched)| matched.map(|l| l.index))
+                .map(|(id, matched)| (*id, matched.map(|l| l.index)));
+            match best {
+                Some((id, matched)) if matched == last => break id,
+                _ if tokio::time::Instant::now() >= deadline => return None,
+                _ => {
+                    let _ = tokio::time::timeout_at(deadline, metrics.changed()).await;
+                }
+            }
+        };
+        let Some(addr) = m_node(&self.raft, target) else {
+            return None;
+        };
+        self.raft.runtime_config().heartbeat(false);
+        let request = crate::election::TimeoutNowRequest { leader: me };
+        let network = Network::new(self.config.peer_tls.clone(), self.config.local_ip);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, network.timeout_now(target, &addr, &request)).await {
+            Ok(Ok(r)) if r.accepted => {}
+            other => {
+                tracing::warn!(
+                    target,
+                    ?other,
+                    "leadership transfer refused; stopping without it"
+                );
+                return None;
+            }
+        }
+        let handed = async {
+            loop {
+                if let Some(leader) = metrics.borrow_and_update().current_leader {
+                    if leader != me {
+                        return leader;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let leader = tokio::time::timeout_at(deadline, handed).await.ok();
+        tracing::info!(target, ?leader, "leadership handed over");
+        leader
     }
 
     /// The Raft addresses of the current members (or of the configured initial members while
@@ -514,6 +590,15 @@ impl Consensus {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+fn m_node(raft: &Raft<TypeConfig>, id: u64) -> Option<NodeAddr> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .cloned()
 }
 
 fn map_write_error(e: RaftError<u64, ClientWriteError<u64, NodeAddr>>) -> ConsensusError {

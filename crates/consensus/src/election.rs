@@ -24,7 +24,7 @@
 //!   leader stops serving before the majority can elect another.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ pub struct Liveness {
     voter_lease: Duration,
     /// The leader's lease: shorter than the voters' so an isolated leader stops first.
     leader_lease: Duration,
+    /// Set while the leader hands leadership over: it serves nothing more as leader.
+    stepping_down: AtomicBool,
 }
 
 impl Liveness {
@@ -67,7 +69,13 @@ impl Liveness {
             quorum_ack_ms: AtomicU64::new(NEVER),
             voter_lease,
             leader_lease,
+            stepping_down: AtomicBool::new(false),
         })
+    }
+
+    /// Marks this node as handing leadership over (see `Consensus::transfer_leadership`).
+    pub(crate) fn step_down(&self) {
+        self.stepping_down.store(true, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -116,8 +124,10 @@ impl Liveness {
 
     /// True while this node leads and a quorum acknowledged it within the leader lease.
     pub fn has_quorum_lease(&self) -> bool {
-        self.since_quorum_ack()
-            .is_some_and(|age| age < self.leader_lease)
+        !self.stepping_down.load(Ordering::Relaxed)
+            && self
+                .since_quorum_ack()
+                .is_some_and(|age| age < self.leader_lease)
     }
 
     /// Whether this node would grant a pre-vote now: it has not heard from a leader, nor been
@@ -146,6 +156,30 @@ pub struct PreVoteRequest {
 pub struct PreVoteResponse {
     /// Whether the voter would vote for the candidate now.
     pub granted: bool,
+}
+
+/// "Campaign now": sent by a leader that hands leadership over to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimeoutNowRequest {
+    /// The leader stepping down; must be the sender of the RPC.
+    pub leader: u64,
+}
+
+/// The answer to a [`TimeoutNowRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimeoutNowResponse {
+    /// Whether the target will campaign.
+    pub accepted: bool,
+}
+
+/// The vote lease openraft itself enforces (its `election_timeout_max`). Elections are gated
+/// by pre-vote, so openraft's own timers only need to cover a heartbeat; keeping its lease
+/// short is what lets a leadership transfer finish in a fraction of the election timeout.
+pub(crate) fn raft_vote_lease(heartbeat: Duration) -> (u64, u64) {
+    let hb = heartbeat.as_millis() as u64;
+    let min = hb + (hb / 20).max(1);
+    let max = min + (hb / 20).max(1);
+    (min, max)
 }
 
 /// Timing of the election driver.

@@ -38,7 +38,9 @@ pub use consensus::{
     Consensus, ConsensusConfig, MemberStatus, NodeStatus, DEFAULT_ELECTION_TIMEOUT_MAX_MS,
     DEFAULT_ELECTION_TIMEOUT_MIN_MS, DEFAULT_HEARTBEAT_MS,
 };
-pub use election::{Liveness, PreVoteRequest, PreVoteResponse};
+pub use election::{
+    Liveness, PreVoteRequest, PreVoteResponse, TimeoutNowRequest, TimeoutNowResponse,
+};
 pub use error::ConsensusError;
 pub use log_store::LogStore;
 pub use network::Network;

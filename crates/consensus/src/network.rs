@@ -19,7 +19,7 @@ use signpost_proto::v1::{snapshot_chunk, RaftMessage, SnapshotChunk, SnapshotHea
 use tonic::transport::Channel;
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
-use crate::election::{PreVoteRequest, PreVoteResponse};
+use crate::election::{PreVoteRequest, PreVoteResponse, TimeoutNowRequest, TimeoutNowResponse};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Size of the chunks a snapshot is streamed in (below the receiver's chunk limit).
@@ -94,6 +94,27 @@ impl Network {
         let data = codec::encode(request, RAFT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
         let response = RaftClient::new(channel)
             .pre_vote(RaftMessage { data })
+            .await
+            .map_err(|s| s.to_string())?;
+        codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Network {
+    /// Tells `target` to campaign now (leadership transfer).
+    pub(crate) async fn timeout_now(
+        &self,
+        target: u64,
+        node: &NodeAddr,
+        request: &TimeoutNowRequest,
+    ) -> Result<TimeoutNowResponse, String> {
+        let channel = self
+            .channel(target, &node.raft_addr)
+            .map_err(|e| e.to_string())?;
+        let data = codec::encode(request, RAFT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
+        let response = RaftClient::new(channel)
+            .timeout_now(RaftMessage { data })
             .await
             .map_err(|s| s.to_string())?;
         codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)

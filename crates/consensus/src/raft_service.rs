@@ -11,7 +11,9 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES_MAX};
-use crate::election::{Liveness, PreVoteRequest, PreVoteResponse};
+use crate::election::{
+    Liveness, PreVoteRequest, PreVoteResponse, TimeoutNowRequest, TimeoutNowResponse,
+};
 use crate::type_config::{NodeAddr, TypeConfig};
 
 /// Largest term or log index accepted from a peer. Honest clusters never come near it (a term a
@@ -27,6 +29,8 @@ pub struct RaftService {
     liveness: Arc<Liveness>,
     // Who may speak before this node knows any membership (a new cluster's first contact).
     initial_members: BTreeSet<u64>,
+    // The vote lease openraft enforces: a transfer target campaigns once it has passed.
+    raft_vote_lease: std::time::Duration,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -44,12 +48,14 @@ impl RaftService {
         trust_domain: String,
         liveness: Arc<Liveness>,
         initial_members: BTreeSet<u64>,
+        raft_vote_lease: std::time::Duration,
     ) -> RaftService {
         RaftService {
             raft,
             trust_domain,
             liveness,
             initial_members,
+            raft_vote_lease,
         }
     }
 
@@ -276,5 +282,44 @@ impl raft_server::Raft for RaftService {
         let granted = self.liveness.lease_expired(leading) && rpc.last_log_id >= my_last;
         tracing::debug!(candidate = from, granted, "pre-vote");
         encode(&PreVoteResponse { granted })
+    }
+
+    async fn timeout_now(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let from = self.authorize(&request)?;
+        let rpc: TimeoutNowRequest = decode(&request.into_inner().data, "TimeoutNow")?;
+        let (leader, voter) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == m.id);
+            (m.current_leader, voter)
+        };
+        // Only the current leader may hand its leadership over, and only to a voter.
+        let accepted = rpc.leader == from && leader == Some(from) && voter;
+        if accepted {
+            let (raft, liveness, lease) = (
+                self.raft.clone(),
+                self.liveness.clone(),
+                self.raft_vote_lease,
+            );
+            tokio::spawn(async move {
+                // The other voters refuse votes until openraft's lease since the leader's last
+                // heartbeat has passed; campaigning earlier would only waste a term.
+                let margin = std::time::Duration::from_millis(10);
+                let wait = (lease + margin).saturating_sub(liveness.since_leader_contact());
+                tokio::time::sleep(wait.min(std::time::Duration::from_secs(1))).await;
+                tracing::info!(from, "leadership handed to us; campaigning");
+                if let Err(e) = raft.trigger().elect().await {
+                    tracing::warn!(error = %e, "could not campaign");
+                }
+            });
+        }
+        encode(&TimeoutNowResponse { accepted })
     }
 }

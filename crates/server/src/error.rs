@@ -114,7 +114,7 @@ pub fn consensus_status(e: ConsensusError) -> Status {
                 Status::unavailable("no leader with a quorum is known here; retry shortly");
             status
                 .metadata_mut()
-                .insert(RETRY_AFTER_METADATA, MetadataValue::from(100u64));
+                .insert(RETRY_AFTER_METADATA, MetadataValue::from(50u64));
             status
         }
         ConsensusError::Unavailable(m) => {

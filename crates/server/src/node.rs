@@ -184,6 +184,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     } else {
         tracing::info!(node = config.node_id, "shutting down");
+        // A rolling restart should cost a fraction of an election, not a whole one.
+        if let Some(leader) = consensus.transfer_leadership(Duration::from_secs(2)).await {
+            tracing::info!(node = config.node_id, leader, "handed leadership over");
+        }
     }
     let _ = stop_tx.send(true);
     genesis.abort();
