@@ -297,9 +297,7 @@ impl Consensus {
                 }
             }
         };
-        let Some(addr) = m_node(&self.raft, target) else {
-            return None;
-        };
+        let addr = member_addr(&self.raft, target)?;
         self.raft.runtime_config().heartbeat(false);
         let request = crate::election::TimeoutNowRequest { leader: me };
         let network = Network::new(self.config.peer_tls.clone(), self.config.local_ip);
@@ -592,7 +590,7 @@ impl Consensus {
     }
 }
 
-fn m_node(raft: &Raft<TypeConfig>, id: u64) -> Option<NodeAddr> {
+fn member_addr(raft: &Raft<TypeConfig>, id: u64) -> Option<NodeAddr> {
     raft.metrics()
         .borrow()
         .membership_config
