@@ -178,7 +178,29 @@ async fn an_isolated_leader_refuses_writes_at_once_and_the_majority_elects_anoth
         .expect("the majority serves writes");
     assert!(revision > 0);
 
-    eprintln!("phase 4: heal; one leader again, and the write is on every node");
+    eprintln!(
+        "phase 4: `signpost status` shows each node's own role: one leader, one without quorum"
+    );
+    let out = signpost_tests::cli_ok(
+        &["status", "--json", "--deadline-ms", "3000"],
+        &[("SIGNPOST_CONFIG", &cluster.client_toml())],
+    );
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let role_of = |id: u64| {
+        status["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|r| r["id"] == id))
+            .map(|r| r["role"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(role_of(old), "leader-without-quorum", "{out}");
+    let leaders = majority
+        .iter()
+        .filter(|id| role_of(**id) == "leader")
+        .count();
+    assert_eq!(leaders, 1, "{out}");
+
+    eprintln!("phase 5: heal; one leader again, and the write is on every node");
     cluster.heal();
     eventually(
         &cluster,
@@ -351,6 +373,72 @@ async fn a_follower_returning_from_a_partition_does_not_depose_the_leader() {
     let (ok, failed, errors) = writer.finish().await;
     assert_eq!(failed, 0, "writes failed: {errors:?}");
     assert!(ok > 40, "the writer wrote {ok} records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_replaced_and_rejoins_as_a_follower_when_resumed() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let others: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("paused")).unwrap();
+    let cert = cluster.issue("service", "paused");
+    let writer = Writer::start(
+        cluster.client_from(
+            cluster.client_ip(1),
+            Some(&cert),
+            &[],
+            Duration::from_secs(10),
+        ),
+        key,
+        "paused",
+        Duration::from_millis(100),
+    );
+
+    eprintln!("phase 1: SIGSTOP the leader (a long GC pause); the others elect a new one");
+    cluster.pause(leader);
+    let survivors = cluster.client(&others);
+    eventually(
+        &cluster,
+        "a new leader among the others",
+        Duration::from_secs(10),
+        || async {
+            survivors
+                .status()
+                .await
+                .is_ok_and(|s| s.leader_id != 0 && s.leader_id != leader)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    eprintln!("phase 2: SIGCONT; the old leader follows the new one and no write failed");
+    cluster.resume(leader);
+    eventually(
+        &cluster,
+        "one agreed leader again",
+        Duration::from_secs(10),
+        || async { cluster.agreed_leader().await.is_some_and(|l| l != leader) },
+    )
+    .await;
+    let (ok, failed, errors) = writer.finish().await;
+    assert_eq!(failed, 0, "{errors:?}");
+    let everywhere = cluster.client(&[leader]);
+    eventually(
+        &cluster,
+        "the resumed node has every write",
+        Duration::from_secs(10),
+        || async {
+            everywhere
+                .resolve("paused", true)
+                .await
+                .is_ok_and(|r| r.instances.len() as u64 == ok)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
