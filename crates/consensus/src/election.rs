@@ -149,6 +149,22 @@ pub struct PreVoteRequest {
     pub candidate: u64,
     /// The candidate's last log id.
     pub last_log_id: Option<LogId<u64>>,
+    /// The candidate's wall clock (ms since the epoch): a leader stamps every entry with it,
+    /// so a candidate whose clock disagrees with a voter's by more than
+    /// [`CLOCK_SKEW_MAX_MS`] gets no pre-vote and cannot lead.
+    pub wall_clock_ms: u64,
+}
+
+/// Largest disagreement between a candidate's and a voter's wall clocks for a pre-vote; also
+/// how far the registry's clock may run ahead of a node's before it raises `CLOCK_SKEW`.
+pub const CLOCK_SKEW_MAX_MS: u64 = 5_000;
+
+/// Milliseconds since the epoch on this node's wall clock.
+pub(crate) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The answer to a [`PreVoteRequest`].
@@ -279,6 +295,7 @@ impl ElectionDriver {
         let request = PreVoteRequest {
             candidate: self.node_id,
             last_log_id,
+            wall_clock_ms: wall_clock_ms(),
         };
         let deadline = self.timing.heartbeat * 3;
         let asks = membership

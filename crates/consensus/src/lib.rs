@@ -40,6 +40,7 @@ pub use consensus::{
 };
 pub use election::{
     Liveness, PreVoteRequest, PreVoteResponse, TimeoutNowRequest, TimeoutNowResponse,
+    CLOCK_SKEW_MAX_MS,
 };
 pub use error::ConsensusError;
 pub use log_store::LogStore;

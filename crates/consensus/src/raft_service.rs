@@ -279,7 +279,18 @@ impl raft_server::Raft for RaftService {
         check_log_id(rpc.last_log_id.as_ref(), "PreVote")?;
         let leading = self.raft.metrics().borrow().state == ServerState::Leader;
         let my_last = self.raft.data_metrics().borrow().last_log;
-        let granted = self.liveness.lease_expired(leading) && rpc.last_log_id >= my_last;
+        let skew_ms = crate::election::wall_clock_ms().abs_diff(rpc.wall_clock_ms);
+        let clock_ok = skew_ms <= crate::election::CLOCK_SKEW_MAX_MS;
+        if !clock_ok {
+            tracing::warn!(
+                candidate = from,
+                skew_ms,
+                "CLOCK_SKEW: refusing a pre-vote to a node whose clock differs from ours; \
+                 it cannot lead until its clock is fixed"
+            );
+        }
+        let granted =
+            clock_ok && self.liveness.lease_expired(leading) && rpc.last_log_id >= my_last;
         tracing::debug!(candidate = from, granted, "pre-vote");
         encode(&PreVoteResponse { granted })
     }

@@ -7,6 +7,21 @@ use tonic::{Request, Response, Status};
 
 use crate::authz::Caller;
 
+/// Alarm raised while the registry's clock (the largest entry time applied) is ahead of this
+/// node's wall clock by more than `CLOCK_SKEW_MAX_MS`: some leader's clock ran ahead, and
+/// registrations from clients with correct clocks are refused as too old until real time
+/// catches up.
+pub(crate) const CLOCK_SKEW: &str = "CLOCK_SKEW";
+
+/// Whether the registry clock `clock_ms` is too far ahead of this node's wall clock.
+pub(crate) fn clock_skewed(clock_ms: u64) -> bool {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    clock_ms > now_ms.saturating_add(signpost_consensus::CLOCK_SKEW_MAX_MS)
+}
+
 /// Serves `Cluster.Status` to any authenticated client identity.
 #[derive(Debug, Clone)]
 pub struct ClusterService {
@@ -32,7 +47,10 @@ impl Cluster for ClusterService {
     ) -> Result<Response<StatusResponse>, Status> {
         Caller::from_request(&request, &self.trust_domain)?.check_read()?;
         let status = self.consensus.status();
-        let alarms = self.consensus.state().registry.alarms();
+        let mut alarms = self.consensus.state().registry.alarms();
+        if clock_skewed(self.consensus.state().registry.clock_ms()) {
+            alarms.push(CLOCK_SKEW.to_string());
+        }
         let leader = status.leader_id;
         let members = status
             .members

@@ -306,9 +306,20 @@ impl Config {
         if self.bootstrap.admin_keys.is_empty() {
             return bad("bootstrap.admin_keys must not be empty".into());
         }
+        let mut seen = std::collections::BTreeSet::new();
         for key in &self.bootstrap.admin_keys {
-            signpost_record::parse_public_key_hex(key)
+            let parsed = signpost_record::parse_public_key_hex(key)
                 .map_err(|e| ServerError::Config(format!("bootstrap.admin_keys: {e}")))?;
+            // A small-order key verifies signatures that anyone can make; a duplicate would
+            // count one signer twice towards the threshold.
+            if parsed.is_weak() {
+                return bad(format!(
+                    "bootstrap.admin_keys: {key} is a small-order (weak) key"
+                ));
+            }
+            if !seen.insert(parsed.to_bytes()) {
+                return bad(format!("bootstrap.admin_keys: {key} appears twice"));
+            }
         }
         let t = self.bootstrap.admin_threshold as usize;
         if t == 0 || t > self.bootstrap.admin_keys.len() {
@@ -351,5 +362,50 @@ impl Config {
             return bad("limits.message_bytes_max must be at least 16384 (one envelope)".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_admin_keys(keys: &[String]) -> Config {
+        let keys = keys
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        toml::from_str(&format!(
+            "node_id = 1\ndata_dir = \"d\"\nclient_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:2\"\n\
+             trust_domain = \"t\"\n[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+             [bootstrap]\nadmin_keys = [{keys}]\n[[members]]\nid = 1\nclient_addr = \"127.0.0.1:1\"\n\
+             raft_addr = \"127.0.0.1:2\"\n"
+        ))
+        .expect("config parses")
+    }
+
+    fn key_hex() -> String {
+        hex::encode(
+            signpost_record::generate_signing_key()
+                .verifying_key()
+                .to_bytes(),
+        )
+    }
+
+    #[test]
+    fn admin_keys_must_be_distinct_and_not_small_order() {
+        let good = key_hex();
+        assert!(config_with_admin_keys(std::slice::from_ref(&good))
+            .validate()
+            .is_ok());
+
+        let twice = config_with_admin_keys(&[good.clone(), good.clone()]).validate();
+        assert!(matches!(twice, Err(ServerError::Config(m)) if m.contains("appears twice")));
+
+        // The identity point: a valid encoding of a small-order key.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = config_with_admin_keys(&[hex::encode(identity)]).validate();
+        assert!(matches!(weak, Err(ServerError::Config(m)) if m.contains("small-order")));
     }
 }

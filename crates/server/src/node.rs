@@ -161,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(node = config.node_id, "initialized a new cluster");
     }
     let genesis = tokio::spawn(propose_genesis(consensus.clone(), config.clone(), stop_rx));
+    let clock_watch = tokio::spawn(watch_clock_skew(consensus.clone()));
     tracing::info!(
         node = config.node_id,
         client = %config.client_addr,
@@ -171,9 +172,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // A fatal storage error stops openraft's core for good; a node that kept answering from
     // its last state would serve stale reads and confuse status. It leaves service instead
     // and exits non-zero, for its supervisor to restart it on a disk that works.
+    let mut genesis = genesis;
+    tokio::pin!(shutdown);
     let fatal = tokio::select! {
-        _ = shutdown => None,
+        _ = &mut shutdown => None,
         reason = consensus.fatal() => Some(reason),
+        refused = &mut genesis => match refused {
+            Ok(Some(reason)) => Some(reason),
+            // Genesis is in place (or the task was stopped): keep serving until shutdown.
+            _ => tokio::select! {
+                _ = &mut shutdown => None,
+                reason = consensus.fatal() => Some(reason),
+            },
+        },
     };
     if let Some(reason) = &fatal {
         tracing::error!(
@@ -191,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let _ = stop_tx.send(true);
     genesis.abort();
+    clock_watch.abort();
     if fatal.is_some() {
         // Do not wait for clients to finish: every answer from here on would be stale.
         client_task.abort();
@@ -202,6 +214,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     match fatal {
         Some(reason) => Err(ServerError::Fatal(reason)),
         None => Ok(()),
+    }
+}
+
+/// Logs once when the registry's clock runs ahead of this node's (and once when it no longer
+/// does); `signpost status` shows the `CLOCK_SKEW` alarm meanwhile.
+async fn watch_clock_skew(consensus: Consensus) {
+    let mut skewed = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let clock_ms = consensus.state().registry.clock_ms();
+        let now = crate::cluster_service::clock_skewed(clock_ms);
+        if now != skewed {
+            if now {
+                tracing::warn!(
+                    clock_ms,
+                    "CLOCK_SKEW: the registry's clock is ahead of this node's by more than \
+                     {} ms; some leader's clock ran ahead, and registrations are judged by \
+                     the later time until real time catches up",
+                    signpost_consensus::CLOCK_SKEW_MAX_MS
+                );
+            } else {
+                tracing::info!("CLOCK_SKEW cleared");
+            }
+            skewed = now;
+        }
     }
 }
 
@@ -252,7 +290,13 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// The registry's first entry is the genesis admin set. Whichever node is leader while the
 /// registry has none proposes it; apply accepts only the first, so a race between leaders is
 /// harmless.
-async fn propose_genesis(consensus: Consensus, config: Config, stop: watch::Receiver<bool>) {
+/// Returns the reason if the registry refused the genesis entry: retrying the same entry can
+/// never succeed, so the node stops with that error instead.
+async fn propose_genesis(
+    consensus: Consensus,
+    config: Config,
+    stop: watch::Receiver<bool>,
+) -> Option<String> {
     let keys: Vec<[u8; 32]> = config
         .bootstrap
         .admin_keys
@@ -267,7 +311,7 @@ async fn propose_genesis(consensus: Consensus, config: Config, stop: watch::Rece
     };
     loop {
         if *stop.borrow() || consensus.state().registry.admin_set().is_some() {
-            return;
+            return None;
         }
         if consensus.leader().map(|(id, _)| id) == Some(consensus.node_id()) {
             let request = LogRequest {
@@ -280,6 +324,14 @@ async fn propose_genesis(consensus: Consensus, config: Config, stop: watch::Rece
                 },
             };
             match consensus.propose(request).await {
+                Ok((index, signpost_state::Outcome::Rejected { reason, detail }))
+                    if reason != signpost_record::Reason::AlreadyInitialized =>
+                {
+                    return Some(format!(
+                        "the registry refused the genesis entry at index {index} ({reason:?}: \
+                         {detail}); check [bootstrap] in the config"
+                    ));
+                }
                 Ok((index, outcome)) => {
                     tracing::info!(index, ?outcome, "proposed genesis");
                 }

@@ -32,6 +32,10 @@ pub struct Registry {
     tombstones_due: BTreeSet<(u64, String, String)>,
     /// Sum of key and value lengths over [`Registry::export`].
     state_bytes: u64,
+    /// The largest entry time applied (`c/clock`): apply's time never goes below it, so a
+    /// leader whose clock ran ahead cannot be followed by one that makes time run backwards
+    /// (which would let a replay slip in after its tombstone was dropped).
+    clock_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +147,11 @@ impl Registry {
         self.state_bytes
     }
 
+    /// The largest entry time applied so far (milliseconds since the epoch).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
     /// Active alarms: [`NOSPACE`] while the state is at or above its byte quota, which is
     /// exactly when registrations that grow the state are refused.
     pub fn alarms(&self) -> Vec<String> {
@@ -197,6 +206,9 @@ impl Registry {
                 StorageKey::tombstone(service, instance).encode(),
                 encode_value(tombstone),
             ));
+        }
+        if self.clock_ms > 0 {
+            pairs.push((StorageKey::Clock.encode(), encode_value(&self.clock_ms)));
         }
         pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         pairs

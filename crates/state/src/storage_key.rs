@@ -13,6 +13,7 @@ const ADMIN_CURRENT: &str = "a/current";
 const ADMIN_GENESIS: &str = "a/genesis";
 const ADMIN_CHAIN_PREFIX: &str = "a/chain/";
 const QUOTAS: &str = "q/quotas";
+const CLOCK: &str = "c/clock";
 
 /// Where one piece of registry state lives in the key/value export.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -32,6 +33,8 @@ pub(crate) enum StorageKey {
     AdminChain { index: u32 },
     /// `q/quotas`: the quotas fixed at genesis.
     Quotas,
+    /// `c/clock`: the largest entry time applied so far; time in apply never goes below it.
+    Clock,
 }
 
 impl StorageKey {
@@ -68,6 +71,7 @@ impl StorageKey {
             StorageKey::AdminGenesis => ADMIN_GENESIS.to_owned(),
             StorageKey::AdminChain { index } => format!("{ADMIN_CHAIN_PREFIX}{index:08x}"),
             StorageKey::Quotas => QUOTAS.to_owned(),
+            StorageKey::Clock => CLOCK.to_owned(),
         };
         text.into_bytes()
     }
@@ -107,6 +111,7 @@ impl StorageKey {
             ADMIN_CURRENT => Ok(StorageKey::AdminCurrent),
             ADMIN_GENESIS => Ok(StorageKey::AdminGenesis),
             QUOTAS => Ok(StorageKey::Quotas),
+            CLOCK => Ok(StorageKey::Clock),
             _ => Err(corrupt("unknown key".into())),
         }
     }
@@ -136,6 +141,7 @@ mod tests {
             StorageKey::AdminChain { index: 0 },
             StorageKey::AdminChain { index: 0xabc },
             StorageKey::Quotas,
+            StorageKey::Clock,
         ];
         for key in keys {
             assert_eq!(StorageKey::parse(&key.encode()).unwrap(), key);

@@ -65,9 +65,12 @@ impl Registry {
     /// Applies one log entry at `revision` (its log index). Reads nothing but its arguments and
     /// the registry, so every replica computes the same [`Applied`].
     pub fn apply(&mut self, revision: u64, request: &Request) -> Applied {
+        // Time in apply never runs backwards (I3): an entry stamped before the largest time
+        // already applied is applied at that time, so a tombstone dropped under one leader's
+        // clock stays dropped only for writes that are too old under every later leader.
         let mut txn = Txn {
             revision,
-            time_ms: request.time_ms,
+            time_ms: request.time_ms.max(self.clock_ms),
             changes: Vec::new(),
             events: Vec::new(),
         };
@@ -91,6 +94,7 @@ impl Registry {
         match result {
             Ok(()) => {
                 self.drop_due_tombstones(&mut txn);
+                self.advance_clock(&mut txn);
                 Applied {
                     outcome: Outcome::Applied { revision },
                     changes: txn.changes,
@@ -527,6 +531,22 @@ impl Registry {
             Some(encode_value(&entry.stored)),
         );
         self.bindings.insert(service, entry);
+    }
+
+    /// Records the entry's time as the registry's clock if it moved forward. Only applied
+    /// entries move it, so a refused entry writes nothing, as ever.
+    fn advance_clock(&mut self, txn: &mut Txn) {
+        if txn.time_ms <= self.clock_ms {
+            return;
+        }
+        let old_len = (self.clock_ms > 0).then(|| encoded_len(&self.clock_ms));
+        self.write(
+            txn,
+            StorageKey::Clock,
+            old_len,
+            Some(encode_value(&txn.time_ms)),
+        );
+        self.clock_ms = txn.time_ms;
     }
 
     /// Drops the tombstones whose replay window has closed by `txn.time_ms`, oldest first.

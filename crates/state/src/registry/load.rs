@@ -32,6 +32,7 @@ struct Loader {
     bindings: BTreeMap<String, BindingEntry>,
     records: BTreeMap<Names, StoredRecord>,
     tombstones: BTreeMap<Names, StoredTombstone>,
+    clock_ms: Option<u64>,
     state_bytes: u64,
 }
 
@@ -91,6 +92,13 @@ impl Loader {
             StorageKey::Record { service, instance } => {
                 let record = decode_record(&service, &instance, value).map_err(corrupt)?;
                 insert_new(&mut self.records, (service, instance), record)
+            }
+            StorageKey::Clock => {
+                let clock: u64 = decode_value(value).map_err(corrupt)?;
+                if clock == 0 {
+                    return Err(corrupt("a clock of 0 is never stored".into()));
+                }
+                fill(&mut self.clock_ms, clock)
             }
             StorageKey::Tombstone { service, instance } => {
                 let tombstone: StoredTombstone = decode_value(value).map_err(corrupt)?;
@@ -179,6 +187,7 @@ impl Loader {
             tombstones: self.tombstones,
             tombstones_due,
             state_bytes: self.state_bytes,
+            clock_ms: self.clock_ms.unwrap_or(0),
         })
     }
 }
