@@ -597,3 +597,116 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
         "handshake should have succeeded: {status}"
     );
 }
+
+/// An InstallSnapshot stream as a member would send it: header (vote, meta, size), then data.
+async fn send_snapshot(
+    cluster: &TestCluster,
+    as_member: u64,
+    target: u64,
+    term: u64,
+    body: Vec<u8>,
+) -> Result<(), Status> {
+    use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
+    use signpost_consensus::codec;
+    let cert = cluster.issue("node", &as_member.to_string());
+    let vote = Vote::new_committed(term, as_member);
+    let meta: SnapshotMeta<u64, signpost_consensus::NodeAddr> = SnapshotMeta {
+        last_log_id: Some(LogId::new(CommittedLeaderId::new(term, as_member), 1_000)),
+        last_membership: StoredMembership::default(),
+        snapshot_id: "forged".into(),
+    };
+    let header = SnapshotHeader {
+        vote: codec::encode(&vote, codec::RAFT_MESSAGE_BYTES_MAX).unwrap(),
+        meta: codec::encode(&meta, codec::RAFT_MESSAGE_BYTES_MAX).unwrap(),
+        total_bytes: body.len() as u64,
+    };
+    let chunks = vec![
+        SnapshotChunk {
+            chunk: Some(snapshot_chunk::Chunk::Header(header)),
+        },
+        SnapshotChunk {
+            chunk: Some(snapshot_chunk::Chunk::Data(body)),
+        },
+    ];
+    signpost_tests::raw_raft(cluster, &cert, target, cluster.node_ip(as_member))
+        .install_snapshot(tokio_stream::iter(chunks))
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_does_not_load_or_is_of_another_cluster_is_refused_and_the_node_serves_on()
+{
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let others: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let (liar, target) = (others[0], others[1]);
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+    payments
+        .register(signed_record(&key, "payments", "p1", now_ms(), 443))
+        .await
+        .unwrap();
+    let term = cluster.status_of(target).await.unwrap().term;
+
+    eprintln!("attack 1: a member sends a 13-byte garbage snapshot with a higher vote");
+    let status = send_snapshot(&cluster, liar, target, term + 1, vec![0x5a; 13])
+        .await
+        .expect_err("garbage must be refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("refused snapshot"), "{status}");
+
+    eprintln!("attack 2: a self-consistent registry of another genesis");
+    let mut forged = signpost_state::Registry::new();
+    let rogue_admin = signpost_record::generate_signing_key();
+    forged.apply(
+        1,
+        &signpost_state::Request {
+            time_ms: now_ms(),
+            caller: String::new(),
+            command: signpost_state::Command::Genesis {
+                admin_keys: vec![rogue_admin.verifying_key().to_bytes()],
+                admin_threshold: 1,
+                quotas: signpost_state::Quotas {
+                    instances_per_service_max: 10,
+                    services_max: 10,
+                    state_bytes_max: 1 << 20,
+                },
+            },
+        },
+    );
+    let body = signpost_consensus::codec::encode(
+        &(1u8, forged.export()),
+        signpost_consensus::codec::SNAPSHOT_BYTES_MAX,
+    )
+    .unwrap();
+    let status = send_snapshot(&cluster, liar, target, term + 1, body)
+        .await
+        .expect_err("another cluster's registry must be refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("genesis"), "{status}");
+
+    eprintln!("the target kept its term and state, and the cluster keeps working");
+    let after = cluster
+        .status_of(target)
+        .await
+        .expect("the target still runs");
+    assert_eq!(
+        after.term, term,
+        "the refused snapshot's vote was never seen"
+    );
+    payments
+        .register(signed_record(&key, "payments", "p2", now_ms(), 443))
+        .await
+        .expect("writes go on");
+    let resolved = cluster
+        .client(&[target])
+        .resolve("payments", false)
+        .await
+        .unwrap();
+    assert_eq!(resolved.instances.len(), 2);
+}

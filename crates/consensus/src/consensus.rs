@@ -260,6 +260,7 @@ impl Consensus {
             self.liveness.clone(),
             self.config.members.keys().copied().collect(),
             Duration::from_millis(raft_vote_lease),
+            self.state_machine.clone(),
         )
         .into_server()
     }

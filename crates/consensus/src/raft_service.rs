@@ -31,6 +31,8 @@ pub struct RaftService {
     initial_members: BTreeSet<u64>,
     // The vote lease openraft enforces: a transfer target campaigns once it has passed.
     raft_vote_lease: std::time::Duration,
+    // Read to check a received snapshot against this node's genesis.
+    state_machine: crate::state_machine::StateMachine,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -49,6 +51,7 @@ impl RaftService {
         liveness: Arc<Liveness>,
         initial_members: BTreeSet<u64>,
         raft_vote_lease: std::time::Duration,
+        state_machine: crate::state_machine::StateMachine,
     ) -> RaftService {
         RaftService {
             raft,
@@ -56,6 +59,7 @@ impl RaftService {
             liveness,
             initial_members,
             raft_vote_lease,
+            state_machine,
         }
     }
 
@@ -248,6 +252,23 @@ impl raft_server::Raft for RaftService {
                 body.len()
             )));
         }
+        // Checked before openraft sees the vote or the body: a snapshot that cannot be installed
+        // would otherwise stop this node's Raft core for good.
+        let genesis = self.state_machine.read().registry.genesis().cloned();
+        let checked = tokio::task::spawn_blocking(move || {
+            crate::state_machine::check_snapshot(&body, genesis.as_ref()).map(|()| body)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot check: {e}")))?;
+        let body = match checked {
+            Ok(body) => body,
+            Err(reason) => {
+                tracing::warn!(from, snapshot = %meta.snapshot_id, %reason, "refused a snapshot");
+                return Err(Status::invalid_argument(format!(
+                    "refused snapshot: {reason}"
+                )));
+            }
+        };
         tracing::info!(from, snapshot = %meta.snapshot_id, bytes = total, "receiving snapshot");
         let snapshot = Snapshot {
             meta,

@@ -75,6 +75,28 @@ struct StoredSnapshot {
     body: Vec<u8>,
 }
 
+/// Checks a received snapshot body before it goes anywhere near openraft: it must decode, be
+/// of our format, load as a registry that `apply` could have produced (every signature
+/// verified), and keep this node's genesis admin set if it has one. A snapshot that fails is
+/// refused with the reason; the node keeps its state and keeps running.
+pub(crate) fn check_snapshot(
+    body: &[u8],
+    own_genesis: Option<&signpost_record::AdminSet>,
+) -> Result<(), String> {
+    let decoded: SnapshotBody =
+        codec::decode(body, SNAPSHOT_BYTES_MAX).map_err(|e| format!("does not decode: {e}"))?;
+    if decoded.format != SNAPSHOT_FORMAT {
+        return Err(format!("unknown snapshot format {}", decoded.format));
+    }
+    let registry = Registry::load(decoded.pairs).map_err(|e| format!("does not load: {e}"))?;
+    if let Some(ours) = own_genesis {
+        if registry.genesis() != Some(ours) {
+            return Err("its genesis admin set is not this cluster's".into());
+        }
+    }
+    Ok(())
+}
+
 /// The registry state machine over RocksDB. Cloning is cheap; clones share state.
 #[derive(Debug, Clone)]
 pub struct StateMachine {
