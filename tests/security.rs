@@ -710,3 +710,128 @@ async fn a_snapshot_that_does_not_load_or_is_of_another_cluster_is_refused_and_t
         .unwrap();
     assert_eq!(resolved.instances.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_key() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let old_key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+    payments
+        .register(signed_record(&old_key, "payments", "p1", 1, 443))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: keep an old, genuine answer: genesis admin set, binding of the old key");
+    let old_answer = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1)
+        .resolve(ResolveRequest {
+            service: "payments".into(),
+            stale: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    eprintln!("phase 2: rotate the admin set to v2 and re-bind payments to a new key");
+    let genesis_admin =
+        signpost_record::read_signing_key(&cluster.root().join("admin.key")).unwrap();
+    let new_admin = signpost_record::generate_signing_key();
+    let admin = cluster.client(&[]);
+    admin
+        .rotate_admins(signpost_record::sign_admin_set(
+            &[&genesis_admin],
+            &AdminSetPayload {
+                public_keys: vec![new_admin.verifying_key().to_bytes().to_vec()],
+                threshold: 1,
+                version: 2,
+                issued_at_ms: now_ms(),
+            },
+        ))
+        .await
+        .unwrap();
+    let new_key = signpost_record::generate_signing_key();
+    admin
+        .bind(signpost_record::sign_binding(
+            &new_admin,
+            &BindingPayload {
+                service: "payments".into(),
+                public_keys: vec![new_key.verifying_key().to_bytes().to_vec()],
+                version: now_ms(),
+                issued_at_ms: now_ms(),
+                not_before_ms: 0,
+                not_after_ms: 0,
+            },
+        ))
+        .await
+        .unwrap();
+    payments
+        .register(signed_record(&new_key, "payments", "p1", 2, 443))
+        .await
+        .unwrap();
+
+    eprintln!("phase 3: a client verifies the current answer and saves its version floors");
+    let state = cluster.root().join("client-state.json");
+    let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
+    config.state_file = Some(state.clone());
+    let honest = Client::connect(&config).unwrap();
+    assert_eq!(
+        honest.resolve("payments", false).await.unwrap().instances[0]
+            .payload
+            .endpoints[0]
+            .port,
+        443
+    );
+    assert!(state.exists(), "floors saved");
+
+    eprintln!(
+        "phase 4: a rogue node serves the old set and binding, with a record signed by the old key"
+    );
+    let stolen = cluster.issue("node", "66");
+    let incoming = TlsIncoming::bind(
+        "127.0.0.1:0",
+        server_tls(&cluster, &stolen),
+        &TlsSettings::default(),
+    )
+    .await
+    .unwrap();
+    let rogue_addr = incoming.local_addr().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistryServer::new(RogueRegistry {
+                honest: old_answer,
+                forger: old_key,
+            }))
+            .serve_with_incoming(incoming),
+    );
+
+    eprintln!("phase 5: a restarted client with the saved floors refuses it and falls back");
+    config.endpoints = vec![rogue_addr.clone()];
+    let err = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("a rolled-back answer was accepted");
+    assert!(err.to_string().contains("rollback"), "{err}");
+    config.endpoints = vec![
+        rogue_addr.clone(),
+        cluster.client_addr(1),
+        cluster.client_addr(2),
+    ];
+    let resolved = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("an honest node answers");
+    assert_eq!(resolved.instances[0].payload.endpoints[0].port, 443);
+
+    eprintln!("phase 6: a fresh client with min_admin_version = 2 refuses it too");
+    let mut fresh = ClientConfig::load(&cluster.client_toml()).unwrap();
+    fresh.endpoints = vec![rogue_addr];
+    fresh.trust.min_admin_version = 2;
+    let err = Client::connect(&fresh)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("the old admin set was accepted");
+    assert!(err.to_string().contains("rollback"), "{err}");
+}

@@ -145,11 +145,13 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
         trust: TrustConfig {
             admin_keys: vec![admin_pub_hex],
             admin_threshold: 1,
+            min_admin_version: 0,
         },
         admin_key: Some(PathBuf::from("admin.key")),
         timeout_ms: 5_000,
         deadline_ms: 15_000,
         source_ip: None,
+        state_file: None,
     };
     Ok(client)
 }

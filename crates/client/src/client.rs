@@ -61,6 +61,7 @@ pub struct Client {
     /// A whole call, retries included.
     deadline: Duration,
     source_ip: Option<std::net::IpAddr>,
+    floors: Mutex<crate::floors::Floors>,
 }
 
 /// The pause before retry `attempt` (0-based): exponential with "equal jitter" (half fixed,
@@ -160,6 +161,10 @@ impl Client {
             timeout: Duration::from_millis(config.timeout_ms),
             deadline: Duration::from_millis(config.deadline_ms),
             source_ip: config.source_ip,
+            floors: Mutex::new(crate::floors::Floors::load(
+                config.state_file.clone(),
+                config.trust.min_admin_version,
+            )?),
         })
     }
 
@@ -440,8 +445,10 @@ impl Client {
         self.prefer(next);
     }
 
-    /// Verifies one service's answer back to the pinned genesis admin keys. Individual records
-    /// that fail are dropped (and logged); a binding that fails fails the whole answer.
+    /// Verifies one service's answer back to the pinned genesis admin keys, and against the
+    /// versions this client has already verified (no rollback). Any part that fails (chain,
+    /// binding, a single record) fails the whole answer: a node that serves one bad record is
+    /// not trusted for the rest, and the caller asks another node.
     fn verify(
         &self,
         records: ServiceRecords,
@@ -464,6 +471,11 @@ impl Client {
                 binding.service, records.service
             )));
         }
+        let mut floors = self
+            .floors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        floors.check(admins.version, &binding.service, binding.version)?;
         let mut instances = Vec::new();
         let mut envelopes = Vec::new();
         for envelope in records.records {
@@ -473,11 +485,12 @@ impl Client {
                     envelopes.push(envelope);
                 }
                 Err(e) => {
-                    tracing::warn!(service = %records.service, error = %e, "dropping a record that failed verification");
+                    tracing::warn!(service = %records.service, error = %e, "a record failed verification; refusing the whole answer");
                     return Err(ClientError::Verification(format!("record: {e}")));
                 }
             }
         }
+        floors.raise(admins.version, &binding.service, binding.version);
         Ok(Resolved {
             service: records.service,
             instances,

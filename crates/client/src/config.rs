@@ -30,6 +30,10 @@ pub struct ClientConfig {
     /// Local address to connect from (multi-homed hosts; tests that partition a client).
     #[serde(default)]
     pub source_ip: Option<std::net::IpAddr>,
+    /// File (relative to this config) where the client keeps the highest admin-set and binding
+    /// versions it has verified, so a restarted client cannot be rolled back either.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -64,6 +68,10 @@ pub struct TrustConfig {
     /// Genesis threshold.
     #[serde(default = "one")]
     pub admin_threshold: u32,
+    /// Refuse answers whose admin set is older than this version (pin it after a rotation,
+    /// so even a client that never saw the cluster cannot be shown the old set).
+    #[serde(default)]
+    pub min_admin_version: u64,
 }
 
 fn one() -> u32 {
@@ -91,6 +99,9 @@ impl ClientConfig {
         }
         if let Some(k) = &mut config.admin_key {
             fix(k);
+        }
+        if let Some(f) = &mut config.state_file {
+            fix(f);
         }
         if config.endpoints.is_empty() {
             return Err(ClientError::Config("endpoints must not be empty".into()));

@@ -30,6 +30,7 @@
 mod client;
 mod config;
 mod error;
+mod floors;
 mod watcher;
 
 pub use client::{Client, Resolved};
