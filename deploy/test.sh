@@ -23,3 +23,5 @@ else
 fi
 # Integration tests start three-node clusters; two at a time keeps a 2-core machine responsive.
 cargo test --release --locked --workspace -- --test-threads=2
+# Every fuzz target for a bounded time from the corpus in fuzz/corpus (nightly + cargo-fuzz).
+bash deploy/fuzz.sh "${SIGNPOST_FUZZ_SECONDS:-45}"
