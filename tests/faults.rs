@@ -58,6 +58,20 @@ struct Writer {
 }
 
 impl Writer {
+    /// Binds a key to `service`, issues its certificate, and writes every `period` from the
+    /// cluster's first client address through every node (calls bounded at 10 s).
+    fn for_new_service(cluster: &TestCluster, service: &'static str, period: Duration) -> Writer {
+        let key = signpost_record::read_signing_key(&cluster.bind_new_key(service)).unwrap();
+        let cert = cluster.issue("service", service);
+        let client = cluster.client_from(
+            cluster.client_ip(1),
+            Some(&cert),
+            &[],
+            Duration::from_secs(10),
+        );
+        Writer::start(client, key, service, period)
+    }
+
     fn start(client: Client, key: SigningKey, service: &'static str, period: Duration) -> Writer {
         let client = Arc::new(client);
         Writer::run(move || Ok(client.clone()), key, service, period)
@@ -334,21 +348,9 @@ async fn a_follower_returning_from_a_partition_does_not_depose_the_leader() {
         .collect();
     let (lonely, other) = (others[0], others[1]);
     let term = cluster.status_of(leader).await.expect("leader status").term;
-    let key = signpost_record::read_signing_key(&cluster.bind_new_key("steady")).unwrap();
-    let cert = cluster.issue("service", "steady");
 
     eprintln!("phase 1: a writer works through the whole test");
-    let writer = Writer::start(
-        cluster.client_from(
-            cluster.client_ip(1),
-            Some(&cert),
-            &[],
-            Duration::from_secs(10),
-        ),
-        key,
-        "steady",
-        Duration::from_millis(200),
-    );
+    let writer = Writer::for_new_service(&cluster, "steady", Duration::from_millis(200));
 
     eprintln!("phase 2: isolate one follower for 12 s; it must not raise its term");
     cluster.partition(&[lonely], &[leader, other]);
@@ -384,19 +386,7 @@ async fn a_paused_leader_is_replaced_and_rejoins_as_a_follower_when_resumed() {
         .into_iter()
         .filter(|id| *id != leader)
         .collect();
-    let key = signpost_record::read_signing_key(&cluster.bind_new_key("paused")).unwrap();
-    let cert = cluster.issue("service", "paused");
-    let writer = Writer::start(
-        cluster.client_from(
-            cluster.client_ip(1),
-            Some(&cert),
-            &[],
-            Duration::from_secs(10),
-        ),
-        key,
-        "paused",
-        Duration::from_millis(100),
-    );
+    let writer = Writer::for_new_service(&cluster, "paused", Duration::from_millis(100));
 
     eprintln!("phase 1: SIGSTOP the leader (a long GC pause); the others elect a new one");
     cluster.pause(leader);
@@ -780,21 +770,9 @@ async fn a_leader_stopped_with_sigterm_hands_leadership_to_a_follower_first() {
     let mut cluster = TestCluster::start(ClusterOptions::default());
     let leader = cluster.wait_ready(READY).await;
     let term = cluster.status_of(leader).await.expect("leader status").term;
-    let key = signpost_record::read_signing_key(&cluster.bind_new_key("rolling")).unwrap();
-    let cert = cluster.issue("service", "rolling");
 
     eprintln!("phase 1: a writer works while the leader is stopped for a restart");
-    let writer = Writer::start(
-        cluster.client_from(
-            cluster.client_ip(1),
-            Some(&cert),
-            &[],
-            Duration::from_secs(10),
-        ),
-        key,
-        "rolling",
-        Duration::from_millis(50),
-    );
+    let writer = Writer::for_new_service(&cluster, "rolling", Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.terminate(leader);
     let status = cluster.wait_exit(leader, Duration::from_secs(10));

@@ -284,6 +284,13 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
         matches!(err, signpost_client::ClientError::Verification(_)),
         "{err}"
     );
+    let listed = search
+        .list(false)
+        .await
+        .expect("one service that does not verify does not fail the list");
+    assert!(listed.services.is_empty(), "{:?}", listed.services);
+    assert_eq!(listed.unverified.len(), 1, "{:?}", listed.unverified);
+    assert_eq!(listed.unverified[0].0, "search");
 
     eprintln!("phase 6: the old genesis key can no longer bind; a current admin re-binds");
     let err = admin
@@ -391,6 +398,29 @@ fn server_tls(
     signpost_identity::server_config(&files, &trust, &TlsSettings::default()).unwrap()
 }
 
+/// Serves `rogue` over mutual TLS with the certificate at `cert_prefix`, on a free loopback
+/// port; returns its address.
+async fn serve_rogue(
+    cluster: &TestCluster,
+    cert_prefix: &std::path::Path,
+    rogue: RogueRegistry,
+) -> std::net::SocketAddr {
+    let incoming = TlsIncoming::bind(
+        "127.0.0.1:0",
+        server_tls(cluster, cert_prefix),
+        &TlsSettings::default(),
+    )
+    .await
+    .unwrap();
+    let addr = incoming.local_addr();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistryServer::new(rogue))
+            .serve_with_incoming(incoming),
+    );
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
     let cluster = TestCluster::start(ClusterOptions::default());
@@ -413,23 +443,11 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
         .unwrap()
         .into_inner();
     let stolen = cluster.issue("node", "66");
-    let incoming = TlsIncoming::bind(
-        "127.0.0.1:0",
-        server_tls(&cluster, &stolen),
-        &TlsSettings::default(),
-    )
-    .await
-    .unwrap();
-    let rogue_addr = incoming.local_addr().to_string();
     let rogue = RogueRegistry {
         honest: raw,
         forger: signpost_record::generate_signing_key(),
     };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistryServer::new(rogue))
-            .serve_with_incoming(incoming),
-    );
+    let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
     eprintln!("phase 2: a client that only knows the rogue node gets no record at all");
     let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
@@ -544,22 +562,11 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
         &billing,
     )
     .unwrap();
-    let incoming = TlsIncoming::bind(
-        "127.0.0.1:0",
-        server_tls(&cluster, &billing),
-        &TlsSettings::default(),
-    )
-    .await
-    .unwrap();
-    let port = incoming.local_addr().port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistryServer::new(RogueRegistry {
-                honest: ResolveResponse::default(),
-                forger: signpost_record::generate_signing_key(),
-            }))
-            .serve_with_incoming(incoming),
-    );
+    let rogue = RogueRegistry {
+        honest: ResolveResponse::default(),
+        forger: signpost_record::generate_signing_key(),
+    };
+    let port = serve_rogue(&cluster, &billing, rogue).await.port();
 
     eprintln!("phase 2: the payments record points at it, naming the payments identity");
     payments
@@ -787,22 +794,11 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         "phase 4: a rogue node serves the old set and binding, with a record signed by the old key"
     );
     let stolen = cluster.issue("node", "66");
-    let incoming = TlsIncoming::bind(
-        "127.0.0.1:0",
-        server_tls(&cluster, &stolen),
-        &TlsSettings::default(),
-    )
-    .await
-    .unwrap();
-    let rogue_addr = incoming.local_addr().to_string();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistryServer::new(RogueRegistry {
-                honest: old_answer,
-                forger: old_key,
-            }))
-            .serve_with_incoming(incoming),
-    );
+    let rogue = RogueRegistry {
+        honest: old_answer,
+        forger: old_key,
+    };
+    let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
     eprintln!("phase 5: a restarted client with the saved floors refuses it and falls back");
     config.endpoints = vec![rogue_addr.clone()];

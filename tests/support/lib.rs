@@ -713,13 +713,14 @@ pub fn signed_record(
     signpost_record::sign_record(key, &record_payload(service, instance, sequence, port))
 }
 
-/// A raw gRPC Registry client presenting `cert_prefix`.crt/.key to node `id`: what an attacker
-/// uses, with none of the Rust client's own checks.
-pub fn raw_registry(
+/// A mutual-TLS channel presenting `cert_prefix`.crt/.key to `addr`, dialled from `from` (the
+/// kernel's choice if None), with none of the Rust client's own checks.
+fn raw_channel(
     cluster: &TestCluster,
     cert_prefix: &Path,
-    id: u64,
-) -> signpost_proto::v1::registry_client::RegistryClient<tonic::transport::Channel> {
+    addr: &str,
+    from: Option<IpAddr>,
+) -> tonic::transport::Channel {
     let files = signpost_identity::TlsFiles {
         ca: cluster.ca_dir().join("ca.crt"),
         cert: cert_prefix.with_extension("crt"),
@@ -729,12 +730,18 @@ pub fn raw_registry(
     let config =
         signpost_identity::client_config_from_files(&files, signpost_identity::PeerRule::AnyNode)
             .expect("client config");
-    let channel = signpost_identity::connect_channel(
-        &cluster.client_addr(id),
-        config,
-        Duration::from_secs(3),
-    )
-    .expect("channel");
+    signpost_identity::connect_channel_from(addr, config, Duration::from_secs(3), from)
+        .expect("channel")
+}
+
+/// A raw gRPC Registry client presenting `cert_prefix`.crt/.key to node `id`: what an attacker
+/// uses, with none of the Rust client's own checks.
+pub fn raw_registry(
+    cluster: &TestCluster,
+    cert_prefix: &Path,
+    id: u64,
+) -> signpost_proto::v1::registry_client::RegistryClient<tonic::transport::Channel> {
+    let channel = raw_channel(cluster, cert_prefix, &cluster.client_addr(id), None);
     signpost_proto::v1::registry_client::RegistryClient::new(channel)
         .max_encoding_message_size(1024 * 1024)
 }
@@ -747,21 +754,6 @@ pub fn raw_raft(
     target: u64,
     from: IpAddr,
 ) -> signpost_proto::v1::raft_client::RaftClient<tonic::transport::Channel> {
-    let files = signpost_identity::TlsFiles {
-        ca: cluster.ca_dir().join("ca.crt"),
-        cert: cert_prefix.with_extension("crt"),
-        key: cert_prefix.with_extension("key"),
-        crl: None,
-    };
-    let config =
-        signpost_identity::client_config_from_files(&files, signpost_identity::PeerRule::AnyNode)
-            .expect("client config");
-    let channel = signpost_identity::connect_channel_from(
-        &cluster.raft_addr(target),
-        config,
-        Duration::from_secs(3),
-        Some(from),
-    )
-    .expect("channel");
+    let channel = raw_channel(cluster, cert_prefix, &cluster.raft_addr(target), Some(from));
     signpost_proto::v1::raft_client::RaftClient::new(channel)
 }

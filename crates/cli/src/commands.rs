@@ -348,15 +348,23 @@ pub(crate) struct ListArgs {
 
 pub(crate) async fn list(args: ListArgs) -> anyhow::Result<()> {
     let (_, client) = connect(&args.opts)?;
-    let services = client.list(args.stale).await?;
+    let listed = client.list(args.stale).await?;
     if args.opts.json {
-        let revision = services.iter().map(|s| s.revision).max().unwrap_or(0);
         output::print_json(&json!({
-            "revision": revision,
-            "services": services.iter().map(output::resolved_json).collect::<Vec<_>>(),
+            "revision": listed.revision,
+            "services": listed.services.iter().map(output::resolved_json).collect::<Vec<_>>(),
+            "unverified": listed
+                .unverified
+                .iter()
+                .map(|(service, reason)| json!({"service": service, "reason": reason}))
+                .collect::<Vec<_>>(),
         }));
     } else {
-        output::print_instances(&services);
+        output::print_instances(&listed.services);
+    }
+    // Left out, not hidden: an operator must see that a service's answer did not verify.
+    for (service, reason) in &listed.unverified {
+        eprintln!("warning: {service} left out: its answer did not verify: {reason}");
     }
     Ok(())
 }

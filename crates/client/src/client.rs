@@ -45,6 +45,17 @@ pub struct Resolved {
     pub binding: signpost_record::Binding,
 }
 
+/// The answer to [`Client::list`].
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Services whose answer verified end to end, ordered by name.
+    pub services: Vec<Resolved>,
+    /// Services left out because their answer did not verify, with the reason.
+    pub unverified: Vec<(String, String)>,
+    /// The revision the answer reflects.
+    pub revision: u64,
+}
+
 /// A client of a Signpost cluster. Cheap to share behind an `Arc`; channels are reused.
 #[derive(Debug)]
 pub struct Client {
@@ -412,8 +423,15 @@ impl Client {
     }
 
     /// Lists every service with live instances, each verified end to end.
-    pub async fn list(&self, stale: bool) -> Result<Vec<Resolved>, ClientError> {
+    ///
+    /// A service whose answer does not verify (its binding expired, or was signed by an admin
+    /// set since rotated out) is reported in [`Listed::unverified`] and left out; it does not
+    /// fail the others. If some do not verify, the other nodes are asked too and the answer
+    /// with the fewest failures is returned, so a single lying node cannot hide a service by
+    /// corrupting it. An admin chain that does not verify fails that node's whole answer.
+    pub async fn list(&self, stale: bool) -> Result<Listed, ClientError> {
         let mut failures = Vec::new();
+        let mut best: Option<Listed> = None;
         for _ in 0..self.endpoints.len().max(1) {
             let (addr, response) = self
                 .with_retries(|addr| async move {
@@ -421,18 +439,37 @@ impl Client {
                     Ok((addr, r.into_inner()))
                 })
                 .await?;
-            let verified: Result<Vec<Resolved>, ClientError> = response
-                .services
-                .into_iter()
-                .map(|s| self.verify(s, &response.admin_chain, response.revision))
-                .collect();
-            match verified {
-                Ok(v) => return Ok(v),
-                Err(e) => failures.push(format!("{addr}: {e}")),
-            }
             self.rotate_away_from(&addr);
+            if let Err(e) =
+                signpost_record::verify_admin_chain(&self.genesis, &response.admin_chain)
+            {
+                failures.push(format!("{addr}: admin chain: {e}"));
+                continue;
+            }
+            let mut listed = Listed {
+                services: Vec::new(),
+                unverified: Vec::new(),
+                revision: response.revision,
+            };
+            for service in response.services {
+                let name = service.service.clone();
+                match self.verify(service, &response.admin_chain, response.revision) {
+                    Ok(resolved) => listed.services.push(resolved),
+                    Err(e) => listed.unverified.push((name, e.to_string())),
+                }
+            }
+            if listed.unverified.is_empty() {
+                return Ok(listed);
+            }
+            tracing::warn!(node = %addr, unverified = listed.unverified.len(), "some services did not verify; asking another node");
+            if best
+                .as_ref()
+                .is_none_or(|b| listed.unverified.len() < b.unverified.len())
+            {
+                best = Some(listed);
+            }
         }
-        Err(ClientError::Verification(failures.join("; ")))
+        best.ok_or_else(|| ClientError::Verification(failures.join("; ")))
     }
 
     fn rotate_away_from(&self, addr: &str) {

@@ -33,7 +33,7 @@ mod error;
 mod floors;
 mod watcher;
 
-pub use client::{Client, Resolved};
+pub use client::{Client, Listed, Resolved};
 pub use config::{ClientConfig, ClientTls, TrustConfig};
 pub use error::{code_name, ClientError};
 pub use watcher::{Change, Watcher};

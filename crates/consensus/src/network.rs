@@ -80,28 +80,25 @@ impl Network {
     }
 }
 
+/// The election-control RPCs this crate adds to openraft's (see [`crate::election`]).
+#[derive(Debug, Clone, Copy)]
+enum ControlRpc {
+    PreVote,
+    TimeoutNow,
+}
+
 impl Network {
-    /// Asks `target` for a pre-vote (see [`crate::election`]).
+    /// Asks `target` for a pre-vote.
     pub(crate) async fn pre_vote(
         &self,
         target: u64,
         node: &NodeAddr,
         request: &PreVoteRequest,
     ) -> Result<PreVoteResponse, String> {
-        let channel = self
-            .channel(target, &node.raft_addr)
-            .map_err(|e| e.to_string())?;
-        let data = codec::encode(request, RAFT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
-        let response = RaftClient::new(channel)
-            .pre_vote(RaftMessage { data })
+        self.control(ControlRpc::PreVote, target, node, request)
             .await
-            .map_err(|s| s.to_string())?;
-        codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)
-            .map_err(|e| e.to_string())
     }
-}
 
-impl Network {
     /// Tells `target` to campaign now (leadership transfer).
     pub(crate) async fn timeout_now(
         &self,
@@ -109,14 +106,32 @@ impl Network {
         node: &NodeAddr,
         request: &TimeoutNowRequest,
     ) -> Result<TimeoutNowResponse, String> {
+        self.control(ControlRpc::TimeoutNow, target, node, request)
+            .await
+    }
+
+    async fn control<Req, Resp>(
+        &self,
+        rpc: ControlRpc,
+        target: u64,
+        node: &NodeAddr,
+        request: &Req,
+    ) -> Result<Resp, String>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
         let channel = self
             .channel(target, &node.raft_addr)
             .map_err(|e| e.to_string())?;
         let data = codec::encode(request, RAFT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
-        let response = RaftClient::new(channel)
-            .timeout_now(RaftMessage { data })
-            .await
-            .map_err(|s| s.to_string())?;
+        let mut client = RaftClient::new(channel);
+        let message = RaftMessage { data };
+        let response = match rpc {
+            ControlRpc::PreVote => client.pre_vote(message).await,
+            ControlRpc::TimeoutNow => client.timeout_now(message).await,
+        }
+        .map_err(|s| s.to_string())?;
         codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)
             .map_err(|e| e.to_string())
     }
