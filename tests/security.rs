@@ -831,3 +831,52 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         .expect_err("the old admin set was accepted");
     assert!(err.to_string().contains("rollback"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_keys_and_stale_sequences_are_refused_before_the_log() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+    payments
+        .register(signed_record(&key, "payments", "p1", 10, 443))
+        .await
+        .unwrap();
+    let commit = cluster.status_of(leader).await.unwrap().commit_index;
+
+    eprintln!("attack 1: registrations signed by a key the admins never bound");
+    let stranger = signpost_record::generate_signing_key();
+    for i in 0..10 {
+        let err = payments
+            .register(signed_record(
+                &stranger,
+                "payments",
+                &format!("x{i}"),
+                1,
+                6666,
+            ))
+            .await
+            .expect_err("an unbound key must be refused");
+        assert_eq!(reason(&err), "unbound_key", "{err}");
+    }
+
+    eprintln!("attack 2: replays below the stored sequence");
+    for sequence in 1..=10 {
+        let err = payments
+            .register(signed_record(&key, "payments", "p1", sequence, 6666))
+            .await
+            .expect_err("a stale sequence must be refused");
+        assert_eq!(reason(&err), "stale_sequence", "{err}");
+    }
+
+    eprintln!("none of them reached the log");
+    assert_eq!(
+        cluster.status_of(leader).await.unwrap().commit_index,
+        commit
+    );
+    payments
+        .register(signed_record(&key, "payments", "p1", 11, 443))
+        .await
+        .expect("the next sequence is accepted");
+    assert!(cluster.status_of(leader).await.unwrap().commit_index > commit);
+}

@@ -88,6 +88,55 @@ impl RegistryService {
         }
     }
 
+    /// On the leader, refuses before the log what apply would refuse for certain: a key the
+    /// service's binding does not hold, a sequence not above the last one accepted. The leader
+    /// has applied every write it acknowledged, so an honest client is never refused here for a
+    /// write it just made; a follower (whose state may lag) leaves the checks to apply.
+    fn precheck_against_state(&self, verified: &record::VerifiedRecord) -> Result<(), Status> {
+        if !self.is_leader() {
+            return Ok(());
+        }
+        let p = &verified.payload;
+        let state = self.consensus.state();
+        let refusal_now = match state.registry.binding(&p.service) {
+            None => Some((
+                Reason::NoBinding,
+                format!("no binding for service {}", p.service),
+            )),
+            Some(binding) if !binding.keys.contains(&verified.key) => Some((
+                Reason::UnboundKey,
+                format!(
+                    "key {} is not bound to {}",
+                    hex::encode(verified.key),
+                    p.service
+                ),
+            )),
+            Some(_) => None,
+        };
+        if let Some((reason, detail)) = refusal_now {
+            // A binding committed but not yet applied here (a leader just elected) could still
+            // bind the key; refuse early only when this node has applied all it knows.
+            drop(state);
+            let status = self.consensus.status();
+            if status.applied_index >= status.commit_index {
+                return Err(refusal(reason, &detail));
+            }
+            return Ok(());
+        }
+        if let Some(last) = state.registry.last_sequence(&p.service, &p.instance) {
+            if p.sequence <= last {
+                return Err(refusal(
+                    Reason::StaleSequence,
+                    &format!(
+                        "sequence {} of {}/{} is not above {last}",
+                        p.sequence, p.service, p.instance
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The priority of a write (see `admission`): admins first, then renewals of instances
     /// that exist and deregistrations, then new registrations.
     fn write_class(&self, caller: &Caller, existing: Option<(&str, &str)>) -> WriteClass {
@@ -185,6 +234,7 @@ impl Registry for RegistryService {
         // Cheap rejection before the log: garbage never costs a Raft round.
         let verified = precheck(record::open_record(&envelope))?;
         caller.check_register(&verified.payload.service)?;
+        self.precheck_against_state(&verified)?;
         let p = &verified.payload;
         let class = self.write_class(&caller, Some((&p.service, &p.instance)));
         self.propose(

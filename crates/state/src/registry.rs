@@ -116,6 +116,20 @@ impl Registry {
         &self.quotas
     }
 
+    /// The last sequence accepted for `service/instance`, live or tombstoned: a registration
+    /// must carry a higher one.
+    pub fn last_sequence(&self, service: &str, instance: &str) -> Option<u64> {
+        self.services
+            .get(service)
+            .and_then(|s| s.get(instance))
+            .map(|r| r.sequence)
+            .or_else(|| {
+                self.tombstones
+                    .get(&(service.to_owned(), instance.to_owned()))
+                    .map(|t| t.sequence)
+            })
+    }
+
     /// Lease facts of one live instance.
     pub fn instance(&self, service: &str, instance: &str) -> Option<InstanceInfo> {
         let record = self.services.get(service)?.get(instance)?;

@@ -359,16 +359,6 @@ impl Registry {
         entry.binding.check_window(time_ms)
     }
 
-    /// The last accepted sequence of an instance, live or tombstoned.
-    fn last_sequence(&self, service: &str, instance: &str) -> Option<u64> {
-        if let Some(live) = self.services.get(service).and_then(|s| s.get(instance)) {
-            return Some(live.sequence);
-        }
-        self.tombstones
-            .get(&(service.to_owned(), instance.to_owned()))
-            .map(|t| t.sequence)
-    }
-
     fn issued_at_max_seen(&self, service: &str, instance: &str) -> u64 {
         if let Some(live) = self.services.get(service).and_then(|s| s.get(instance)) {
             return live.issued_at_max_ms;
