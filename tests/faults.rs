@@ -799,3 +799,73 @@ async fn a_leader_stopped_with_sigterm_hands_leadership_to_a_follower_first() {
     assert_eq!(failed, 0, "{errors:?}");
     assert!(ok > 10, "the writer wrote {ok} records");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_keeps_its_slot_until_its_outcome_even_when_the_client_gives_up() {
+    let mut cluster = TestCluster::start(ClusterOptions {
+        limits_toml: "proposals_in_flight_max = 4\nproposals_admin_reserved = 1\n\
+                      proposals_new_registration_percent = 100\n"
+            .into(),
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("slots")).unwrap();
+    let cert = cluster.issue("service", "slots");
+    let registry = signpost_tests::raw_registry(&cluster, &cert, leader);
+    let raw = |instance: &str| {
+        let mut request = tonic::Request::new(signpost_proto::v1::RegisterRequest {
+            envelope: Some(signed_record(&key, "slots", instance, now_ms(), 9000)),
+        });
+        request.set_timeout(Duration::from_millis(300));
+        let mut client = registry.clone();
+        async move { client.register(request).await }
+    };
+
+    eprintln!(
+        "phase 1: both followers stall; three writes enter the log and their clients give up"
+    );
+    cluster.pause(followers[0]);
+    cluster.pause(followers[1]);
+    let (a, b, c) = tokio::join!(raw("a"), raw("b"), raw("c"));
+    for result in [a, b, c] {
+        let status = result.expect_err("nothing commits without a quorum");
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{status}"
+        );
+    }
+
+    eprintln!("phase 2: their slots are still taken: the next write is shed, not proposed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = raw("d").await.expect_err("no slot is free");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+
+    eprintln!("phase 3: the followers return; the three commit and the slots come back");
+    cluster.resume(followers[0]);
+    cluster.resume(followers[1]);
+    let client = cluster.client_as(&cert, &[]);
+    eventually(
+        &cluster,
+        "the stalled writes commit",
+        Duration::from_secs(15),
+        || async {
+            client
+                .resolve("slots", false)
+                .await
+                .is_ok_and(|r| r.instances.len() == 3)
+        },
+    )
+    .await;
+    client
+        .register(signed_record(&key, "slots", "e", now_ms(), 9000))
+        .await
+        .expect("slots are free again");
+}

@@ -71,16 +71,23 @@ impl RegistryService {
         class: WriteClass,
         command: Command,
     ) -> Result<Response<WriteResponse>, Status> {
-        let _permit = self.admission.proposal(class)?;
+        let permit = self.admission.proposal(class)?;
         let request = LogRequest {
             time_ms: now_ms(),
             caller: caller.uri(),
             command,
         };
-        let (_, outcome) = self
-            .consensus
-            .propose(request)
+        // The entry is in the log once proposed, whether or not the client waits for it: the
+        // slot is held by the proposal itself until its outcome, so clients that give up (or
+        // time out on purpose) cannot have more proposals in flight than the limit.
+        let consensus = self.consensus.clone();
+        let proposal = tokio::spawn(async move {
+            let _slot = permit;
+            consensus.propose(request).await
+        });
+        let (_, outcome) = proposal
             .await
+            .map_err(|e| Status::internal(format!("proposal task: {e}")))?
             .map_err(consensus_status)?;
         match outcome {
             Outcome::Applied { revision } => Ok(Response::new(WriteResponse { revision })),
