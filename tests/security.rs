@@ -319,12 +319,14 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
     assert_eq!(resolved.instances.len(), 1);
 }
 
-/// A Registry server run by an attacker who holds a node certificate: it serves a forged record
-/// for `payments`, signed by a key the admins never bound.
+/// A Registry server run by an attacker who holds a node certificate: it serves `honest` with
+/// the records replaced by a forged `payments` record signed by `forger` (if any), plus `extra`
+/// records beside them.
 #[derive(Clone)]
 struct RogueRegistry {
     honest: ResolveResponse,
-    forger: SigningKey,
+    forger: Option<SigningKey>,
+    extra: Vec<Envelope>,
 }
 
 type Stream<T> = Pin<Box<dyn futures_core::Stream<Item = Result<T, Status>> + Send>>;
@@ -358,14 +360,11 @@ impl Registry for RogueRegistry {
     ) -> Result<Response<ResolveResponse>, Status> {
         let mut forged = self.honest.clone();
         let service = forged.service.as_mut().unwrap();
-        // Point payments at the attacker's box, signed with the attacker's key.
-        service.records = vec![signed_record(
-            &self.forger,
-            "payments",
-            "p1",
-            u64::MAX / 2,
-            31337,
-        )];
+        if let Some(forger) = &self.forger {
+            // Point payments at the attacker's box, signed with the attacker's key.
+            service.records = vec![signed_record(forger, "payments", "p1", u64::MAX / 2, 31337)];
+        }
+        service.records.extend(self.extra.iter().cloned());
         Ok(Response::new(forged))
     }
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
@@ -445,7 +444,8 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
     let stolen = cluster.issue("node", "66");
     let rogue = RogueRegistry {
         honest: raw,
-        forger: signpost_record::generate_signing_key(),
+        forger: Some(signpost_record::generate_signing_key()),
+        extra: Vec::new(),
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -564,7 +564,8 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
     .unwrap();
     let rogue = RogueRegistry {
         honest: ResolveResponse::default(),
-        forger: signpost_record::generate_signing_key(),
+        forger: Some(signpost_record::generate_signing_key()),
+        extra: Vec::new(),
     };
     let port = serve_rogue(&cluster, &billing, rogue).await.port();
 
@@ -796,7 +797,8 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
     let stolen = cluster.issue("node", "66");
     let rogue = RogueRegistry {
         honest: old_answer,
-        forger: old_key,
+        forger: Some(old_key),
+        extra: Vec::new(),
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -879,4 +881,48 @@ async fn unbound_keys_and_stale_sequences_are_refused_before_the_log() {
         .await
         .expect("the next sequence is accepted");
     assert!(cluster.status_of(leader).await.unwrap().commit_index > commit);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_one_record_per_instance_the_newest_whatever_a_node_serves() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+    let old = signed_record(&key, "payments", "p1", 1, 443);
+    payments.register(old.clone()).await.unwrap();
+    payments
+        .register(signed_record(&key, "payments", "p1", 2, 444))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: a rogue node serves the current record and, beside it, the superseded one");
+    let current = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1)
+        .resolve(ResolveRequest {
+            service: "payments".into(),
+            stale: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rogue = RogueRegistry {
+        honest: current,
+        forger: None,
+        extra: vec![old],
+    };
+    let rogue_addr = serve_rogue(&cluster, &cluster.issue("node", "66"), rogue)
+        .await
+        .to_string();
+
+    eprintln!("phase 2: the client keeps one record for p1, the one with the higher sequence");
+    let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
+    config.endpoints = vec![rogue_addr];
+    let resolved = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("both records verify");
+    assert_eq!(resolved.instances.len(), 1, "{:?}", resolved.instances);
+    assert_eq!(resolved.instances[0].payload.sequence, 2);
+    assert_eq!(resolved.envelopes.len(), 1);
 }

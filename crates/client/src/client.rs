@@ -45,6 +45,26 @@ pub struct Resolved {
     pub binding: signpost_record::Binding,
 }
 
+/// One record per instance, the one with the highest sequence, ordered by instance id: an
+/// honest node never serves two, and a node that serves a superseded record beside the
+/// current one must not make the client see both.
+fn newest_per_instance(
+    instances: Vec<VerifiedRecord>,
+    envelopes: Vec<Envelope>,
+) -> (Vec<VerifiedRecord>, Vec<Envelope>) {
+    let mut newest: std::collections::BTreeMap<String, (VerifiedRecord, Envelope)> =
+        std::collections::BTreeMap::new();
+    for (record, envelope) in instances.into_iter().zip(envelopes) {
+        let keep = newest
+            .get(&record.payload.instance)
+            .is_none_or(|(kept, _)| record.payload.sequence > kept.payload.sequence);
+        if keep {
+            newest.insert(record.payload.instance.clone(), (record, envelope));
+        }
+    }
+    newest.into_values().unzip()
+}
+
 /// The answer to [`Client::list`].
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -528,6 +548,7 @@ impl Client {
             }
         }
         floors.raise(admins.version, &binding.service, binding.version);
+        let (instances, envelopes) = newest_per_instance(instances, envelopes);
         Ok(Resolved {
             service: records.service,
             instances,
