@@ -115,11 +115,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_registratio
     );
 
     eprintln!("phase 3: registrations continue through the survivors");
-    let survivors: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let survivors: Vec<u64> = cluster.others(leader);
     let client = cluster.client_as(&orders_cert, &survivors);
     for i in 20..40u64 {
         let name = format!("o{i}");

@@ -10,27 +10,11 @@ use std::time::{Duration, Instant};
 
 use signpost_client::{Client, ClientError};
 use signpost_record::SigningKey;
-use signpost_tests::{now_ms, record_payload, signed_record, ClusterOptions, TestCluster};
+use signpost_tests::{
+    now_ms, present, record_with_ttl, signed_record, ClusterOptions, TestCluster,
+};
 
 const READY: Duration = Duration::from_secs(60);
-
-fn record_with_ttl(
-    key: &SigningKey,
-    service: &str,
-    instance: &str,
-    ttl: u32,
-) -> signpost_proto::v1::Envelope {
-    let mut payload = record_payload(service, instance, now_ms(), 8080);
-    payload.ttl_secs = ttl;
-    signpost_record::sign_record(key, &payload)
-}
-
-async fn present(client: &Client, service: &str, instance: &str) -> bool {
-    match client.resolve(service, false).await {
-        Ok(r) => r.instances.iter().any(|i| i.payload.instance == instance),
-        Err(_) => false,
-    }
-}
 
 /// Waits until `condition` holds, polling every 100 ms, or fails with the logs.
 async fn eventually<F, Fut>(cluster: &TestCluster, what: &str, timeout: Duration, mut condition: F)
@@ -149,7 +133,7 @@ impl Writer {
 async fn an_isolated_leader_refuses_writes_at_once_and_the_majority_elects_another() {
     let cluster = TestCluster::start(ClusterOptions::default());
     let old = cluster.wait_ready(READY).await;
-    let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+    let majority = cluster.others(old);
     let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
     let cert = cluster.issue("service", "payments");
 
@@ -243,7 +227,7 @@ async fn an_isolated_leader_refuses_writes_at_once_and_the_majority_elects_anoth
 async fn leases_survive_an_isolated_leader_for_clients_that_reach_the_majority() {
     let cluster = TestCluster::start(ClusterOptions::default());
     let old = cluster.wait_ready(READY).await;
-    let majority: Vec<u64> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+    let majority = cluster.others(old);
     let key = signpost_record::read_signing_key(&cluster.bind_new_key("jobs")).unwrap();
     let cert = cluster.issue("service", "jobs");
     let ttl = 6u32;
@@ -258,7 +242,7 @@ async fn leases_survive_an_isolated_leader_for_clients_that_reach_the_majority()
     for (instance, _) in instances {
         cluster
             .client_as(&cert, &[])
-            .register(record_with_ttl(&key, "jobs", instance, ttl))
+            .register(record_with_ttl(&key, "jobs", instance, now_ms(), ttl))
             .await
             .unwrap();
     }
@@ -341,11 +325,7 @@ async fn leases_survive_an_isolated_leader_for_clients_that_reach_the_majority()
 async fn a_follower_returning_from_a_partition_does_not_depose_the_leader() {
     let cluster = TestCluster::start(ClusterOptions::default());
     let leader = cluster.wait_ready(READY).await;
-    let others: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let others: Vec<u64> = cluster.others(leader);
     let (lonely, other) = (others[0], others[1]);
     let term = cluster.status_of(leader).await.expect("leader status").term;
 
@@ -381,11 +361,7 @@ async fn a_follower_returning_from_a_partition_does_not_depose_the_leader() {
 async fn a_paused_leader_is_replaced_and_rejoins_as_a_follower_when_resumed() {
     let mut cluster = TestCluster::start(ClusterOptions::default());
     let leader = cluster.wait_ready(READY).await;
-    let others: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let others: Vec<u64> = cluster.others(leader);
     let writer = Writer::for_new_service(&cluster, "paused", Duration::from_millis(100));
 
     eprintln!("phase 1: SIGSTOP the leader (a long GC pause); the others elect a new one");
@@ -809,11 +785,7 @@ async fn a_proposal_keeps_its_slot_until_its_outcome_even_when_the_client_gives_
         ..Default::default()
     });
     let leader = cluster.wait_ready(READY).await;
-    let followers: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let followers: Vec<u64> = cluster.others(leader);
     let key = signpost_record::read_signing_key(&cluster.bind_new_key("slots")).unwrap();
     let cert = cluster.issue("service", "slots");
     let registry = signpost_tests::raw_registry(&cluster, &cert, leader);

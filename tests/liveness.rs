@@ -6,25 +6,14 @@ use std::time::{Duration, Instant};
 
 use signpost_proto::v1::{DeregisterPayload, WatchRequest};
 use signpost_tests::{
-    now_ms, record_payload, signed_record, signpost_bin, ClusterOptions, TestCluster,
+    now_ms, present, record_payload, record_with_ttl, signed_record, signpost_bin, ClusterOptions,
+    TestCluster,
 };
 
 const READY: Duration = Duration::from_secs(60);
 /// Stated bound: an instance that stops renewing is gone within TTL + this (one lease tick,
 /// one commit round, and the test's polling period).
 const EXPIRY_SLACK: Duration = Duration::from_secs(3);
-
-fn record_with_ttl(
-    key: &signpost_record::SigningKey,
-    service: &str,
-    instance: &str,
-    sequence: u64,
-    ttl: u32,
-) -> signpost_proto::v1::Envelope {
-    let mut payload = record_payload(service, instance, sequence, 8080);
-    payload.ttl_secs = ttl;
-    signpost_record::sign_record(key, &payload)
-}
 
 fn heavy_record(
     key: &signpost_record::SigningKey,
@@ -35,13 +24,6 @@ fn heavy_record(
     let mut payload = record_payload(service, instance, sequence, 8080);
     payload.metadata = (0..4).map(|i| (format!("k{i}"), "x".repeat(900))).collect();
     signpost_record::sign_record(key, &payload)
-}
-
-async fn present(client: &signpost_client::Client, service: &str, instance: &str) -> bool {
-    match client.resolve(service, false).await {
-        Ok(r) => r.instances.iter().any(|i| i.payload.instance == instance),
-        Err(_) => false,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,11 +85,7 @@ async fn leases_expire_without_renewal_and_survive_a_leader_kill_with_renewal() 
     eprintln!("phase 2: kill -9 the leader; the renewed instance outlives two TTLs");
     cluster.kill9(leader);
     tokio::time::sleep(ttl_d * 2 + Duration::from_secs(1)).await;
-    let survivors: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let survivors: Vec<u64> = cluster.others(leader);
     let reader = cluster.client(&survivors);
     assert!(
         present(&reader, "jobs", "busy").await,

@@ -433,14 +433,7 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
     let honest = cluster.client(&[]);
 
     eprintln!("phase 1: start a rogue Registry server with a stolen node certificate");
-    let raw = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1)
-        .resolve(ResolveRequest {
-            service: "payments".into(),
-            stale: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let raw = signpost_tests::raw_resolve(&cluster, "payments").await;
     let stolen = cluster.issue("node", "66");
     let rogue = RogueRegistry {
         honest: raw,
@@ -647,11 +640,7 @@ async fn a_snapshot_that_does_not_load_or_is_of_another_cluster_is_refused_and_t
 {
     let cluster = TestCluster::start(ClusterOptions::default());
     let leader = cluster.wait_ready(READY).await;
-    let others: Vec<u64> = cluster
-        .ids()
-        .into_iter()
-        .filter(|id| *id != leader)
-        .collect();
+    let others: Vec<u64> = cluster.others(leader);
     let (liar, target) = (others[0], others[1]);
     let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
     let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
@@ -731,14 +720,7 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         .unwrap();
 
     eprintln!("phase 1: keep an old, genuine answer: genesis admin set, binding of the old key");
-    let old_answer = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1)
-        .resolve(ResolveRequest {
-            service: "payments".into(),
-            stale: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let old_answer = signpost_tests::raw_resolve(&cluster, "payments").await;
 
     eprintln!("phase 2: rotate the admin set to v2 and re-bind payments to a new key");
     let genesis_admin =
@@ -897,14 +879,7 @@ async fn a_client_keeps_one_record_per_instance_the_newest_whatever_a_node_serve
         .unwrap();
 
     eprintln!("phase 1: a rogue node serves the current record and, beside it, the superseded one");
-    let current = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1)
-        .resolve(ResolveRequest {
-            service: "payments".into(),
-            stale: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let current = signpost_tests::raw_resolve(&cluster, "payments").await;
     let rogue = RogueRegistry {
         honest: current,
         forger: None,

@@ -342,6 +342,11 @@ impl TestCluster {
         self.nodes.keys().copied().collect()
     }
 
+    /// Node ids other than `id` (the followers, given the leader).
+    pub fn others(&self, id: u64) -> Vec<u64> {
+        self.nodes.keys().copied().filter(|n| *n != id).collect()
+    }
+
     /// Process id of a running node.
     pub fn pid(&self, id: u64) -> Option<u32> {
         self.nodes[&id].child.as_ref().map(Child::id)
@@ -405,12 +410,10 @@ impl TestCluster {
 
     /// Waits for a node's process to exit by itself; returns its exit status.
     pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        assert!(self.nodes[&id].child.is_some(), "node {id} is not running");
         let deadline = Instant::now() + timeout;
         loop {
-            let node = self.nodes.get_mut(&id).unwrap();
-            let child = node.child.as_mut().expect("node is not running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                node.child = None;
+            if let Some(status) = self.exited(id) {
                 return status;
             }
             assert!(
@@ -520,13 +523,23 @@ impl TestCluster {
         out
     }
 
-    /// A client with the admin identity, talking to the given nodes (all if empty).
-    pub fn client(&self, only: &[u64]) -> Client {
+    /// The cluster's client config presenting `cert_prefix` (the admin certificate if None),
+    /// talking to the given nodes (all if empty).
+    pub fn client_config(&self, cert_prefix: Option<&Path>, only: &[u64]) -> ClientConfig {
         let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
+        if let Some(prefix) = cert_prefix {
+            config.tls.cert = prefix.with_extension("crt");
+            config.tls.key = prefix.with_extension("key");
+        }
         if !only.is_empty() {
             config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
         }
-        Client::connect(&config).expect("client")
+        config
+    }
+
+    /// A client with the admin identity, talking to the given nodes (all if empty).
+    pub fn client(&self, only: &[u64]) -> Client {
+        Client::connect(&self.client_config(None, only)).expect("client")
     }
 
     /// A client presenting `cert_prefix` (the admin certificate if None), connecting from
@@ -539,14 +552,7 @@ impl TestCluster {
         only: &[u64],
         deadline: Duration,
     ) -> Client {
-        let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
-        if let Some(prefix) = cert_prefix {
-            config.tls.cert = prefix.with_extension("crt");
-            config.tls.key = prefix.with_extension("key");
-        }
-        if !only.is_empty() {
-            config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
-        }
+        let mut config = self.client_config(cert_prefix, only);
         config.source_ip = Some(source);
         config.timeout_ms = config.timeout_ms.min(deadline.as_millis() as u64);
         config.deadline_ms = deadline.as_millis() as u64;
@@ -561,13 +567,7 @@ impl TestCluster {
 
     /// A client presenting another certificate.
     pub fn client_as(&self, cert_prefix: &Path, only: &[u64]) -> Client {
-        let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
-        config.tls.cert = cert_prefix.with_extension("crt");
-        config.tls.key = cert_prefix.with_extension("key");
-        if !only.is_empty() {
-            config.endpoints = only.iter().map(|id| self.client_addr(*id)).collect();
-        }
-        Client::connect(&config).expect("client")
+        Client::connect(&self.client_config(Some(cert_prefix), only)).expect("client")
     }
 
     /// Waits until every running node agrees on one leader and the registry took its genesis
@@ -700,6 +700,43 @@ pub fn record_payload(
         issued_at_ms: now_ms(),
         ttl_secs: 30,
     }
+}
+
+/// A signed registration like [`signed_record`] with TTL `ttl` seconds.
+pub fn record_with_ttl(
+    key: &signpost_record::SigningKey,
+    service: &str,
+    instance: &str,
+    sequence: u64,
+    ttl: u32,
+) -> signpost_proto::v1::Envelope {
+    let mut payload = record_payload(service, instance, sequence, 8080);
+    payload.ttl_secs = ttl;
+    signpost_record::sign_record(key, &payload)
+}
+
+/// Whether a linearizable resolve through `client` shows `service/instance` (false on error).
+pub async fn present(client: &Client, service: &str, instance: &str) -> bool {
+    match client.resolve(service, false).await {
+        Ok(r) => r.instances.iter().any(|i| i.payload.instance == instance),
+        Err(_) => false,
+    }
+}
+
+/// The raw Resolve answer for `service` from node 1, stale, as the admin sees it: genuine
+/// material a rogue node can replay.
+pub async fn raw_resolve(
+    cluster: &TestCluster,
+    service: &str,
+) -> signpost_proto::v1::ResolveResponse {
+    raw_registry(cluster, &cluster.root().join("admin-cert"), 1)
+        .resolve(signpost_proto::v1::ResolveRequest {
+            service: service.into(),
+            stale: true,
+        })
+        .await
+        .expect("raw resolve")
+        .into_inner()
 }
 
 /// A signed registration of `service/instance` at `sequence`, endpoint 10.0.0.1:`port`.

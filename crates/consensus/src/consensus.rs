@@ -128,6 +128,8 @@ pub struct Consensus {
     state_machine: StateMachine,
     log_store: LogStore,
     liveness: Arc<Liveness>,
+    // The network openraft uses; leadership transfer reuses its connections.
+    network: Network,
     config: Arc<ConsensusConfig>,
 }
 
@@ -200,7 +202,7 @@ impl Consensus {
         }));
         ElectionDriver {
             raft: raft.clone(),
-            network,
+            network: network.clone(),
             liveness: liveness.clone(),
             timing,
             node_id: config.node_id,
@@ -211,6 +213,7 @@ impl Consensus {
             state_machine,
             log_store,
             liveness,
+            network,
             config: Arc::new(config),
         })
     }
@@ -301,9 +304,8 @@ impl Consensus {
         let addr = member_addr(&self.raft, target)?;
         self.raft.runtime_config().heartbeat(false);
         let request = crate::election::TimeoutNowRequest { leader: me };
-        let network = Network::new(self.config.peer_tls.clone(), self.config.local_ip);
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, network.timeout_now(target, &addr, &request)).await {
+        match tokio::time::timeout(left, self.network.timeout_now(target, &addr, &request)).await {
             Ok(Ok(r)) if r.accepted => {}
             other => {
                 tracing::warn!(
@@ -450,18 +452,12 @@ impl Consensus {
 
     /// The current leader and its addresses, when known.
     pub fn leader(&self) -> Option<(u64, NodeAddr)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
+        let leader = self.raft.metrics().borrow().current_leader?;
         // We "lead" without a quorum: nobody should be sent here.
         if leader == self.config.node_id && !self.liveness.has_quorum_lease() {
             return None;
         }
-        let addr = metrics
-            .membership_config
-            .nodes()
-            .find(|(id, _)| **id == leader)
-            .map(|(_, a)| a.clone())?;
-        Some((leader, addr))
+        Some((leader, member_addr(&self.raft, leader)?))
     }
 
     /// This node's view of the cluster now.

@@ -159,8 +159,9 @@ pub struct PreVoteRequest {
 /// how far the registry's clock may run ahead of a node's before it raises `CLOCK_SKEW`.
 pub const CLOCK_SKEW_MAX_MS: u64 = 5_000;
 
-/// Milliseconds since the epoch on this node's wall clock.
-pub(crate) fn wall_clock_ms() -> u64 {
+/// Milliseconds since the epoch on this node's wall clock (0 if the clock is before 1970): the
+/// time a leader stamps entries with, and what nodes compare it against.
+pub fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -39,8 +39,8 @@ pub use consensus::{
     DEFAULT_ELECTION_TIMEOUT_MIN_MS, DEFAULT_HEARTBEAT_MS,
 };
 pub use election::{
-    Liveness, PreVoteRequest, PreVoteResponse, TimeoutNowRequest, TimeoutNowResponse,
-    CLOCK_SKEW_MAX_MS,
+    wall_clock_ms, Liveness, PreVoteRequest, PreVoteResponse, TimeoutNowRequest,
+    TimeoutNowResponse, CLOCK_SKEW_MAX_MS,
 };
 pub use error::ConsensusError;
 pub use log_store::LogStore;

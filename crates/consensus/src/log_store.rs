@@ -73,21 +73,25 @@ impl LogStore {
         Ok(())
     }
 
-    fn maybe_record_watermark(&self, index: u64) -> Result<(), StorageError<u64>> {
+    /// Records `index` as the watermark if it is above the recorded one (and, when
+    /// `rate_limited`, if the last write is at least [`WATERMARK_INTERVAL`] old).
+    fn record_watermark(
+        &self,
+        index: u64,
+        rate_limited: bool,
+    ) -> Result<(), signpost_storage::StorageError> {
         let mut written = self
             .watermark_written
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if written
-            .0
-            .is_some_and(|at| at.elapsed() < WATERMARK_INTERVAL)
-            || written.1 >= index
-        {
+        let too_soon = rate_limited
+            && written
+                .0
+                .is_some_and(|at| at.elapsed() < WATERMARK_INTERVAL);
+        if too_soon || written.1 >= index {
             return Ok(());
         }
-        self.store
-            .record_watermark(index)
-            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, &e))?;
+        self.store.record_watermark(index)?;
         *written = (Some(Instant::now()), index);
         Ok(())
     }
@@ -95,17 +99,7 @@ impl LogStore {
     /// Records the committed index if the commit path's rate limit left it unrecorded; called
     /// every [`WATERMARK_INTERVAL`], so the watermark trails the commit index by at most that.
     pub fn flush_watermark(&self) -> Result<(), signpost_storage::StorageError> {
-        let index = self.committed_index();
-        let mut written = self
-            .watermark_written
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if written.1 >= index {
-            return Ok(());
-        }
-        self.store.record_watermark(index)?;
-        *written = (Some(Instant::now()), index);
-        Ok(())
+        self.record_watermark(self.committed_index(), false)
     }
 
     /// Runs [`LogStore::flush_watermark`] every [`WATERMARK_INTERVAL`] until `stop` resolves.
@@ -267,7 +261,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.committed.store(index, Ordering::Relaxed);
         // The committed index is on disk (synced) in RocksDB; the watermark outside it lags by
         // at most WATERMARK_INTERVAL and lets the next start detect a shortened log.
-        self.maybe_record_watermark(index)
+        self.record_watermark(index, true)
+            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, &e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {

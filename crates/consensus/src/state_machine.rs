@@ -75,6 +75,16 @@ struct StoredSnapshot {
     body: Vec<u8>,
 }
 
+/// A snapshot body decoded, or why it is not one of ours.
+fn decode_snapshot(body: &[u8]) -> Result<SnapshotBody, String> {
+    let decoded: SnapshotBody =
+        codec::decode(body, SNAPSHOT_BYTES_MAX).map_err(|e| format!("does not decode: {e}"))?;
+    if decoded.format != SNAPSHOT_FORMAT {
+        return Err(format!("unknown snapshot format {}", decoded.format));
+    }
+    Ok(decoded)
+}
+
 /// Checks a received snapshot body before it goes anywhere near openraft: it must decode, be
 /// of our format, load as a registry that `apply` could have produced (every signature
 /// verified), and keep this node's genesis admin set if it has one. A snapshot that fails is
@@ -83,12 +93,8 @@ pub(crate) fn check_snapshot(
     body: &[u8],
     own_genesis: Option<&signpost_record::AdminSet>,
 ) -> Result<(), String> {
-    let decoded: SnapshotBody =
-        codec::decode(body, SNAPSHOT_BYTES_MAX).map_err(|e| format!("does not decode: {e}"))?;
-    if decoded.format != SNAPSHOT_FORMAT {
-        return Err(format!("unknown snapshot format {}", decoded.format));
-    }
-    let registry = Registry::load(decoded.pairs).map_err(|e| format!("does not load: {e}"))?;
+    let registry =
+        Registry::load(decode_snapshot(body)?.pairs).map_err(|e| format!("does not load: {e}"))?;
     if let Some(ours) = own_genesis {
         if registry.genesis() != Some(ours) {
             return Err("its genesis admin set is not this cluster's".into());
@@ -311,18 +317,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError<u64>> {
         let body = snapshot.into_inner();
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let decoded: SnapshotBody = codec::decode(&body, SNAPSHOT_BYTES_MAX)
-            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
-        if decoded.format != SNAPSHOT_FORMAT {
-            return Err(io_error(
-                subject,
-                ErrorVerb::Read,
-                &std::io::Error::other(format!("unknown snapshot format {}", decoded.format)),
-            ));
-        }
+        let pairs = decode_snapshot(&body)
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &std::io::Error::other(e)))?
+            .pairs;
         // Validate the whole snapshot before touching the store: a bad snapshot must leave the
         // old state intact.
-        let registry = Registry::load(decoded.pairs.clone())
+        let registry = Registry::load(pairs.clone())
             .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
         let applied_bytes = codec::encode(&meta.last_log_id, RAFT_MESSAGE_BYTES_MAX)
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
@@ -339,7 +339,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             store.state_replace(
-                &decoded.pairs,
+                &pairs,
                 &[
                     (KEY_APPLIED, &applied_bytes),
                     (KEY_MEMBERSHIP, &membership_bytes),

@@ -15,11 +15,8 @@ pub(crate) const CLOCK_SKEW: &str = "CLOCK_SKEW";
 
 /// Whether the registry clock `clock_ms` is too far ahead of this node's wall clock.
 pub(crate) fn clock_skewed(clock_ms: u64) -> bool {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    clock_ms > now_ms.saturating_add(signpost_consensus::CLOCK_SKEW_MAX_MS)
+    clock_ms
+        > signpost_consensus::wall_clock_ms().saturating_add(signpost_consensus::CLOCK_SKEW_MAX_MS)
 }
 
 /// Serves `Cluster.Status` to any authenticated client identity.

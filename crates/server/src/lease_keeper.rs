@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use signpost_consensus::{Applied, Consensus};
 use signpost_state::{Command, EventKind, Outcome, Request};
@@ -212,7 +212,7 @@ impl LeaseKeeper {
     async fn expire_due(&self) {
         for ((service, instance), sequence) in self.due() {
             let request = Request {
-                time_ms: now_ms(),
+                time_ms: signpost_consensus::wall_clock_ms(),
                 caller: self.caller.clone(),
                 command: Command::Expire {
                     service: service.clone(),
@@ -246,11 +246,4 @@ impl LeaseKeeper {
             }
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

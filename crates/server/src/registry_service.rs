@@ -1,8 +1,6 @@
 //! The `Registry` gRPC service: the path of a write is authorize → admit → pre-check → propose
 //! → map the apply outcome. Reads are authorize → (read index) → serve from local state.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use prost::Message;
 use signpost_consensus::Consensus;
 use signpost_proto::v1::registry_server::Registry;
@@ -73,7 +71,7 @@ impl RegistryService {
     ) -> Result<Response<WriteResponse>, Status> {
         let permit = self.admission.proposal(class)?;
         let request = LogRequest {
-            time_ms: now_ms(),
+            time_ms: signpost_consensus::wall_clock_ms(),
             caller: caller.uri(),
             command,
         };
@@ -187,13 +185,6 @@ impl RegistryService {
 
 /// Replies buffered per keep-alive stream; a client that stops reading stalls only itself.
 const KEEP_ALIVE_BUFFER: usize = 64;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn required(envelope: Option<Envelope>) -> Result<Envelope, Status> {
     envelope.ok_or_else(|| refusal(Reason::Malformed, "the request carries no envelope"))
