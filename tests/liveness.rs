@@ -421,3 +421,209 @@ async fn the_cli_watches_as_json_lines_and_keeps_a_lease_alive_until_interrupted
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_holding_its_maximum_of_watchers_without_reading_keeps_node_memory_bounded() {
+    // Defaults but for the writer's rate: 64 watchers per identity, 1 MiB per watcher buffer.
+    const WATCHERS: usize = 64;
+    const WATCHER_BUFFER_BYTES: u64 = 1024 * 1024;
+    const WRITES: u64 = 1500;
+    // What the hoarder may cost the node: its buffers, the history of these writes (each about
+    // 4.5 KiB with its binding; twice for allocator slack) and 48 MiB for everything else.
+    const RSS_GROWTH_BOUND: u64 =
+        WATCHERS as u64 * WATCHER_BUFFER_BYTES + 2 * WRITES * 4608 + 48 * 1024 * 1024;
+    let cluster = TestCluster::start(ClusterOptions {
+        limits_toml: "writes_per_identity_per_sec = 100000\nwrites_per_identity_burst = 100000\n"
+            .into(),
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("hoard")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "hoard"), &[leader]);
+    writer
+        .register(heavy_record(&key, "hoard", "h", 1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = cluster.rss_bytes(leader).unwrap();
+
+    eprintln!("phase 1: a reader opens its maximum of {WATCHERS} watchers and never reads");
+    let hoarder = cluster.issue("reader", "hoarder");
+    // One connection for all of them: HTTP/2 flow control then holds at most one connection
+    // window in flight, and everything else the watchers are sent must wait on the node.
+    let connection = signpost_tests::raw_registry(&cluster, &hoarder, leader);
+    let mut held = Vec::new();
+    for _ in 0..WATCHERS {
+        let stream = connection
+            .clone()
+            .watch(WatchRequest {
+                service: "hoard".into(),
+                prefix: false,
+                from_revision: 0,
+            })
+            .await
+            .expect("watcher within the reader's maximum opens")
+            .into_inner();
+        held.push(stream);
+    }
+    let over = connection
+        .clone()
+        .watch(WatchRequest {
+            service: "hoard".into(),
+            prefix: false,
+            from_revision: 0,
+        })
+        .await
+        .expect_err("one watcher past the maximum");
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over}");
+
+    eprintln!("phase 2: {WRITES} registrations of about 4 KiB each reach every watcher");
+    for seq in 2..=WRITES {
+        writer
+            .register(heavy_record(&key, "hoard", "h", seq))
+            .await
+            .expect("writes are never slowed by watchers that do not read");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = cluster.rss_bytes(leader).unwrap();
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "leader RSS {} MiB -> {} MiB (+{} MiB; bound +{} MiB)",
+        before >> 20,
+        after >> 20,
+        growth >> 20,
+        RSS_GROWTH_BOUND >> 20
+    );
+    assert!(
+        growth < RSS_GROWTH_BOUND,
+        "a reader that never reads grew the node by {} MiB",
+        growth >> 20
+    );
+
+    eprintln!("phase 3: a watcher that fell a buffer behind was cancelled as too slow");
+    // The unread streams hold the connection's HTTP/2 window; closing them frees it for the
+    // one we read.
+    let mut last = held.pop().expect("watchers");
+    drop(held);
+    let mut delivered = 0u64;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), last.message())
+            .await
+            .expect("the stream answers")
+        {
+            Ok(Some(_)) => delivered += 1,
+            Ok(None) => panic!("the stream ended without a reason after {delivered} messages"),
+            Err(status) => break status,
+        }
+        assert!(
+            delivered <= WRITES,
+            "every write was buffered for a reader that never read"
+        );
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_now_whose_node_dies_before_its_first_event_resumes_where_it_started() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("early")).unwrap();
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let mut order = vec![follower];
+    order.extend(cluster.ids().into_iter().filter(|id| *id != follower));
+    let watch_client = std::sync::Arc::new(cluster.client(&order));
+    let writer = cluster.client_as(&cluster.issue("service", "early"), &[leader]);
+
+    eprintln!("phase 1: a watch 'from now' opens on follower {follower}, before any event");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let client = std::sync::Arc::clone(&watch_client);
+    let task = tokio::spawn(async move {
+        let mut watcher = client.watch("early", false, 0);
+        for _ in 0..5 {
+            let change = watcher.next().await;
+            let stop = change.is_err();
+            if tx.send(change).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    // The stream is open (its START consumed) once the node counts the watcher; a second is
+    // plenty on loopback, and the watch is "from now" either way.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    eprintln!("phase 2: the node dies; five writes land before the watch can reconnect");
+    cluster.kill9(follower);
+    let mut written = Vec::new();
+    for i in 0..5u64 {
+        let revision = writer
+            .register(signed_record(&key, "early", &format!("e{i}"), 1, 1))
+            .await
+            .unwrap();
+        written.push(revision);
+    }
+
+    eprintln!("phase 3: the watch resumes from its start revision and misses none of them");
+    let mut received = Vec::new();
+    for _ in 0..5 {
+        let change = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the watch stalled")
+            .expect("the watch task ended")
+            .expect("watch");
+        received.push(change.revision);
+    }
+    assert_eq!(received, written);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_history_verifies_against_the_binding_in_force_when_each_change_was_applied() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let old = signpost_record::read_signing_key(&cluster.bind_new_key("moving")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "moving"), &[leader]);
+
+    eprintln!(
+        "phase 1: a record by the old key, then a binding that drops the key, then a new record"
+    );
+    let first = writer
+        .register(signed_record(&old, "moving", "m1", 1, 1))
+        .await
+        .unwrap();
+    let admin_key = signpost_record::read_signing_key(&cluster.root().join("admin.key")).unwrap();
+    let new = signpost_record::generate_signing_key();
+    cluster
+        .client(&[])
+        .bind(signpost_record::sign_binding(
+            &admin_key,
+            &signpost_proto::v1::BindingPayload {
+                service: "moving".into(),
+                public_keys: vec![new.verifying_key().to_bytes().to_vec()],
+                version: now_ms(),
+                issued_at_ms: now_ms(),
+                not_before_ms: 0,
+                not_after_ms: 0,
+            },
+        ))
+        .await
+        .unwrap();
+    let last = writer
+        .register(signed_record(&new, "moving", "m2", 1, 1))
+        .await
+        .unwrap();
+
+    eprintln!("phase 2: a watch of that history delivers all of it, each put verified");
+    let client = cluster.client(&[]);
+    let mut watcher = client.watch("moving", false, first);
+    let mut seen = Vec::new();
+    while seen.last().map(|(r, _, _)| *r) != Some(last) {
+        let change = tokio::time::timeout(Duration::from_secs(20), watcher.next())
+            .await
+            .expect("the watch stalled")
+            .expect("history by a key unbound since still verifies");
+        seen.push((change.revision, change.put, change.instance));
+        assert!(seen.len() <= 3, "{seen:?}");
+    }
+    let kinds: Vec<(bool, &str)> = seen.iter().map(|(_, p, i)| (*p, i.as_str())).collect();
+    assert_eq!(kinds, [(true, "m1"), (false, "m1"), (true, "m2")]);
+}

@@ -236,7 +236,7 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
         1
     );
 
-    eprintln!("phase 2: genesis admin rotates to a 2-of-3 set");
+    eprintln!("phase 2: a rotation that drops the key every binding is signed by, without re-signing them, is refused");
     let admins: Vec<SigningKey> = (0..3)
         .map(|_| signpost_record::generate_signing_key())
         .collect();
@@ -250,53 +250,101 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
         issued_at_ms: now_ms(),
     };
     let two_of_three = set(2, &[&admins[0], &admins[1], &admins[2]], 2);
+    let err = admin
+        .rotate_admins(
+            signpost_record::sign_admin_set(&[&admin_key], &two_of_three),
+            Vec::new(),
+        )
+        .await
+        .expect_err("a rotation that would orphan bindings was applied");
+    assert_eq!(reason(&err), "rotation_incomplete", "{err}");
+    assert_eq!(
+        search
+            .resolve("search", false)
+            .await
+            .unwrap()
+            .instances
+            .len(),
+        1,
+        "the refused rotation changed nothing"
+    );
+
+    eprintln!("phase 3: genesis admin rotates to a 2-of-3 set, re-signing every binding");
+    let rebinds = admin
+        .rebinds_for(&two_of_three, &admins[0])
+        .await
+        .expect("bindings to re-sign");
+    assert!(!rebinds.is_empty());
     admin
-        .rotate_admins(signpost_record::sign_admin_set(
-            &[&admin_key],
-            &two_of_three,
-        ))
+        .rotate_admins(
+            signpost_record::sign_admin_set(&[&admin_key], &two_of_three),
+            rebinds,
+        )
         .await
         .expect("genesis admin (threshold 1) rotates");
 
-    eprintln!("phase 3: one admin alone cannot replace the set");
+    eprintln!("phase 4: resolve and list keep working across the rotation");
+    let resolved = search
+        .resolve("search", false)
+        .await
+        .expect("a re-signed binding verifies against admin set v2");
+    assert_eq!(resolved.instances.len(), 1);
+    let listed = search.list(false).await.unwrap();
+    assert!(listed.unverified.is_empty(), "{:?}", listed.unverified);
+
+    eprintln!("phase 5: one admin alone cannot replace the set; two can");
     let takeover = set(3, &[&admins[0]], 1);
     let err = admin
-        .rotate_admins(signpost_record::sign_admin_set(&[&admins[0]], &takeover))
+        .rotate_admins(
+            signpost_record::sign_admin_set(&[&admins[0]], &takeover),
+            Vec::new(),
+        )
         .await
         .expect_err("one of a 2-of-3 set is not enough");
     assert_eq!(reason(&err), "threshold_not_met", "{err}");
-
-    eprintln!("phase 4: two of them can");
+    let rebinds = admin.rebinds_for(&takeover, &admins[0]).await.unwrap();
+    assert!(
+        rebinds.is_empty(),
+        "admins[0] signed every binding and stays: nothing to re-sign"
+    );
     admin
-        .rotate_admins(signpost_record::sign_admin_set(
-            &[&admins[0], &admins[2]],
-            &takeover,
-        ))
+        .rotate_admins(
+            signpost_record::sign_admin_set(&[&admins[0], &admins[2]], &takeover),
+            rebinds,
+        )
         .await
         .expect("two signatures meet the threshold");
-
-    eprintln!("phase 5: a binding signed by a rotated-out admin no longer verifies on clients");
-    let err = search
-        .resolve("search", false)
-        .await
-        .expect_err("stale binding accepted");
-    assert!(
-        matches!(err, signpost_client::ClientError::Verification(_)),
-        "{err}"
+    assert_eq!(
+        search
+            .resolve("search", false)
+            .await
+            .unwrap()
+            .instances
+            .len(),
+        1
     );
-    let listed = search
-        .list(false)
-        .await
-        .expect("one service that does not verify does not fail the list");
-    assert!(listed.services.is_empty(), "{:?}", listed.services);
-    assert_eq!(listed.unverified.len(), 1, "{:?}", listed.unverified);
-    assert_eq!(listed.unverified[0].0, "search");
 
-    eprintln!("phase 6: the old genesis key can no longer bind; a current admin re-binds");
+    eprintln!("phase 6: retired keys can no longer bind; a current admin re-binds");
     let err = admin
         .bind(bind(&[&old]))
         .await
         .expect_err("genesis key is no longer an admin");
+    assert_eq!(reason(&err), "not_admin", "{err}");
+    let by_retired = signpost_record::sign_binding(
+        &admins[1],
+        &BindingPayload {
+            service: "search".into(),
+            public_keys: vec![old.verifying_key().to_bytes().to_vec()],
+            version: u64::MAX / 2,
+            issued_at_ms: now_ms(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        },
+    );
+    let err = admin
+        .bind(by_retired)
+        .await
+        .expect_err("a key retired at v3 bound after the rotation");
     assert_eq!(reason(&err), "not_admin", "{err}");
     let rebind = signpost_record::sign_binding(
         &admins[0],
@@ -327,6 +375,8 @@ struct RogueRegistry {
     honest: ResolveResponse,
     forger: Option<SigningKey>,
     extra: Vec<Envelope>,
+    /// What its Watch streams send (then it ends them); if empty, Watch is unimplemented.
+    watch: Vec<WatchEvent>,
 }
 
 type Stream<T> = Pin<Box<dyn futures_core::Stream<Item = Result<T, Status>> + Send>>;
@@ -368,7 +418,15 @@ impl Registry for RogueRegistry {
         Ok(Response::new(forged))
     }
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        Err(Status::unavailable("rogue"))
+        if self.watch.is_empty() {
+            return Err(Status::unavailable("rogue"));
+        }
+        // A rogue that wants to serve watches answers the client's admin-chain refresh.
+        Ok(Response::new(ListResponse {
+            admin_chain: self.honest.admin_chain.clone(),
+            revision: self.honest.revision,
+            ..Default::default()
+        }))
     }
     type KeepAliveStream = Stream<KeepAliveResponse>;
     async fn keep_alive(
@@ -379,7 +437,11 @@ impl Registry for RogueRegistry {
     }
     type WatchStream = Stream<WatchEvent>;
     async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("rogue"))
+        if self.watch.is_empty() {
+            return Err(Status::unimplemented("rogue"));
+        }
+        let events: Vec<Result<WatchEvent, Status>> = self.watch.iter().cloned().map(Ok).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
 }
 
@@ -439,6 +501,7 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
         honest: raw,
         forger: Some(signpost_record::generate_signing_key()),
         extra: Vec::new(),
+        watch: Vec::new(),
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -559,6 +622,7 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
         honest: ResolveResponse::default(),
         forger: Some(signpost_record::generate_signing_key()),
         extra: Vec::new(),
+        watch: Vec::new(),
     };
     let port = serve_rogue(&cluster, &billing, rogue).await.port();
 
@@ -580,7 +644,10 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
     );
     let channel = payments.connect_instance(&record).unwrap();
     let err = signpost_proto::v1::registry_client::RegistryClient::new(channel)
-        .list(ListRequest { stale: true })
+        .list(ListRequest {
+            stale: true,
+            ..Default::default()
+        })
         .await
         .expect_err("the connector must refuse a certificate other than the record's identity");
     eprintln!("refused: {err}");
@@ -589,7 +656,10 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
     record.payload.tls_identity = format!("spiffe://{TRUST_DOMAIN}/service/billing");
     let channel = payments.connect_instance(&record).unwrap();
     let status = signpost_proto::v1::registry_client::RegistryClient::new(channel)
-        .list(ListRequest { stale: true })
+        .list(ListRequest {
+            stale: true,
+            ..Default::default()
+        })
         .await
         .expect_err("the stub answers list with UNAVAILABLE");
     assert_eq!(
@@ -727,16 +797,18 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         signpost_record::read_signing_key(&cluster.root().join("admin.key")).unwrap();
     let new_admin = signpost_record::generate_signing_key();
     let admin = cluster.client(&[]);
+    let v2 = AdminSetPayload {
+        public_keys: vec![new_admin.verifying_key().to_bytes().to_vec()],
+        threshold: 1,
+        version: 2,
+        issued_at_ms: now_ms(),
+    };
+    let rebinds = admin.rebinds_for(&v2, &new_admin).await.unwrap();
     admin
-        .rotate_admins(signpost_record::sign_admin_set(
-            &[&genesis_admin],
-            &AdminSetPayload {
-                public_keys: vec![new_admin.verifying_key().to_bytes().to_vec()],
-                threshold: 1,
-                version: 2,
-                issued_at_ms: now_ms(),
-            },
-        ))
+        .rotate_admins(
+            signpost_record::sign_admin_set(&[&genesis_admin], &v2),
+            rebinds,
+        )
         .await
         .unwrap();
     let new_key = signpost_record::generate_signing_key();
@@ -779,8 +851,9 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
     let stolen = cluster.issue("node", "66");
     let rogue = RogueRegistry {
         honest: old_answer,
-        forger: Some(old_key),
+        forger: Some(old_key.clone()),
         extra: Vec::new(),
+        watch: Vec::new(),
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -814,6 +887,38 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         .await
         .expect_err("the old admin set was accepted");
     assert!(err.to_string().contains("rollback"), "{err}");
+
+    eprintln!(
+        "phase 7: the current chain with a binding the retired admin signed after the rotation is refused"
+    );
+    let mut current = signpost_tests::raw_resolve(&cluster, "payments").await;
+    current.service.as_mut().unwrap().binding = Some(signpost_record::sign_binding(
+        &genesis_admin,
+        &BindingPayload {
+            service: "payments".into(),
+            public_keys: vec![old_key.verifying_key().to_bytes().to_vec()],
+            version: u64::MAX / 2,
+            issued_at_ms: now_ms(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        },
+    ));
+    let rogue = RogueRegistry {
+        honest: current,
+        forger: Some(old_key.clone()),
+        extra: Vec::new(),
+        watch: Vec::new(),
+    };
+    let stolen = cluster.issue("node", "67");
+    let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut fresh = ClientConfig::load(&cluster.client_toml()).unwrap();
+    fresh.endpoints = vec![rogue_addr];
+    let err = Client::connect(&fresh)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("a binding by a retired admin was accepted");
+    assert!(err.to_string().contains("not in admin set"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -884,6 +989,7 @@ async fn a_client_keeps_one_record_per_instance_the_newest_whatever_a_node_serve
         honest: current,
         forger: None,
         extra: vec![old],
+        watch: Vec::new(),
     };
     let rogue_addr = serve_rogue(&cluster, &cluster.issue("node", "66"), rogue)
         .await
@@ -900,4 +1006,167 @@ async fn a_client_keeps_one_record_per_instance_the_newest_whatever_a_node_serve
     assert_eq!(resolved.instances.len(), 1, "{:?}", resolved.instances);
     assert_eq!(resolved.instances[0].payload.sequence, 2);
     assert_eq!(resolved.envelopes.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("feed")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "feed"), &[leader]);
+    let first = writer
+        .register(signed_record(&key, "feed", "f1", 1, 443))
+        .await
+        .unwrap();
+    let second = writer
+        .register(signed_record(&key, "feed", "f2", 1, 443))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: a genuine event, as an honest node serves it");
+    let mut honest_stream =
+        signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader)
+            .watch(WatchRequest {
+                service: "feed".into(),
+                prefix: false,
+                from_revision: first,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let start = honest_stream.message().await.unwrap().unwrap();
+    assert_eq!(start.kind, watch_event::Kind::Start as i32);
+    assert_eq!(start.revision, first, "the stream names where it starts");
+    let genuine = honest_stream.message().await.unwrap().unwrap();
+    assert_eq!(genuine.revision, first);
+    assert!(
+        genuine.binding.is_some(),
+        "puts carry the binding they were verified against"
+    );
+    let chain = signpost_tests::raw_resolve(&cluster, "feed").await;
+    let start_at = |revision: u64, applied: u64| WatchEvent {
+        revision,
+        kind: watch_event::Kind::Start as i32,
+        applied_revision: applied,
+        ..Default::default()
+    };
+    let mut forged = genuine.clone();
+    forged.record = Some(signed_record(
+        &signpost_record::generate_signing_key(),
+        "feed",
+        "f1",
+        9,
+        6666,
+    ));
+    let lies: Vec<(&str, Vec<WatchEvent>)> = vec![
+        (
+            "an event beyond the node's applied revision (u64::MAX)",
+            vec![
+                start_at(first, second),
+                WatchEvent {
+                    revision: u64::MAX,
+                    applied_revision: second,
+                    ..genuine.clone()
+                },
+            ],
+        ),
+        ("a stream without its start revision", vec![genuine.clone()]),
+        (
+            "a start other than the one asked for",
+            vec![start_at(first + 1, second), genuine.clone()],
+        ),
+        (
+            "a put signed by a key the binding does not hold",
+            vec![start_at(first, second), forged],
+        ),
+    ];
+    for (index, (lie, events)) in lies.into_iter().enumerate() {
+        eprintln!("phase {}: a rogue serves {lie}", index + 2);
+        let rogue = RogueRegistry {
+            honest: chain.clone(),
+            forger: None,
+            extra: Vec::new(),
+            watch: events,
+        };
+        let stolen = cluster.issue("node", &format!("{}", 70 + index));
+        let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+        let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
+        config.endpoints = vec![rogue_addr, cluster.client_addr(leader)];
+        let client = Client::connect(&config).unwrap();
+        let mut watcher = client.watch("feed", false, first);
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let change = tokio::time::timeout(Duration::from_secs(20), watcher.next())
+                .await
+                .unwrap_or_else(|_| panic!("{lie}: the watcher stalled"))
+                .unwrap_or_else(|e| panic!("{lie}: {e}"));
+            seen.push((change.revision, change.instance));
+        }
+        assert_eq!(
+            seen,
+            [(first, "f1".to_string()), (second, "f2".to_string())],
+            "{lie}: the honest history, whole and in order"
+        );
+    }
+
+    eprintln!("phase 6: an honest node refuses a start beyond what it has applied");
+    let status = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader)
+        .watch(WatchRequest {
+            service: "feed".into(),
+            prefix: false,
+            from_revision: u64::MAX,
+        })
+        .await
+        .expect_err("a future revision is not waited for");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+    assert_eq!(
+        status.metadata().get("signpost-reason").unwrap(),
+        "future_revision"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_stored_genesis_is_not_its_configured_one_refuses_to_start() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let follower = cluster.others(leader)[0];
+    // The genesis entry is applied everywhere once a write has been.
+    cluster.bind_new_key("payments");
+
+    eprintln!("phase 1: node {follower} restarts with another [bootstrap] admin key");
+    cluster.kill9(follower);
+    let config = cluster
+        .root()
+        .join(format!("node{follower}"))
+        .join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let other: String = signpost_record::generate_signing_key()
+        .verifying_key()
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("admin_keys"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config,
+        text.replace(&line, &format!("admin_keys = [\"{other}\"]")),
+    )
+    .unwrap();
+    cluster.restart(follower);
+
+    eprintln!("phase 2: it refuses to start, naming the mismatch");
+    let status = cluster.wait_exit(follower, Duration::from_secs(30));
+    assert!(!status.success(), "a node of another genesis started");
+    let log = std::fs::read_to_string(
+        cluster
+            .root()
+            .join(format!("node{follower}"))
+            .join("server.log"),
+    )
+    .unwrap();
+    assert!(log.contains("another genesis admin set"), "{log}");
 }

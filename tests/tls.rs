@@ -41,7 +41,10 @@ async fn clients_without_a_valid_certificate_of_our_ca_are_refused_at_the_handsh
     eprintln!("phase 1: the admin certificate works (the control)");
     let admin = channel_as(&cluster, &cluster.root().join("admin-cert"), &addr);
     RegistryClient::new(admin)
-        .list(ListRequest { stale: true })
+        .list(ListRequest {
+            stale: true,
+            ..Default::default()
+        })
         .await
         .expect("admin may list");
 
@@ -53,7 +56,10 @@ async fn clients_without_a_valid_certificate_of_our_ca_are_refused_at_the_handsh
     )
     .unwrap();
     let err = RegistryClient::new(channel(&addr, anonymous))
-        .list(ListRequest { stale: true })
+        .list(ListRequest {
+            stale: true,
+            ..Default::default()
+        })
         .await
         .expect_err("a client without a certificate must be refused");
     eprintln!("refused: {err}");
@@ -77,7 +83,10 @@ async fn clients_without_a_valid_certificate_of_our_ca_are_refused_at_the_handsh
     );
     // The stranger trusts our CA (so the server side is what refuses).
     let err = RegistryClient::new(channel_as(&cluster, &stranger, &addr))
-        .list(ListRequest { stale: true })
+        .list(ListRequest {
+            stale: true,
+            ..Default::default()
+        })
         .await
         .expect_err("a certificate from another CA must be refused");
     eprintln!("refused: {err}");
@@ -97,7 +106,10 @@ async fn clients_without_a_valid_certificate_of_our_ca_are_refused_at_the_handsh
     )
     .unwrap();
     let err = RegistryClient::new(channel_as(&cluster, &expired, &addr))
-        .list(ListRequest { stale: true })
+        .list(ListRequest {
+            stale: true,
+            ..Default::default()
+        })
         .await
         .expect_err("an expired certificate must be refused");
     eprintln!("refused: {err}");

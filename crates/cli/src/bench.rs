@@ -722,7 +722,13 @@ impl FloodWorker {
                 while !stopped() {
                     n += 1;
                     let result = if n.is_multiple_of(4) {
-                        client.list(ListRequest { stale: false }).await.map(|_| ())
+                        client
+                            .list(ListRequest {
+                                stale: false,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ())
                     } else {
                         client
                             .resolve(ResolveRequest {

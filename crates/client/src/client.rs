@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -7,9 +8,9 @@ use signpost_identity::{PeerRule, SpiffeId, TlsFiles, TlsSettings, Trust};
 use signpost_proto::v1::cluster_client::ClusterClient;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
-    BindRequest, DeregisterRequest, Envelope, KeepAliveRequest, ListRequest, MultiEnvelope,
-    RegisterRequest, ResolveRequest, RotateAdminsRequest, ServiceRecords, StatusRequest,
-    StatusResponse, WatchEvent, WatchRequest,
+    AdminSetPayload, BindRequest, BindingPayload, DeregisterRequest, Envelope, KeepAliveRequest,
+    ListRequest, ListResponse, MultiEnvelope, RegisterRequest, ResolveRequest, RotateAdminsRequest,
+    ServiceRecords, StatusRequest, StatusResponse, WatchEvent, WatchRequest,
 };
 use signpost_record::{AdminSet, VerifiedRecord};
 use tonic::transport::Channel;
@@ -27,8 +28,11 @@ const BACKOFF_START: Duration = Duration::from_millis(25);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// Longest pause a server's `retry-after-ms` hint can impose on one attempt.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(5);
-/// Largest response the client decodes (a full List of a big registry).
+/// Largest response the client decodes (a List page of a big registry).
 const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most pages one List reads: far above a registry at its service quota, so a node that never
+/// ends the listing cannot hold the client forever.
+const LIST_PAGES_MAX: usize = 100_000;
 
 /// The verified instances of one service.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct Resolved {
     pub revision: u64,
     /// The binding the records were verified against (itself verified to the admin chain).
     pub binding: signpost_record::Binding,
+    /// The signed binding, as served.
+    pub binding_envelope: Envelope,
 }
 
 /// One record per instance, the one with the highest sequence, ordered by instance id: an
@@ -93,6 +99,11 @@ pub struct Client {
     deadline: Duration,
     source_ip: Option<std::net::IpAddr>,
     floors: Mutex<crate::floors::Floors>,
+    /// The highest revision of a write acknowledgement or a linearizable answer: a later
+    /// linearizable answer at a lower revision comes from a node that is behind or lying.
+    revision_floor: AtomicU64,
+    /// Every admin set of the longest admin chain verified so far, genesis first.
+    admin_sets: Mutex<Vec<AdminSet>>,
 }
 
 /// The pause before retry `attempt` (0-based): exponential with "equal jitter" (half fixed,
@@ -196,6 +207,8 @@ impl Client {
                 config.state_file.clone(),
                 config.trust.min_admin_version,
             )?),
+            revision_floor: AtomicU64::new(0),
+            admin_sets: Mutex::new(Vec::new()),
         })
     }
 
@@ -319,6 +332,29 @@ impl Client {
         )))
     }
 
+    /// The highest revision this client has seen acknowledged or read linearizably.
+    pub fn revision_floor(&self) -> u64 {
+        self.revision_floor.load(Ordering::Acquire)
+    }
+
+    fn saw_revision(&self, revision: u64) {
+        self.revision_floor.fetch_max(revision, Ordering::AcqRel);
+    }
+
+    /// Refuses a linearizable answer below what this client has already seen: the cluster
+    /// never goes back, so such an answer is from a node that is behind (and wrongly claims
+    /// to be current) or lying.
+    fn check_not_behind(&self, addr: &str, revision: u64) -> Result<(), ClientError> {
+        let floor = self.revision_floor();
+        if revision < floor {
+            return Err(ClientError::Verification(format!(
+                "{addr} answered at revision {revision}, below revision {floor} which this \
+                 client has already seen: revisions never go backwards"
+            )));
+        }
+        Ok(())
+    }
+
     /// Registers (or replaces) an instance. Returns the revision it was applied at.
     pub async fn register(&self, envelope: Envelope) -> Result<u64, ClientError> {
         let verified = signpost_record::open_record(&envelope)
@@ -356,6 +392,7 @@ impl Client {
             }
             other => other,
         }
+        .inspect(|revision| self.saw_revision(*revision))
     }
 
     /// Deregisters an instance (envelope carries a signed DeregisterPayload).
@@ -372,6 +409,7 @@ impl Client {
             }
         })
         .await
+        .inspect(|revision| self.saw_revision(*revision))
     }
 
     /// Binds keys to a service (admin certificate and admin-signed envelope).
@@ -388,22 +426,71 @@ impl Client {
             }
         })
         .await
+        .inspect(|revision| self.saw_revision(*revision))
     }
 
-    /// Replaces the admin set (threshold-signed).
-    pub async fn rotate_admins(&self, envelope: MultiEnvelope) -> Result<u64, ClientError> {
+    /// Replaces the admin set (threshold-signed), carrying `rebinds`: every binding signed by a
+    /// key the new set drops, re-signed by a key of the new set (see [`Client::rebinds_for`]);
+    /// without them the cluster refuses the rotation with `rotation_incomplete`.
+    pub async fn rotate_admins(
+        &self,
+        envelope: MultiEnvelope,
+        rebinds: Vec<Envelope>,
+    ) -> Result<u64, ClientError> {
         self.with_retries(|addr| {
-            let envelope = envelope.clone();
+            let request = RotateAdminsRequest {
+                envelope: Some(envelope.clone()),
+                rebinds: rebinds.clone(),
+            };
             async move {
                 self.registry(&addr)?
-                    .rotate_admins(RotateAdminsRequest {
-                        envelope: Some(envelope),
-                    })
+                    .rotate_admins(request)
                     .await
                     .map(|r| r.into_inner().revision)
             }
         })
         .await
+        .inspect(|revision| self.saw_revision(*revision))
+    }
+
+    /// The bindings a rotation to `next` must carry: each bound service whose binding is signed
+    /// by a key `next` does not hold, re-signed by `signer` (a key of `next`) with the same keys
+    /// and window at the next version. Fails if a bound service does not verify: a binding the
+    /// client cannot verify is not one it should vouch for.
+    pub async fn rebinds_for(
+        &self,
+        next: &AdminSetPayload,
+        signer: &ed25519_dalek::SigningKey,
+    ) -> Result<Vec<Envelope>, ClientError> {
+        let listed = self.list_pages(false, true).await?;
+        if let Some((service, reason)) = listed.unverified.first() {
+            return Err(ClientError::Verification(format!(
+                "cannot re-sign the binding of {service}, which does not verify: {reason}"
+            )));
+        }
+        let mut rebinds = Vec::new();
+        for service in listed.services {
+            let kept = next
+                .public_keys
+                .iter()
+                .any(|k| k.as_slice() == service.binding_envelope.key_id.as_slice());
+            if kept {
+                continue;
+            }
+            let binding = &service.binding;
+            rebinds.push(signpost_record::sign_binding(
+                signer,
+                &BindingPayload {
+                    service: binding.service.clone(),
+                    public_keys: binding.keys.iter().map(|k| k.to_vec()).collect(),
+                    version: binding.version.saturating_add(1),
+                    issued_at_ms: now_ms(),
+                    not_before_ms: binding.not_before_ms,
+                    not_after_ms: binding.not_after_ms,
+                },
+            ));
+        }
+        Ok(rebinds)
     }
 
     /// Resolves a service: linearizable unless `stale`. Only records that verify end to end are
@@ -424,12 +511,25 @@ impl Client {
                 })
                 .await?;
             let (addr, response) = response;
-            match self.verify(
-                response.service.unwrap_or_default(),
-                &response.admin_chain,
-                response.revision,
-            ) {
-                Ok(resolved) if resolved.service == service => return Ok(resolved),
+            let checked = if stale {
+                Ok(())
+            } else {
+                self.check_not_behind(&addr, response.revision)
+            };
+            let verified = checked.and_then(|()| {
+                self.verify(
+                    response.service.unwrap_or_default(),
+                    &response.admin_chain,
+                    response.revision,
+                )
+            });
+            match verified {
+                Ok(resolved) if resolved.service == service => {
+                    if !stale {
+                        self.saw_revision(resolved.revision);
+                    }
+                    return Ok(resolved);
+                }
                 Ok(resolved) => failures.push(format!(
                     "{addr} answered for {} instead of {service}",
                     resolved.service
@@ -442,43 +542,35 @@ impl Client {
         Err(ClientError::Verification(failures.join("; ")))
     }
 
-    /// Lists every service with live instances, each verified end to end.
+    /// Lists every service with live instances, each verified end to end, page by page.
     ///
-    /// A service whose answer does not verify (its binding expired, or was signed by an admin
-    /// set since rotated out) is reported in [`Listed::unverified`] and left out; it does not
-    /// fail the others. If some do not verify, the other nodes are asked too and the answer
-    /// with the fewest failures is returned, so a single lying node cannot hide a service by
-    /// corrupting it. An admin chain that does not verify fails that node's whole answer.
+    /// A service whose answer does not verify (its binding expired, or a node serves it
+    /// corrupted) is reported in [`Listed::unverified`] and left out; it does not fail the
+    /// others. If some do not verify, the other nodes are asked too and the answer with the
+    /// fewest failures is returned, so a single lying node cannot hide a service by corrupting
+    /// it. An admin chain that does not verify, a linearizable page below a revision already
+    /// seen, or a page token that does not advance fails that node's whole answer.
     pub async fn list(&self, stale: bool) -> Result<Listed, ClientError> {
+        self.list_pages(stale, false).await
+    }
+
+    async fn list_pages(&self, stale: bool, all_bound: bool) -> Result<Listed, ClientError> {
         let mut failures = Vec::new();
         let mut best: Option<Listed> = None;
         for _ in 0..self.endpoints.len().max(1) {
-            let (addr, response) = self
-                .with_retries(|addr| async move {
-                    let r = self.registry(&addr)?.list(ListRequest { stale }).await?;
-                    Ok((addr, r.into_inner()))
-                })
-                .await?;
+            let (addr, answer) = self.list_from_one_node(stale, all_bound).await?;
             self.rotate_away_from(&addr);
-            if let Err(e) =
-                signpost_record::verify_admin_chain(&self.genesis, &response.admin_chain)
-            {
-                failures.push(format!("{addr}: admin chain: {e}"));
-                continue;
-            }
-            let mut listed = Listed {
-                services: Vec::new(),
-                unverified: Vec::new(),
-                revision: response.revision,
-            };
-            for service in response.services {
-                let name = service.service.clone();
-                match self.verify(service, &response.admin_chain, response.revision) {
-                    Ok(resolved) => listed.services.push(resolved),
-                    Err(e) => listed.unverified.push((name, e.to_string())),
+            let listed = match answer {
+                Ok(listed) => listed,
+                Err(e) => {
+                    failures.push(format!("{addr}: {e}"));
+                    continue;
                 }
-            }
+            };
             if listed.unverified.is_empty() {
+                if !stale {
+                    self.saw_revision(listed.revision);
+                }
                 return Ok(listed);
             }
             tracing::warn!(node = %addr, unverified = listed.unverified.len(), "some services did not verify; asking another node");
@@ -490,6 +582,106 @@ impl Client {
             }
         }
         best.ok_or_else(|| ClientError::Verification(failures.join("; ")))
+    }
+
+    /// Reads every page from the node that answers the first (the client keeps preferring the
+    /// node that answered). The outer error is the call's own (no node answered); the inner
+    /// one says why this node's answer is not trusted.
+    async fn list_from_one_node(
+        &self,
+        stale: bool,
+        all_bound: bool,
+    ) -> Result<(String, Result<Listed, ClientError>), ClientError> {
+        let mut listed = Listed {
+            services: Vec::new(),
+            unverified: Vec::new(),
+            revision: 0,
+        };
+        let mut token = String::new();
+        let mut first_addr: Option<String> = None;
+        for _ in 0..LIST_PAGES_MAX {
+            let (addr, page) = self
+                .with_retries(|addr| {
+                    let request = ListRequest {
+                        stale,
+                        limit: 0,
+                        page_token: token.clone(),
+                        all_bound,
+                    };
+                    async move {
+                        let r = self.registry(&addr)?.list(request).await?;
+                        Ok((addr, r.into_inner()))
+                    }
+                })
+                .await?;
+            let first = first_addr.get_or_insert_with(|| addr.clone()).clone();
+            if let Err(e) = self.check_page(&addr, &page, &token, &listed, stale) {
+                return Ok((first, Err(e)));
+            }
+            listed.revision = listed.revision.max(page.revision);
+            for service in page.services {
+                let name = service.service.clone();
+                match self.verify(service, &page.admin_chain, page.revision) {
+                    Ok(resolved) => listed.services.push(resolved),
+                    Err(e) => listed.unverified.push((name, e.to_string())),
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok((first, Ok(listed)));
+            }
+            token = page.next_page_token;
+        }
+        Ok((
+            first_addr.unwrap_or_default(),
+            Err(ClientError::Verification(format!(
+                "the listing did not end within {LIST_PAGES_MAX} pages"
+            ))),
+        ))
+    }
+
+    /// What must hold of every List page before its services are looked at.
+    fn check_page(
+        &self,
+        addr: &str,
+        page: &ListResponse,
+        token: &str,
+        so_far: &Listed,
+        stale: bool,
+    ) -> Result<(), ClientError> {
+        signpost_record::verify_admin_chain(&self.genesis, &page.admin_chain)
+            .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
+        if !stale {
+            self.check_not_behind(addr, page.revision)?;
+            if page.revision < so_far.revision {
+                return Err(ClientError::Verification(format!(
+                    "{addr} served a page at revision {} after one at {}",
+                    page.revision, so_far.revision
+                )));
+            }
+        }
+        // Pages are in name order: every name must come after the token, and the next token
+        // after the names, or a node could make a listing go round forever.
+        let mut after = token;
+        for service in &page.services {
+            if service.service.as_str() <= after {
+                return Err(ClientError::Verification(format!(
+                    "{addr} served {} out of order (after {after:?})",
+                    service.service
+                )));
+            }
+            after = &service.service;
+        }
+        if !page.next_page_token.is_empty() && page.next_page_token.as_str() < after {
+            return Err(ClientError::Verification(format!(
+                "{addr} served a page token that goes backwards"
+            )));
+        }
+        if !page.next_page_token.is_empty() && page.services.is_empty() {
+            return Err(ClientError::Verification(format!(
+                "{addr} served an empty page that is not the last"
+            )));
+        }
+        Ok(())
     }
 
     fn rotate_away_from(&self, addr: &str) {
@@ -512,8 +704,9 @@ impl Client {
         admin_chain: &[MultiEnvelope],
         revision: u64,
     ) -> Result<Resolved, ClientError> {
-        let admins = signpost_record::verify_admin_chain(&self.genesis, admin_chain)
+        let sets = signpost_record::admin_sets_of_chain(&self.genesis, admin_chain)
             .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
+        let admins = sets.last().cloned().unwrap_or_else(|| self.genesis.clone());
         let binding_envelope = records.binding.ok_or_else(|| {
             ClientError::Verification(format!(
                 "service {} came without a binding",
@@ -548,6 +741,8 @@ impl Client {
             }
         }
         floors.raise(admins.version, &binding.service, binding.version);
+        drop(floors);
+        self.remember_admin_sets(sets);
         let (instances, envelopes) = newest_per_instance(instances, envelopes);
         Ok(Resolved {
             service: records.service,
@@ -555,7 +750,72 @@ impl Client {
             envelopes,
             revision,
             binding,
+            binding_envelope,
         })
+    }
+
+    /// Learns the current admin chain (from a one-service List page) so that bindings signed by
+    /// admins added since genesis verify. A chain that does not verify is an error; a shorter
+    /// one than already known changes nothing.
+    pub(crate) async fn refresh_admin_sets(&self) -> Result<(), ClientError> {
+        let page = self
+            .with_retries(|addr| async move {
+                let request = ListRequest {
+                    stale: true,
+                    limit: 1,
+                    page_token: String::new(),
+                    all_bound: true,
+                };
+                self.registry(&addr)?
+                    .list(request)
+                    .await
+                    .map(|r| r.into_inner())
+            })
+            .await?;
+        let sets = signpost_record::admin_sets_of_chain(&self.genesis, &page.admin_chain)
+            .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
+        self.remember_admin_sets(sets);
+        Ok(())
+    }
+
+    fn remember_admin_sets(&self, sets: Vec<AdminSet>) {
+        let mut known = self
+            .admin_sets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if sets.len() > known.len() {
+            *known = sets;
+        }
+    }
+
+    /// Verifies a binding of the past (a watch event's): signed by a key of any admin set on
+    /// the chain this client verified, and for `service`. Its version and window are not
+    /// checked: it is history, not a binding to use now.
+    pub(crate) fn verify_past_binding(
+        &self,
+        service: &str,
+        envelope: &Envelope,
+    ) -> Result<signpost_record::Binding, ClientError> {
+        let opened = signpost_record::open_binding(envelope)
+            .map_err(|e| ClientError::Verification(format!("binding: {e}")))?;
+        if opened.payload.service != service {
+            return Err(ClientError::Verification(format!(
+                "binding is for {} but the event is for {service}",
+                opened.payload.service
+            )));
+        }
+        let known = self
+            .admin_sets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let by_genesis = self.genesis.contains(&opened.key);
+        if !by_genesis && !known.iter().any(|set| set.contains(&opened.key)) {
+            return Err(ClientError::Verification(format!(
+                "binding of {service} is signed by {}, which no admin set this client verified holds",
+                hex::encode(opened.key)
+            )));
+        }
+        Ok(opened.payload)
     }
 
     /// A channel to an instance's first endpoint that refuses the connection unless the

@@ -1,19 +1,22 @@
 //! A resumable watch: events in revision order with no gaps and no duplicates, across the node
-//! it is connected to going away.
+//! it is connected to going away, and checked against a node that lies.
+//!
+//! Every stream opens with a START event naming the revision it starts at, so a watch always
+//! has an explicit position, even before its first event: it resumes from there, never from
+//! "now". Revisions must not go backwards and may not exceed the answering node's applied
+//! revision; each put is verified against the binding in force when it was applied (which the
+//! event carries), signed by an admin of the chain this client verified. A stream that breaks
+//! any of these is dropped and the watch resumes from its last good revision on another node.
 
 use std::time::Duration;
 
 use signpost_proto::v1::{watch_event, WatchEvent, WatchRequest};
 use tonic::{Code, Streaming};
 
-use std::collections::HashMap;
-
-use signpost_record::Binding;
-
 use crate::client::Client;
 use crate::error::ClientError;
 
-/// Consecutive failed (re)connections before the watcher gives up.
+/// Consecutive failed (re)connections or refused streams before the watcher gives up.
 const RECONNECTS_MAX: u32 = 20;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
@@ -38,16 +41,25 @@ pub struct Watcher<'a> {
     client: &'a Client,
     service: String,
     prefix: bool,
-    /// Next revision to ask for when (re)connecting; 0 = "from now" until the first event.
+    /// The revision to (re)connect from: the one asked for, then the START of the first
+    /// stream, then the last revision delivered (a stream may break between two events of one
+    /// revision; duplicates of that revision are dropped).
     resume_from: u64,
-    /// Events already delivered at revision `resume_from - 1`... kept to drop duplicates when a
-    /// stream broke in the middle of a revision.
+    /// Events already delivered at `last_revision`, to drop duplicates after a resume.
     seen_at_last: Vec<(bool, String, String)>,
     last_revision: u64,
     stream: Option<Streaming<WatchEvent>>,
+    /// Whether the current stream's START event has arrived.
+    started: bool,
     failures: u32,
-    /// Verified bindings by service, to check each put end to end.
-    bindings: HashMap<String, Binding>,
+}
+
+/// Why a stream is not trusted any further.
+enum Broken {
+    /// The node lied or served something that does not verify.
+    Lied(String),
+    /// A transport or server error.
+    Failed(ClientError),
 }
 
 impl<'a> Watcher<'a> {
@@ -60,8 +72,8 @@ impl<'a> Watcher<'a> {
             seen_at_last: Vec::new(),
             last_revision: 0,
             stream: None,
+            started: false,
             failures: 0,
-            bindings: HashMap::new(),
         }
     }
 
@@ -70,26 +82,27 @@ impl<'a> Watcher<'a> {
         self.last_revision
     }
 
+    /// The revision the watch would resume from now: where its first stream started, or its
+    /// last revision. 0 only before the first stream has started.
+    pub fn position(&self) -> u64 {
+        self.resume_from
+    }
+
     async fn open(&mut self) -> Result<(), ClientError> {
-        // Resume at the last revision itself: a stream may have broken between two events of
-        // one revision; duplicates of that revision are dropped below.
-        let from = if self.last_revision > 0 {
-            self.last_revision
-        } else {
-            self.resume_from
-        };
+        self.client.refresh_admin_sets().await?;
         let request = WatchRequest {
             service: self.service.clone(),
             prefix: self.prefix,
-            from_revision: from,
+            from_revision: self.resume_from,
         };
         let stream = self.client.open_watch(request).await?;
         self.stream = Some(stream);
+        self.started = false;
         Ok(())
     }
 
     /// The next change. Errors are final: `compacted` (resync with resolve), permission, or
-    /// no node reachable after bounded retries.
+    /// no node served a stream that held up after bounded retries.
     pub async fn next(&mut self) -> Result<Change, ClientError> {
         loop {
             if self.stream.is_none() {
@@ -97,6 +110,7 @@ impl<'a> Watcher<'a> {
                     Ok(()) => {}
                     Err(e) if is_transient(&e) && self.failures < RECONNECTS_MAX => {
                         self.failures += 1;
+                        self.client.forget_preferred();
                         tokio::time::sleep(RECONNECT_PAUSE).await;
                         continue;
                     }
@@ -106,104 +120,147 @@ impl<'a> Watcher<'a> {
             let Some(stream) = self.stream.as_mut() else {
                 continue;
             };
-            match stream.message().await {
-                Ok(Some(event)) => {
-                    let put = event.kind == watch_event::Kind::Put as i32;
-                    if put && !self.verify(&event).await {
-                        // A node that serves a record which does not verify is not trusted for
-                        // the rest of this stream: resume from the last good revision elsewhere.
-                        tracing::warn!(revision = event.revision, service = %event.service, "dropping a watched record that failed verification; switching node");
-                        self.stream = None;
-                        self.client.forget_preferred();
-                        self.failures += 1;
-                        if self.failures >= RECONNECTS_MAX {
-                            return Err(ClientError::Verification(format!(
-                                "watched records of {} failed verification on every node tried",
-                                event.service
-                            )));
-                        }
-                        continue;
+            let broken = match stream.message().await {
+                Ok(Some(event)) => match self.accept(event) {
+                    Ok(Some(change)) => {
+                        self.failures = 0;
+                        return Ok(change);
                     }
-                    self.failures = 0;
-                    let identity = (put, event.service.clone(), event.instance.clone());
-                    if event.revision < self.last_revision
-                        || (event.revision == self.last_revision
-                            && self.seen_at_last.contains(&identity))
-                    {
-                        continue;
+                    Ok(None) => continue,
+                    Err(broken) => broken,
+                },
+                Ok(None) => Broken::Failed(ClientError::Unavailable("watch stream ended".into())),
+                Err(status) => Broken::Failed(ClientError::from_status(&status)),
+            };
+            self.stream = None;
+            self.client.forget_preferred();
+            self.failures += 1;
+            match broken {
+                Broken::Lied(why) => {
+                    tracing::warn!(%why, "watch stream not trusted; resuming on another node");
+                    if self.failures >= RECONNECTS_MAX {
+                        return Err(ClientError::Verification(format!(
+                            "watch of {}: {why} (and so on {RECONNECTS_MAX} streams in a row)",
+                            self.service
+                        )));
                     }
-                    if event.revision > self.last_revision {
-                        self.seen_at_last.clear();
-                        self.last_revision = event.revision;
-                    }
-                    self.seen_at_last.push(identity);
-                    return Ok(Change {
-                        revision: event.revision,
-                        put,
-                        service: event.service,
-                        instance: event.instance,
-                        record: event.record,
-                    });
                 }
-                Ok(None) => {
-                    self.stream = None;
-                    self.client.forget_preferred();
-                }
-                Err(status) => {
-                    let error = ClientError::from_status(&status);
-                    self.stream = None;
-                    if is_transient(&error) && self.failures < RECONNECTS_MAX {
-                        self.failures += 1;
-                        self.client.forget_preferred();
-                        tokio::time::sleep(RECONNECT_PAUSE).await;
-                    } else {
+                Broken::Failed(error) => {
+                    if !is_transient(&error) || self.failures >= RECONNECTS_MAX {
                         return Err(error);
                     }
                 }
             }
+            tokio::time::sleep(RECONNECT_PAUSE).await;
         }
     }
-}
 
-impl Watcher<'_> {
-    /// Verifies a put against the service's binding, refreshing the binding once (it may have
-    /// been rotated since it was cached).
-    async fn verify(&mut self, event: &WatchEvent) -> bool {
-        let Some(record) = event.record.as_ref() else {
-            return false;
-        };
-        for refresh in [false, true] {
-            if refresh || !self.bindings.contains_key(&event.service) {
-                match self.client.resolve(&event.service, false).await {
-                    Ok(resolved) => {
-                        self.bindings
-                            .insert(event.service.clone(), resolved.binding);
-                    }
-                    // Gone again already (deleted later): a verified binding is still needed.
-                    Err(_) => return false,
-                }
-            }
-            if let Some(binding) = self.bindings.get(&event.service) {
-                if signpost_record::verify_record_against(binding, record).is_ok_and(|r| {
-                    r.payload.service == event.service && r.payload.instance == event.instance
-                }) {
-                    return true;
-                }
-            }
+    /// Checks one message of the current stream: `Ok(Some)` to deliver, `Ok(None)` to skip
+    /// (the START event, a duplicate after a resume), `Err` to drop the stream.
+    fn accept(&mut self, event: WatchEvent) -> Result<Option<Change>, Broken> {
+        let lied = |why: String| Err(Broken::Lied(why));
+        if event.revision > event.applied_revision.saturating_add(1) {
+            return lied(format!(
+                "event at revision {} beyond the node's applied revision {}",
+                event.revision, event.applied_revision
+            ));
         }
-        false
+        let kind =
+            watch_event::Kind::try_from(event.kind).unwrap_or(watch_event::Kind::Unspecified);
+        if !self.started {
+            if kind != watch_event::Kind::Start {
+                return lied("the stream did not open with its start revision".into());
+            }
+            if self.resume_from != 0 && event.revision != self.resume_from {
+                return lied(format!(
+                    "asked to start at revision {}, the stream starts at {}",
+                    self.resume_from, event.revision
+                ));
+            }
+            if event.revision < self.last_revision {
+                return lied(format!(
+                    "the stream starts at revision {}, before the {} already delivered",
+                    event.revision, self.last_revision
+                ));
+            }
+            self.started = true;
+            self.resume_from = event.revision;
+            return Ok(None);
+        }
+        let put = match kind {
+            watch_event::Kind::Put => true,
+            watch_event::Kind::Delete => false,
+            other => return lied(format!("unexpected {other:?} event inside a stream")),
+        };
+        if event.revision < self.resume_from {
+            return lied(format!(
+                "event at revision {} before the stream's start at {}",
+                event.revision, self.resume_from
+            ));
+        }
+        let identity = (put, event.service.clone(), event.instance.clone());
+        if event.revision < self.last_revision
+            || (event.revision == self.last_revision && self.seen_at_last.contains(&identity))
+        {
+            // Already delivered before a resume.
+            return Ok(None);
+        }
+        if put {
+            self.verify_put(&event).map_err(Broken::Lied)?;
+        }
+        if event.revision > self.last_revision {
+            self.seen_at_last.clear();
+            self.last_revision = event.revision;
+            self.resume_from = event.revision;
+        }
+        self.seen_at_last.push(identity);
+        Ok(Some(Change {
+            revision: event.revision,
+            put,
+            service: event.service,
+            instance: event.instance,
+            record: event.record,
+        }))
+    }
+
+    /// A put's record must verify against the binding in force when it was applied, itself
+    /// signed by an admin of the verified chain.
+    fn verify_put(&self, event: &WatchEvent) -> Result<(), String> {
+        let (Some(record), Some(binding)) = (event.record.as_ref(), event.binding.as_ref()) else {
+            return Err(format!(
+                "put at revision {} without its record or binding",
+                event.revision
+            ));
+        };
+        let binding = self
+            .client
+            .verify_past_binding(&event.service, binding)
+            .map_err(|e| e.to_string())?;
+        let verified =
+            signpost_record::verify_record_against(&binding, record).map_err(|e| e.to_string())?;
+        if verified.payload.instance != event.instance {
+            return Err(format!(
+                "put of {}/{} carries a record of instance {}",
+                event.service, event.instance, verified.payload.instance
+            ));
+        }
+        Ok(())
     }
 }
 
 fn is_transient(e: &ClientError) -> bool {
-    matches!(
-        e.code(),
-        Some(
-            Code::Unavailable
-                | Code::Unknown
-                | Code::Cancelled
-                | Code::DeadlineExceeded
-                | Code::Internal
+    // A node behind the watch's position says future_revision; another node (or this one a
+    // moment later) has it.
+    e.reason() == Some("future_revision")
+        || matches!(
+            e.code(),
+            Some(
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Internal
+                    | Code::ResourceExhausted
+            )
         )
-    )
 }

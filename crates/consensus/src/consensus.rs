@@ -53,6 +53,10 @@ pub struct ConsensusConfig {
     pub snapshot_after_entries: u64,
     /// Log entries kept behind a snapshot (so slightly lagging followers avoid a snapshot).
     pub log_entries_kept: u64,
+    /// The genesis admin set this node was configured to bootstrap (`[bootstrap]`): a stored
+    /// state or a received snapshot with another genesis belongs to another cluster and is
+    /// refused, even on a node that has no state yet.
+    pub expected_genesis: Option<signpost_record::AdminSet>,
 }
 
 impl ConsensusConfig {
@@ -77,6 +81,7 @@ impl ConsensusConfig {
             election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
+            expected_genesis: None,
         }
     }
 }
@@ -152,6 +157,16 @@ impl Consensus {
         let mut log_store = LogStore::new(store.clone());
         log_store.check_watermark().await?;
         let state_machine = StateMachine::open(store)?;
+        if let (Some(expected), Some(stored)) = (
+            &config.expected_genesis,
+            state_machine.read().registry.genesis(),
+        ) {
+            if expected != stored {
+                return Err(ConsensusError::ForeignGenesis {
+                    dir: config.data_dir.display().to_string(),
+                });
+            }
+        }
         // openraft's own election timing only sets the vote lease it enforces (and its vote RPC
         // timeout): elections are started and gated by the pre-vote driver below, with the
         // configured timeouts.
@@ -264,6 +279,7 @@ impl Consensus {
             self.config.members.keys().copied().collect(),
             Duration::from_millis(raft_vote_lease),
             self.state_machine.clone(),
+            self.config.expected_genesis.clone(),
         )
         .into_server()
     }

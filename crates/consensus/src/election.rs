@@ -133,12 +133,13 @@ impl Liveness {
     /// Whether this node would grant a pre-vote now: it has not heard from a leader, nor been
     /// an acknowledged leader, within the voters' lease.
     pub(crate) fn lease_expired(&self, leading: bool) -> bool {
-        if leading {
-            return self
-                .since_quorum_ack()
-                .is_none_or(|age| age >= self.voter_lease);
+        match (leading, self.since_quorum_ack()) {
+            (true, Some(age)) => age >= self.voter_lease,
+            // A leader not yet acknowledged (just elected) counts from its campaign, which
+            // recorded a leader contact: it must not grant the pre-vote that would depose it
+            // before its first heartbeat round.
+            (true, None) | (false, _) => self.since_leader_contact() >= self.voter_lease,
         }
-        self.since_leader_contact() >= self.voter_lease
     }
 }
 
@@ -394,9 +395,19 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_with_a_fresh_quorum_refuses_pre_votes() {
+    fn a_leader_refuses_pre_votes_while_just_elected_or_freshly_acknowledged() {
         let l = Liveness::new(Duration::from_millis(200), Duration::from_millis(100));
-        assert!(l.lease_expired(true), "never acknowledged");
+        // Campaigning records a leader contact.
+        l.leader_contact();
+        assert!(
+            !l.lease_expired(true),
+            "just elected, before its first heartbeat round"
+        );
+        std::thread::sleep(Duration::from_millis(220));
+        assert!(
+            l.lease_expired(true),
+            "elected a lease ago and never acknowledged"
+        );
         l.record_quorum_ack(Duration::ZERO);
         assert!(!l.lease_expired(true));
     }

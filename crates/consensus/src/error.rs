@@ -59,4 +59,14 @@ pub enum ConsensusError {
     /// The registry state could not be loaded.
     #[error("state: {0}")]
     State(#[from] signpost_state::StateError),
+    /// The stored registry was bootstrapped with another genesis admin set than the config's.
+    #[error(
+        "the registry in {dir} has another genesis admin set than [bootstrap] in this node's \
+         config: the data directory belongs to another cluster (or the config does). Refusing \
+         to start"
+    )]
+    ForeignGenesis {
+        /// The database directory.
+        dir: String,
+    },
 }

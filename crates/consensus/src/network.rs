@@ -28,6 +28,41 @@ const SNAPSHOT_SEND_CHUNK_BYTES: usize = 1024 * 1024;
 const _: () = assert!(SNAPSHOT_SEND_CHUNK_BYTES <= SNAPSHOT_CHUNK_BYTES_MAX);
 /// Connection timeout towards a peer: short, because openraft retries with backoff.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before the second attempt to send a snapshot to a peer that refused or lost the
+/// first; doubled per failure in a row up to [`SNAPSHOT_RETRY_PAUSE_MAX`].
+const SNAPSHOT_RETRY_PAUSE_FIRST: Duration = Duration::from_millis(500);
+/// Longest pause between snapshot attempts to one peer. A snapshot can be hundreds of MiB: a
+/// peer that refuses every one (a corrupt or hostile follower) must not turn the leader into
+/// a loop that streams them back to back.
+const SNAPSHOT_RETRY_PAUSE_MAX: Duration = Duration::from_secs(30);
+
+/// Failed snapshot sends in a row, per peer: each one makes the next wait longer. Kept by the
+/// network, so it survives openraft rebuilding its connection after each failure.
+#[derive(Debug, Default)]
+struct SnapshotBackoff {
+    failures: HashMap<u64, u32>,
+}
+
+impl SnapshotBackoff {
+    /// How long to wait before the next snapshot send to `target`.
+    fn pause(&self, target: u64) -> Duration {
+        match self.failures.get(&target).copied().unwrap_or(0) {
+            0 => Duration::ZERO,
+            n => SNAPSHOT_RETRY_PAUSE_FIRST
+                .saturating_mul(1u32 << (n - 1).min(16))
+                .min(SNAPSHOT_RETRY_PAUSE_MAX),
+        }
+    }
+
+    fn record(&mut self, target: u64, ok: bool) {
+        if ok {
+            self.failures.remove(&target);
+        } else {
+            let n = self.failures.entry(target).or_default();
+            *n = n.saturating_add(1);
+        }
+    }
+}
 
 /// Creates connections to peers. One gRPC channel per peer address is kept and reused by every
 /// RPC and every reconnect, so Raft never pays a TLS handshake per message.
@@ -36,6 +71,7 @@ pub struct Network {
     tls: Arc<rustls::ClientConfig>,
     local_ip: Option<IpAddr>,
     channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
+    snapshot_backoff: Arc<Mutex<SnapshotBackoff>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -52,6 +88,7 @@ impl Network {
             tls,
             local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
+            snapshot_backoff: Arc::new(Mutex::new(SnapshotBackoff::default())),
         }
     }
 
@@ -151,7 +188,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
             })
             .map_err(|e| e.to_string());
-        Connection { target, client }
+        Connection {
+            target,
+            client,
+            snapshot_backoff: Arc::clone(&self.snapshot_backoff),
+        }
     }
 }
 
@@ -160,6 +201,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Connection {
     target: u64,
     client: Result<RaftClient<Channel>, String>,
+    snapshot_backoff: Arc<Mutex<SnapshotBackoff>>,
 }
 
 fn to_rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<u64, NodeAddr, E> {
@@ -204,6 +246,14 @@ impl Connection {
         }
         .map_err(to_rpc_error)?;
         codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX).map_err(codec_error)
+    }
+}
+
+impl Connection {
+    fn backoff_lock(&self) -> std::sync::MutexGuard<'_, SnapshotBackoff> {
+        self.snapshot_backoff
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -270,19 +320,62 @@ impl RaftNetwork<TypeConfig> for Connection {
         let mut request = tonic::Request::new(tokio_stream::iter(chunks));
         request.set_timeout(option.hard_ttl().max(Duration::from_secs(60)));
         let target = self.target;
-        let client = self
+        let mut client = self
             .client()
-            .map_err(|status| StreamingError::Unreachable(Unreachable::new(&status)))?;
-        let send = client.install_snapshot(request);
+            .map_err(|status| StreamingError::Unreachable(Unreachable::new(&status)))?
+            .clone();
+        let pause = self.backoff_lock().pause(target);
+        let send = async move {
+            if !pause.is_zero() {
+                tracing::info!(
+                    target,
+                    pause_ms = pause.as_millis() as u64,
+                    "snapshot send backs off after failures"
+                );
+                tokio::time::sleep(pause).await;
+            }
+            client.install_snapshot(request).await
+        };
         let response = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             r = send => r,
         };
+        self.backoff_lock().record(target, response.is_ok());
         let response = response.map_err(|status| {
             tracing::warn!(target, %status, "snapshot transfer failed");
             StreamingError::Unreachable(Unreachable::new(&status))
         })?;
         codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_sends_to_a_peer_that_keeps_failing_back_off_to_a_cap_and_reset_on_success() {
+        let mut backoff = SnapshotBackoff::default();
+        assert_eq!(
+            backoff.pause(2),
+            Duration::ZERO,
+            "the first send goes at once"
+        );
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            backoff.record(2, false);
+            pauses.push(backoff.pause(2));
+        }
+        assert_eq!(pauses[0], SNAPSHOT_RETRY_PAUSE_FIRST);
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]), "{pauses:?}");
+        assert_eq!(*pauses.last().unwrap(), SNAPSHOT_RETRY_PAUSE_MAX);
+        assert_eq!(
+            backoff.pause(3),
+            Duration::ZERO,
+            "other peers are not affected"
+        );
+        backoff.record(2, true);
+        assert_eq!(backoff.pause(2), Duration::ZERO);
     }
 }

@@ -33,6 +33,8 @@ pub struct RaftService {
     raft_vote_lease: std::time::Duration,
     // Read to check a received snapshot against this node's genesis.
     state_machine: crate::state_machine::StateMachine,
+    // The configured genesis, for a node that has none of its own yet.
+    expected_genesis: Option<signpost_record::AdminSet>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -52,6 +54,7 @@ impl RaftService {
         initial_members: BTreeSet<u64>,
         raft_vote_lease: std::time::Duration,
         state_machine: crate::state_machine::StateMachine,
+        expected_genesis: Option<signpost_record::AdminSet>,
     ) -> RaftService {
         RaftService {
             raft,
@@ -60,6 +63,7 @@ impl RaftService {
             initial_members,
             raft_vote_lease,
             state_machine,
+            expected_genesis,
         }
     }
 
@@ -193,6 +197,12 @@ impl raft_server::Raft for RaftService {
             .vote(rpc)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        if response.vote_granted {
+            // As etcd resets its election timer on granting a vote: the candidate we just
+            // voted for needs a heartbeat's time to reach us as leader, and campaigning (or
+            // granting another pre-vote) before then would depose it at once.
+            self.liveness.leader_contact();
+        }
         encode(&response)
     }
 
@@ -254,7 +264,13 @@ impl raft_server::Raft for RaftService {
         }
         // Checked before openraft sees the vote or the body: a snapshot that cannot be installed
         // would otherwise stop this node's Raft core for good.
-        let genesis = self.state_machine.read().registry.genesis().cloned();
+        let genesis = self
+            .state_machine
+            .read()
+            .registry
+            .genesis()
+            .cloned()
+            .or_else(|| self.expected_genesis.clone());
         let checked = tokio::task::spawn_blocking(move || {
             crate::state_machine::check_snapshot(&body, genesis.as_ref()).map(|()| body)
         })

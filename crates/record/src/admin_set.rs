@@ -175,3 +175,33 @@ pub fn verify_admin_chain(
     }
     Ok(current)
 }
+
+/// Follows `chain` like [`verify_admin_chain`] and returns every admin set on the way, genesis
+/// first and the current set last. A watcher uses it to verify a binding of the past, signed
+/// by an admin of its time.
+pub fn admin_sets_of_chain(
+    genesis: &AdminSet,
+    chain: &[MultiEnvelope],
+) -> Result<Vec<AdminSet>, RecordError> {
+    if chain.len() > ADMIN_CHAIN_ENTRIES_MAX {
+        return reject(
+            Reason::Oversized,
+            format!(
+                "admin chain has {} entries, above the maximum of {ADMIN_CHAIN_ENTRIES_MAX}",
+                chain.len()
+            ),
+        );
+    }
+    let mut sets = vec![genesis.clone()];
+    for (index, envelope) in chain.iter().enumerate() {
+        let current = sets.last().unwrap_or(genesis);
+        let next = open_admin_set(envelope, current).map_err(|e| {
+            RecordError::new(
+                e.reason(),
+                format!("admin chain entry {index}: {}", e.detail()),
+            )
+        })?;
+        sets.push(next);
+    }
+    Ok(sets)
+}

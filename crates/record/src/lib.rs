@@ -90,7 +90,7 @@ mod validate;
 mod verified;
 mod verify;
 
-pub use admin_set::{open_admin_set, verify_admin_chain, AdminSet};
+pub use admin_set::{admin_sets_of_chain, open_admin_set, verify_admin_chain, AdminSet};
 pub use binding::{verify_binding, verify_record_against, Binding};
 pub use error::RecordError;
 pub use key_file::{

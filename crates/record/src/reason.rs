@@ -57,11 +57,14 @@ pub enum Reason {
     QuotaStateBytes,
     /// The record names a different service than the binding it was checked against.
     WrongService,
+    /// An admin rotation that would leave a binding signed by a key outside the new admin
+    /// set; the rotation must carry that binding re-signed by a key of the new set.
+    RotationIncomplete,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Malformed,
         Reason::Oversized,
         Reason::BadSignature,
@@ -84,6 +87,7 @@ impl Reason {
         Reason::QuotaServices,
         Reason::QuotaStateBytes,
         Reason::WrongService,
+        Reason::RotationIncomplete,
     ];
 
     /// The stable snake_case code, e.g. `"bad_signature"`.
@@ -111,6 +115,7 @@ impl Reason {
             Reason::QuotaServices => "quota_services",
             Reason::QuotaStateBytes => "quota_state_bytes",
             Reason::WrongService => "wrong_service",
+            Reason::RotationIncomplete => "rotation_incomplete",
         }
     }
 }

@@ -46,6 +46,12 @@ const TABLE_FULL_RETRY_AFTER_MS: u64 = 1_000;
 /// Records of a List answer that cost one read token beyond the first: a big answer costs the
 /// node more than a resolve, so it costs the caller more too.
 const LIST_RECORDS_PER_TOKEN: usize = 64;
+/// Services a List page may hold per read token, charged before the page is built.
+pub const LIST_SERVICES_PER_TOKEN: usize = 10;
+/// Watch events read from the history per read token: replay is a read like any other.
+pub const WATCH_EVENTS_PER_TOKEN: usize = 64;
+/// Lease renewals per read token: a renewal is a map update on the leader, not a Raft write.
+pub const KEEPALIVES_PER_TOKEN: usize = 16;
 /// Longest retry hint given for an empty bucket (a zero rate would otherwise say "never").
 const RETRY_AFTER_MAX_MS: u64 = 10_000;
 
@@ -158,6 +164,17 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = ((self.tokens + elapsed * rate).min(burst) - tokens).max(-burst);
         self.refilled = now;
+    }
+
+    /// How long until the bucket is out of debt.
+    fn debt(&self, rate: f64) -> Duration {
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        if rate <= 0.0 {
+            return Duration::from_millis(RETRY_AFTER_MAX_MS);
+        }
+        Duration::from_secs_f64(-self.tokens / rate).min(Duration::from_millis(RETRY_AFTER_MAX_MS))
     }
 
     /// Takes one token, or says in how many milliseconds one will be there.
@@ -415,16 +432,30 @@ impl Admission {
     /// is held to the same node cost per second as a flood of small Resolves.
     pub fn charge_answer(&self, caller: &Caller, records: usize) {
         let tokens = (records / LIST_RECORDS_PER_TOKEN) as f64;
+        self.charge_reads(&caller.uri(), tokens);
+    }
+
+    /// Charges `tokens` to the read bucket of `identity` (into debt down to minus its burst)
+    /// and returns how long until the bucket is out of debt again: what a stream must pause
+    /// before it may cost more. Work on streams is metered this way, by backpressure, rather
+    /// than by ending the stream.
+    pub fn charge_reads(&self, identity: &str, tokens: f64) -> Duration {
         if tokens <= 0.0 {
-            return;
+            return Duration::ZERO;
         }
         let limits = &self.inner.limits;
         let now = Instant::now();
         let mut table = self.inner.lock();
-        if let Some(state) = table.get_mut(&caller.uri()) {
-            state
-                .reads
-                .charge(now, limits.reads_per_sec, limits.reads_burst, tokens);
+        match table.get_mut(identity) {
+            Some(state) => {
+                state
+                    .reads
+                    .charge(now, limits.reads_per_sec, limits.reads_burst, tokens);
+                state.reads.debt(limits.reads_per_sec)
+            }
+            // Evicted while its stream is open cannot happen (open streams pin the entry);
+            // if it did, the stream pays the longest pause rather than nothing.
+            None => Duration::from_millis(RETRY_AFTER_MAX_MS),
         }
     }
 
@@ -512,6 +543,29 @@ impl Drop for StreamPermit {
 mod tests {
     use super::*;
     use signpost_identity::SpiffeId;
+
+    #[test]
+    fn stream_work_charged_past_the_burst_must_pause_until_repaid() {
+        let mut bucket = Bucket::full(10.0, Instant::now());
+        let now = Instant::now();
+        bucket.charge(now, 5.0, 10.0, 5.0);
+        assert_eq!(
+            bucket.debt(5.0),
+            Duration::ZERO,
+            "within the burst: no pause"
+        );
+        bucket.charge(now, 5.0, 10.0, 10.0);
+        let pause = bucket.debt(5.0);
+        assert!(
+            pause >= Duration::from_millis(900) && pause <= Duration::from_millis(1000),
+            "5 tokens of debt at 5/s: about a second, got {pause:?}"
+        );
+        bucket.charge(now, 5.0, 10.0, 1_000.0);
+        assert!(
+            bucket.debt(5.0) <= Duration::from_secs(2),
+            "debt is capped at the burst"
+        );
+    }
 
     fn limits() -> AdmissionLimits {
         AdmissionLimits::from_config(&LimitsConfig {

@@ -5,6 +5,7 @@ use signpost_proto::v1::cluster_server::Cluster;
 use signpost_proto::v1::{Member, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
+use crate::admission::{Admission, Op};
 use crate::authz::Caller;
 
 /// Alarm raised while the registry's clock (the largest entry time applied) is ahead of this
@@ -24,14 +25,16 @@ pub(crate) fn clock_skewed(clock_ms: u64) -> bool {
 pub struct ClusterService {
     consensus: Consensus,
     trust_domain: String,
+    admission: Admission,
 }
 
 impl ClusterService {
-    /// A status service over `consensus`.
-    pub fn new(consensus: Consensus, trust_domain: String) -> Self {
+    /// A status service over `consensus` whose requests pass `admission` like reads.
+    pub fn new(consensus: Consensus, trust_domain: String, admission: Admission) -> Self {
         ClusterService {
             consensus,
             trust_domain,
+            admission,
         }
     }
 }
@@ -42,7 +45,11 @@ impl Cluster for ClusterService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        Caller::from_request(&request, &self.trust_domain)?.check_read()?;
+        let caller = Caller::from_request(&request, &self.trust_domain)?;
+        // Status is cheap but not free (it reads the state and the Raft metrics): a flood of
+        // it is held to the caller's read rate like any other read.
+        let _admitted = self.admission.admit(&caller, Op::Read)?;
+        caller.check_read()?;
         let status = self.consensus.status();
         let mut alarms = self.consensus.state().registry.alarms();
         if clock_skewed(self.consensus.state().registry.clock_ms()) {

@@ -43,8 +43,15 @@ pub struct Config {
 pub struct WatchConfig {
     /// Events kept in memory for watchers resuming from a past revision.
     pub history_events_max: usize,
+    /// Bytes of events kept in memory for watchers resuming from a past revision.
+    pub history_bytes_max: usize,
     /// Events buffered per watcher; a watcher that falls this far behind is cancelled.
     pub watcher_buffer_events: usize,
+    /// Bytes buffered per watcher; a watcher that falls this far behind is cancelled.
+    pub watcher_buffer_bytes: usize,
+    /// Bytes buffered by all watchers of the node together; a watcher whose event would pass
+    /// it is cancelled.
+    pub watch_buffers_bytes_max: usize,
     /// Concurrent watchers on one node.
     pub watchers_max: usize,
 }
@@ -53,7 +60,10 @@ impl Default for WatchConfig {
     fn default() -> Self {
         WatchConfig {
             history_events_max: 100_000,
+            history_bytes_max: 64 * 1024 * 1024,
             watcher_buffer_events: 1024,
+            watcher_buffer_bytes: 1024 * 1024,
+            watch_buffers_bytes_max: 256 * 1024 * 1024,
             watchers_max: 20_000,
         }
     }
@@ -288,6 +298,23 @@ impl Config {
         }
     }
 
+    /// The genesis admin set `[bootstrap]` describes: what this node's registry must start
+    /// from, whether it proposes the genesis entry or receives it.
+    pub fn genesis_admin_set(&self) -> Result<signpost_record::AdminSet, ServerError> {
+        let mut keys = Vec::new();
+        for key in &self.bootstrap.admin_keys {
+            let parsed = signpost_record::parse_public_key_hex(key)
+                .map_err(|e| ServerError::Config(format!("bootstrap.admin_keys: {e}")))?;
+            keys.push(parsed.to_bytes());
+        }
+        signpost_record::AdminSet::new(
+            &keys,
+            self.bootstrap.admin_threshold,
+            signpost_record::AdminSet::GENESIS_VERSION,
+        )
+        .map_err(|e| ServerError::Config(format!("bootstrap: {e}")))
+    }
+
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<(), ServerError> {
         let bad = |m: String| Err(ServerError::Config(m));
@@ -332,11 +359,22 @@ impl Config {
                 "raft: need heartbeat*2 < election_timeout_min < election_timeout_max".into(),
             );
         }
-        if self.watch.history_events_max == 0
-            || self.watch.watcher_buffer_events == 0
-            || self.watch.watchers_max == 0
+        let w = &self.watch;
+        if w.history_events_max == 0
+            || w.watcher_buffer_events == 0
+            || w.watchers_max == 0
+            || w.history_bytes_max == 0
+            || w.watch_buffers_bytes_max == 0
         {
             return bad("watch: every limit must be > 0".into());
+        }
+        // One event of the largest size must fit, or a watcher could never make progress.
+        let event_max = 2 * signpost_record::ENVELOPE_BYTES_MAX + 1024;
+        if w.watcher_buffer_bytes < event_max || w.history_bytes_max < event_max {
+            return bad(format!(
+                "watch: watcher_buffer_bytes and history_bytes_max must be at least {event_max} \
+                 (one event of the largest size)"
+            ));
         }
         let l = &self.limits;
         if l.proposals_admin_reserved >= l.proposals_in_flight_max {

@@ -48,9 +48,8 @@ pub fn reason_code(reason: Reason) -> Code {
         NotAdmin | ThresholdNotMet | NoBinding | UnboundKey | WrongService => {
             Code::PermissionDenied
         }
-        BindingNotYetValid | BindingExpired | StaleSequence | StaleVersion | Expired => {
-            Code::FailedPrecondition
-        }
+        BindingNotYetValid | BindingExpired | StaleSequence | StaleVersion | Expired
+        | RotationIncomplete => Code::FailedPrecondition,
         NotFound => Code::NotFound,
         AlreadyInitialized => Code::AlreadyExists,
         QuotaInstances | QuotaServices | QuotaStateBytes => Code::ResourceExhausted,
@@ -128,6 +127,7 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         e @ (ConsensusError::Storage(_)
         | ConsensusError::Corrupt { .. }
         | ConsensusError::LogBehindWatermark { .. }
+        | ConsensusError::ForeignGenesis { .. }
         | ConsensusError::State(_)) => Status::internal(e.to_string()),
     }
 }

@@ -78,6 +78,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     consensus_config.election_timeout_max_ms = config.raft.election_timeout_max_ms;
     consensus_config.snapshot_after_entries = config.raft.snapshot_after_entries;
     consensus_config.log_entries_kept = config.raft.log_entries_kept;
+    consensus_config.expected_genesis = Some(config.genesis_admin_set()?);
     let consensus = Consensus::open(consensus_config).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -119,18 +120,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &consensus,
         WatchHubConfig {
             history_events_max: config.watch.history_events_max,
+            history_bytes_max: config.watch.history_bytes_max,
             watcher_buffer_events: config.watch.watcher_buffer_events,
+            watcher_buffer_bytes: config.watch.watcher_buffer_bytes,
+            watch_buffers_bytes_max: config.watch.watch_buffers_bytes_max,
             watchers_max: config.watch.watchers_max,
         },
     );
     let registry = RegistryService::new(
         consensus.clone(),
         config.trust_domain.clone(),
-        admission,
+        admission.clone(),
         leases,
         watch_hub,
     );
-    let cluster = ClusterService::new(consensus.clone(), config.trust_domain.clone());
+    let cluster = ClusterService::new(consensus.clone(), config.trust_domain.clone(), admission);
     let client_incoming = TlsIncoming::bind(&config.client_addr, server_tls, &settings)
         .await
         .map_err(|e| ServerError::Listener {

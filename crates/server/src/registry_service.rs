@@ -185,6 +185,13 @@ impl RegistryService {
 
 /// Replies buffered per keep-alive stream; a client that stops reading stalls only itself.
 const KEEP_ALIVE_BUFFER: usize = 64;
+/// Services in a List page when the request does not say.
+const LIST_PAGE_SERVICES_DEFAULT: usize = 100;
+/// Most services in one List page.
+const LIST_PAGE_SERVICES_MAX: usize = 1_000;
+/// Envelope bytes after which a List page ends (after its first service), so every page fits
+/// the 64 MiB response limit whatever the registry holds.
+const LIST_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 fn required(envelope: Option<Envelope>) -> Result<Envelope, Status> {
     envelope.ok_or_else(|| refusal(Reason::Malformed, "the request carries no envelope"))
@@ -287,15 +294,20 @@ impl Registry for RegistryService {
         let caller = self.caller(&request)?;
         let _admitted = self.admission.admit(&caller, Op::Write)?;
         caller.check_admin("change the admin set")?;
+        let request = request.into_inner();
         let envelope = request
-            .into_inner()
             .envelope
             .ok_or_else(|| refusal(Reason::Malformed, "the request carries no envelope"))?;
+        // Garbage never costs a Raft round: every re-signed binding must at least open.
+        for rebind in &request.rebinds {
+            precheck(record::open_binding(rebind))?;
+        }
         self.propose(
             &caller,
             WriteClass::Admin,
             Command::RotateAdmins {
                 envelope: envelope.encode_to_vec(),
+                rebinds: request.rebinds.iter().map(Message::encode_to_vec).collect(),
             },
         )
         .await
@@ -333,11 +345,30 @@ impl Registry for RegistryService {
         let caller = self.caller(&request)?;
         let _admitted = self.admission.admit(&caller, Op::Read)?;
         caller.check_read()?;
-        let stale = request.into_inner().stale;
-        self.read_revision(stale).await?;
-        let (views, revision) = {
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => LIST_PAGE_SERVICES_DEFAULT,
+            n => (n as usize).min(LIST_PAGE_SERVICES_MAX),
+        };
+        if !request.page_token.is_empty() {
+            precheck(record::validate_service_name(&request.page_token))?;
+        }
+        // Charged before the work, for the most the page can hold: the caller pays for what
+        // it asked for whether or not the registry is that big.
+        self.admission.charge_reads(
+            &caller.uri(),
+            (limit / crate::admission::LIST_SERVICES_PER_TOKEN) as f64,
+        );
+        self.read_revision(request.stale).await?;
+        let (views, next, revision) = {
             let state = self.consensus.state();
-            (state.registry.list(), state.revision())
+            let (views, next) = state.registry.list_page(
+                &request.page_token,
+                request.all_bound,
+                limit,
+                LIST_PAGE_BYTES_MAX,
+            );
+            (views, next, state.revision())
         };
         let records: usize = views.iter().map(|v| v.records.len()).sum();
         self.admission.charge_answer(&caller, records);
@@ -349,6 +380,7 @@ impl Registry for RegistryService {
             services,
             revision,
             admin_chain: self.admin_chain()?,
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 
@@ -368,6 +400,8 @@ impl Registry for RegistryService {
         let (tx, rx) = tokio::sync::mpsc::channel(KEEP_ALIVE_BUFFER);
         let leases = self.leases.clone();
         let not_leader = self.not_leader();
+        let admission = self.admission.clone();
+        let identity = caller.uri();
         tokio::spawn(async move {
             // The stream's admission slot is given back when this task ends.
             let _permit = permit;
@@ -380,6 +414,15 @@ impl Registry for RegistryService {
                         return;
                     }
                 };
+                // Metered by backpressure: a caller past its read rate is not read from until
+                // its debt is repaid, and HTTP/2 flow control then slows its sender.
+                let pause = admission.charge_reads(
+                    &identity,
+                    1.0 / crate::admission::KEEPALIVES_PER_TOKEN as f64,
+                );
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 let reply = match caller.check_register(&message.service) {
                     Err(status) => Err(status),
                     Ok(()) => match leases.renew(&message.service, &message.instance) {
@@ -428,7 +471,15 @@ impl Registry for RegistryService {
             service: request.service,
             prefix: request.prefix,
         };
-        let stream = self.watch_hub.watch(filter, request.from_revision)?;
+        let admission = self.admission.clone();
+        let identity = caller.uri();
+        let pace: crate::watch_hub::Pacer = Box::new(move |events| {
+            admission.charge_reads(
+                &identity,
+                events as f64 / crate::admission::WATCH_EVENTS_PER_TOKEN as f64,
+            )
+        });
+        let stream = self.watch_hub.watch(filter, request.from_revision, pace)?;
         // The permit lives inside the stream, so the watcher's slot is given back when tonic
         // drops the stream (client gone or watcher cancelled).
         let stream = futures::StreamExt::map(stream, move |event| {

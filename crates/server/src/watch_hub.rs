@@ -3,22 +3,39 @@
 //! Model: one feeder task turns the state machine's applied batches into a history ring of
 //! events (each carrying the revision, i.e. log index, at which it was applied). Every watcher
 //! is a cursor into that history: it copies the events at or after its cursor into its own
-//! bounded channel and waits for the next revision when caught up. Watchers never slow apply or
-//! each other: the feeder only appends and notifies; a watcher whose channel is full is cancelled
-//! with RESOURCE_EXHAUSTED.
+//! bounded buffer and waits for the next revision when caught up. Watchers never slow apply or
+//! each other: the feeder only appends and notifies; a watcher whose buffer is full is cancelled
+//! with RESOURCE_EXHAUSTED, and its buffered events are freed at once (a client that stopped
+//! reading must not keep them alive).
 //!
-//! History is bounded by [`WatchHubConfig::history_events_max`]; a watcher that asks for (or
-//! falls behind to) a revision older than the oldest kept gets OUT_OF_RANGE with reason
-//! `compacted` and the oldest available revision in `signpost-compacted-revision`, and should
-//! resync with a fresh Resolve. A snapshot install on this node clears the history the same way.
+//! Every stream starts with a START event naming its first revision (the one asked for, or
+//! the one after the node's applied revision when the client asked for "now"), so a client
+//! always knows exactly where it can resume. Every event carries the node's applied revision,
+//! and a start beyond it is refused with OUT_OF_RANGE and reason `future_revision` rather than
+//! waited for.
+//!
+//! Memory is bounded in bytes, not only in counts: the history by
+//! [`WatchHubConfig::history_bytes_max`], each watcher's buffer by
+//! [`WatchHubConfig::watcher_buffer_bytes`], and all buffers of the node together by
+//! [`WatchHubConfig::watch_buffers_bytes_max`]; an identity can hold at most its
+//! `watchers_per_identity_max` buffers (admission). Reading history costs the reader read
+//! tokens (the pacer the service passes in): a reader out of tokens is slowed, not served free.
+//!
+//! A watcher that asks for (or falls behind to) a revision older than the oldest kept gets
+//! OUT_OF_RANGE with reason `compacted` and the oldest available revision in
+//! `signpost-compacted-revision`, and should resync with a fresh Resolve. A snapshot install on
+//! this node clears the history the same way.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Waker;
+use std::time::Duration;
 
 use signpost_consensus::{Applied, Consensus};
 use signpost_proto::v1::{watch_event, WatchEvent};
 use signpost_state::{Event, EventKind};
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, watch, Notify, Semaphore};
 use tonic::metadata::MetadataValue;
 use tonic::Status;
 
@@ -27,13 +44,22 @@ use crate::error::REASON_METADATA;
 /// Metadata key naming the oldest revision still available after a `compacted` refusal.
 pub const COMPACTED_METADATA: &str = "signpost-compacted-revision";
 
+/// Events one read of the history copies at most, between two pacer calls.
+const READ_EVENTS_MAX: usize = 256;
+
 /// Limits of the change feed.
 #[derive(Debug, Clone, Copy)]
 pub struct WatchHubConfig {
     /// Events kept for resumption.
     pub history_events_max: usize,
+    /// Bytes of events kept for resumption.
+    pub history_bytes_max: usize,
     /// Events buffered per watcher before it is cancelled as too slow.
     pub watcher_buffer_events: usize,
+    /// Bytes buffered per watcher before it is cancelled as too slow.
+    pub watcher_buffer_bytes: usize,
+    /// Bytes buffered by all watchers of the node together.
+    pub watch_buffers_bytes_max: usize,
     /// Concurrent watchers on this node.
     pub watchers_max: usize,
 }
@@ -42,7 +68,10 @@ impl Default for WatchHubConfig {
     fn default() -> Self {
         WatchHubConfig {
             history_events_max: 100_000,
+            history_bytes_max: 64 * 1024 * 1024,
             watcher_buffer_events: 1024,
+            watcher_buffer_bytes: 1024 * 1024,
+            watch_buffers_bytes_max: 256 * 1024 * 1024,
             watchers_max: 20_000,
         }
     }
@@ -51,6 +80,8 @@ impl Default for WatchHubConfig {
 #[derive(Debug)]
 struct History {
     events: VecDeque<Event>,
+    /// Sum of [`Event::size_bytes`] over `events`.
+    bytes: usize,
     /// Every event with a revision >= this is in `events` (or has not happened yet).
     oldest_revision: u64,
     /// The last revision the feeder has seen.
@@ -58,26 +89,34 @@ struct History {
 }
 
 impl History {
-    fn append(&mut self, revision: u64, events: &[Event], max: usize) {
-        self.events.extend(events.iter().cloned());
+    fn append(&mut self, revision: u64, events: &[Event], events_max: usize, bytes_max: usize) {
+        for event in events {
+            self.bytes += event.size_bytes();
+            self.events.push_back(event.clone());
+        }
         self.last_revision = self.last_revision.max(revision);
-        while self.events.len() > max {
-            if let Some(dropped) = self.events.pop_front() {
-                // Everything at the dropped revision is no longer complete.
-                self.oldest_revision = self.oldest_revision.max(dropped.revision + 1);
-            }
+        while self.events.len() > events_max || self.bytes > bytes_max {
+            let Some(dropped) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= dropped.size_bytes();
+            // Everything at the dropped revision is no longer complete.
+            self.oldest_revision = self.oldest_revision.max(dropped.revision + 1);
         }
         while self
             .events
             .front()
             .is_some_and(|e| e.revision < self.oldest_revision)
         {
-            self.events.pop_front();
+            if let Some(dropped) = self.events.pop_front() {
+                self.bytes -= dropped.size_bytes();
+            }
         }
     }
 
     fn reset(&mut self, revision: u64) {
         self.events.clear();
+        self.bytes = 0;
         self.oldest_revision = revision + 1;
         self.last_revision = revision;
     }
@@ -102,12 +141,18 @@ impl WatchFilter {
     }
 }
 
+/// Called with the number of events a watcher just read from the history; returns how long
+/// the watcher must pause before reading more (the reader's token debt).
+pub type Pacer = Box<dyn Fn(usize) -> Duration + Send + Sync>;
+
 /// The change feed of one node.
 #[derive(Debug, Clone)]
 pub struct WatchHub {
     history: Arc<Mutex<History>>,
     revision_tx: Arc<watch::Sender<u64>>,
     watchers: Arc<Semaphore>,
+    /// Bytes buffered by all watchers.
+    buffered: Arc<AtomicUsize>,
     config: WatchHubConfig,
 }
 
@@ -125,11 +170,24 @@ fn compacted(oldest: u64, asked: u64) -> Status {
     status
 }
 
-fn to_proto(event: &Event) -> WatchEvent {
-    let record = event
-        .record
-        .as_ref()
-        .and_then(|bytes| signpost_record::decode_envelope(bytes).ok());
+fn future(applied: u64, asked: u64) -> Status {
+    let mut status = Status::out_of_range(format!(
+        "future_revision: revision {asked} is beyond this node's applied revision {applied}; \
+         retry later or on another node"
+    ));
+    status.metadata_mut().insert(
+        REASON_METADATA,
+        MetadataValue::from_static("future_revision"),
+    );
+    status
+}
+
+fn to_proto(event: &Event, applied_revision: u64) -> WatchEvent {
+    let decode = |bytes: &Option<Vec<u8>>| {
+        bytes
+            .as_ref()
+            .and_then(|bytes| signpost_record::decode_envelope(bytes).ok())
+    };
     WatchEvent {
         revision: event.revision,
         kind: match event.kind {
@@ -138,7 +196,18 @@ fn to_proto(event: &Event) -> WatchEvent {
         },
         service: event.service.clone(),
         instance: event.instance.clone(),
-        record,
+        record: decode(&event.record),
+        binding: decode(&event.binding),
+        applied_revision,
+    }
+}
+
+fn start_event(from: u64, applied_revision: u64) -> WatchEvent {
+    WatchEvent {
+        revision: from,
+        kind: watch_event::Kind::Start as i32,
+        applied_revision,
+        ..WatchEvent::default()
     }
 }
 
@@ -149,18 +218,7 @@ impl WatchHub {
         // the channel and at or below `start`, and are skipped by revision.
         let mut applied = consensus.subscribe();
         let start = consensus.state().revision();
-        let history = Arc::new(Mutex::new(History {
-            events: VecDeque::new(),
-            oldest_revision: start + 1,
-            last_revision: start,
-        }));
-        let (revision_tx, _) = watch::channel(start);
-        let hub = WatchHub {
-            history,
-            revision_tx: Arc::new(revision_tx),
-            watchers: Arc::new(Semaphore::new(config.watchers_max)),
-            config,
-        };
+        let hub = WatchHub::with_start(start, config);
         let feeder = hub.clone();
         let consensus = consensus.clone();
         tokio::spawn(async move {
@@ -180,6 +238,23 @@ impl WatchHub {
         hub
     }
 
+    fn with_start(start: u64, config: WatchHubConfig) -> WatchHub {
+        let history = Arc::new(Mutex::new(History {
+            events: VecDeque::new(),
+            bytes: 0,
+            oldest_revision: start + 1,
+            last_revision: start,
+        }));
+        let (revision_tx, _) = watch::channel(start);
+        WatchHub {
+            history,
+            revision_tx: Arc::new(revision_tx),
+            watchers: Arc::new(Semaphore::new(config.watchers_max)),
+            buffered: Arc::new(AtomicUsize::new(0)),
+            config,
+        }
+    }
+
     fn feed(&self, batch: &Applied) {
         let revision = {
             let mut history = self
@@ -196,7 +271,12 @@ impl WatchHub {
                         .filter(|e| e.revision > history.last_revision)
                         .cloned()
                         .collect();
-                    history.append(*revision, &fresh, self.config.history_events_max);
+                    history.append(
+                        *revision,
+                        &fresh,
+                        self.config.history_events_max,
+                        self.config.history_bytes_max,
+                    );
                     *revision
                 }
                 Applied::Reset { revision } => {
@@ -217,13 +297,25 @@ impl WatchHub {
         (history.oldest_revision, history.last_revision)
     }
 
-    /// Events matching `filter` with revision >= `from`, at most `max`; or `compacted`.
+    /// Bytes held by the history and by all watcher buffers.
+    pub fn bytes(&self) -> (usize, usize) {
+        let history = self
+            .history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .bytes;
+        (history, self.buffered.load(Ordering::Acquire))
+    }
+
+    /// Events matching `filter` with revision >= `from`, at most about `max` (whole
+    /// revisions), with the revision to read from next; or `compacted`. Also returns how many
+    /// events were examined, which is what the reader is charged for.
     fn read(
         &self,
         from: u64,
         filter: &WatchFilter,
         max: usize,
-    ) -> Result<(Vec<WatchEvent>, u64), Status> {
+    ) -> Result<(Vec<WatchEvent>, u64, usize), Status> {
         let history = self
             .history
             .lock()
@@ -234,28 +326,32 @@ impl WatchHub {
         let start = history.events.partition_point(|e| e.revision < from);
         let mut out = Vec::new();
         let mut next = history.last_revision + 1;
+        let mut examined = 0usize;
+        let mut last_examined: Option<u64> = None;
         for event in history.events.iter().skip(start) {
-            if out.len() >= max {
-                // Resume exactly here next time; events of one revision may span two reads,
-                // so only stop between revisions.
-                if out
-                    .last()
-                    .is_some_and(|last: &WatchEvent| last.revision != event.revision)
-                {
-                    next = event.revision;
-                    break;
-                }
+            // Stop only between revisions, so events of one revision are never split.
+            if examined >= max && last_examined != Some(event.revision) {
+                next = event.revision;
+                break;
             }
+            examined += 1;
+            last_examined = Some(event.revision);
             if filter.matches(&event.service) {
-                out.push(to_proto(event));
+                out.push(to_proto(event, history.last_revision));
             }
         }
-        Ok((out, next))
+        Ok((out, next, examined))
     }
 
-    /// Opens a watcher from `from` (0 = after the current revision). Returns the receiving
-    /// end of its bounded channel; the watcher ends when the receiver is dropped.
-    pub fn watch(&self, filter: WatchFilter, from: u64) -> Result<WatchStream, Status> {
+    /// Opens a watcher from `from` (0 = after the current revision): first a START event,
+    /// then the events. `pace` is charged for every event read from the history. The watcher
+    /// ends when the returned stream is dropped.
+    pub fn watch(
+        &self,
+        filter: WatchFilter,
+        from: u64,
+        pace: Pacer,
+    ) -> Result<WatchStream, Status> {
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
             crate::error::shed("this node serves its maximum number of watchers", 1_000)
         })?;
@@ -264,11 +360,18 @@ impl WatchHub {
         if from < oldest {
             return Err(compacted(oldest, from));
         }
-        let (tx, rx) = mpsc::channel(self.config.watcher_buffer_events);
-        let cancelled = Arc::new(Mutex::new(None));
+        if from > last + 1 {
+            return Err(future(last, from));
+        }
+        let buffer = Arc::new(Buffer {
+            inner: Mutex::new(BufferInner::default()),
+            closed: Notify::new(),
+            node_bytes: Arc::clone(&self.buffered),
+            limits: self.config,
+        });
+        buffer.push(start_event(from, last))?;
         let stream = WatchStream {
-            rx,
-            cancelled: cancelled.clone(),
+            buffer: Arc::clone(&buffer),
             finished: false,
         };
         let hub = self.clone();
@@ -277,36 +380,27 @@ impl WatchHub {
             let _permit = permit;
             let mut cursor = from;
             loop {
-                let batch = hub.read(cursor, &filter, 256);
-                let (events, next) = match batch {
-                    Ok(b) => b,
+                let (events, next, examined) = match hub.read(cursor, &filter, READ_EVENTS_MAX) {
+                    Ok(read) => read,
                     Err(status) => {
-                        *cancelled
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(status);
+                        buffer.cancel(status);
                         return;
                     }
                 };
                 for event in events {
-                    match tx.try_send(event) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            // Too slow: cancel rather than buffer without bound or stall others.
-                            // The reason is delivered after what is already buffered.
-                            let status = Status::resource_exhausted(format!(
-                                "watcher too slow: more than {} undelivered events; resume \
-                                 from the last revision received",
-                                hub.config.watcher_buffer_events
-                            ));
-                            *cancelled
-                                .lock()
-                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(status);
-                            return;
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    if let Err(status) = buffer.push(event) {
+                        buffer.cancel(status);
+                        return;
                     }
                 }
                 cursor = next;
+                let pause = pace(examined);
+                if !pause.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = buffer.closed.notified() => return,
+                    }
+                }
                 // Wait for a newer revision, or for the watcher to go away.
                 while *revisions.borrow_and_update() < cursor {
                     tokio::select! {
@@ -315,8 +409,11 @@ impl WatchHub {
                                 return;
                             }
                         }
-                        _ = tx.closed() => return,
+                        _ = buffer.closed.notified() => return,
                     }
+                }
+                if buffer.is_closed() {
+                    return;
                 }
             }
         });
@@ -324,11 +421,99 @@ impl WatchHub {
     }
 }
 
-/// The stream of one watcher: its buffered events, then the reason it was cancelled, if any.
+/// One watcher's buffer, shared by its feeding task and its stream. Unlike a channel, the
+/// feeding side can empty it when it cancels the watcher, so a client that stopped reading
+/// does not keep a full buffer alive.
+#[derive(Debug)]
+struct Buffer {
+    inner: Mutex<BufferInner>,
+    /// Signalled when the stream is dropped.
+    closed: Notify,
+    node_bytes: Arc<AtomicUsize>,
+    limits: WatchHubConfig,
+}
+
+#[derive(Debug, Default)]
+struct BufferInner {
+    events: VecDeque<(WatchEvent, usize)>,
+    bytes: usize,
+    cancelled: Option<Status>,
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+impl Buffer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BufferInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds an event, or says why the watcher must be cancelled (too slow: its own budget or
+    /// the node's is used up).
+    fn push(&self, event: WatchEvent) -> Result<(), Status> {
+        let size = prost::Message::encoded_len(&event) + std::mem::size_of::<WatchEvent>();
+        let mut inner = self.lock();
+        if inner.closed {
+            return Ok(());
+        }
+        if inner.events.len() >= self.limits.watcher_buffer_events
+            || inner.bytes + size > self.limits.watcher_buffer_bytes
+        {
+            return Err(too_slow(format!(
+                "more than {} undelivered events or {} undelivered bytes",
+                self.limits.watcher_buffer_events, self.limits.watcher_buffer_bytes
+            )));
+        }
+        let taken = self
+            .node_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n + size <= self.limits.watch_buffers_bytes_max).then_some(n + size)
+            });
+        if taken.is_err() {
+            return Err(too_slow(format!(
+                "the watchers of this node buffer their maximum of {} bytes",
+                self.limits.watch_buffers_bytes_max
+            )));
+        }
+        inner.bytes += size;
+        inner.events.push_back((event, size));
+        if let Some(waker) = inner.waker.take() {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Ends the watcher with `status`, freeing what it buffered: the client learns at once,
+    /// and resumes from the last revision it received.
+    fn cancel(&self, status: Status) {
+        let mut inner = self.lock();
+        let freed = inner.bytes;
+        inner.events.clear();
+        inner.bytes = 0;
+        self.node_bytes.fetch_sub(freed, Ordering::AcqRel);
+        inner.cancelled = Some(status);
+        if let Some(waker) = inner.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+fn too_slow(detail: String) -> Status {
+    Status::resource_exhausted(format!(
+        "watcher too slow: {detail}; resume from the last revision received"
+    ))
+}
+
+/// The stream of one watcher: its START event, its buffered events, then the reason it was
+/// cancelled, if any.
 #[derive(Debug)]
 pub struct WatchStream {
-    rx: mpsc::Receiver<WatchEvent>,
-    cancelled: Arc<Mutex<Option<Status>>>,
+    buffer: Arc<Buffer>,
     finished: bool,
 }
 
@@ -342,19 +527,33 @@ impl futures::Stream for WatchStream {
         if self.finished {
             return std::task::Poll::Ready(None);
         }
-        match self.rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some(event)) => std::task::Poll::Ready(Some(Ok(event))),
-            std::task::Poll::Ready(None) => {
-                self.finished = true;
-                let reason = self
-                    .cancelled
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .take();
-                std::task::Poll::Ready(reason.map(Err))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
+        let mut inner = self.buffer.lock();
+        if let Some((event, size)) = inner.events.pop_front() {
+            inner.bytes -= size;
+            self.buffer.node_bytes.fetch_sub(size, Ordering::AcqRel);
+            return std::task::Poll::Ready(Some(Ok(event)));
         }
+        if let Some(status) = inner.cancelled.take() {
+            drop(inner);
+            self.finished = true;
+            return std::task::Poll::Ready(Some(Err(status)));
+        }
+        inner.waker = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        let mut inner = self.buffer.lock();
+        inner.closed = true;
+        let freed = inner.bytes;
+        inner.events.clear();
+        inner.bytes = 0;
+        self.buffer.node_bytes.fetch_sub(freed, Ordering::AcqRel);
+        drop(inner);
+        // notify_one keeps a permit if the task is not waiting yet, so it cannot miss this.
+        self.buffer.closed.notify_one();
     }
 }
 
@@ -369,6 +568,7 @@ mod tests {
             service: service.into(),
             instance: instance.into(),
             record: None,
+            binding: None,
         }
     }
 
@@ -376,6 +576,7 @@ mod tests {
     fn history_trims_whole_revisions_and_reports_the_oldest_complete_one() {
         let mut history = History {
             events: VecDeque::new(),
+            bytes: 0,
             oldest_revision: 1,
             last_revision: 0,
         };
@@ -383,17 +584,132 @@ mod tests {
             3,
             &[event(2, "a", "1"), event(3, "a", "2"), event(3, "a", "3")],
             2,
+            usize::MAX,
         );
         // Three events, room for two: revision 2 is gone, revision 3 is whole.
         assert_eq!(history.oldest_revision, 3);
         assert_eq!(history.events.len(), 2);
-        history.append(4, &[event(4, "b", "1")], 2);
+        history.append(4, &[event(4, "b", "1")], 2, usize::MAX);
         // Revision 3 lost one of its events, so it is no longer complete.
         assert_eq!(history.oldest_revision, 4);
         assert_eq!(history.events.len(), 1);
         history.reset(10);
         assert_eq!((history.oldest_revision, history.last_revision), (11, 10));
         assert!(history.events.is_empty());
+    }
+
+    fn big_event(revision: u64, instance: &str) -> Event {
+        let envelope = signpost_proto::v1::Envelope {
+            payload: vec![7; 8000],
+            key_id: vec![1; 32],
+            signature: vec![2; 64],
+        };
+        Event {
+            record: Some(prost::Message::encode_to_vec(&envelope)),
+            ..event(revision, "svc", instance)
+        }
+    }
+
+    fn feed_events(hub: &WatchHub, events: Vec<Event>) {
+        let revision = events.last().map_or(0, |e| e.revision);
+        hub.feed(&Applied::Events { revision, events });
+    }
+
+    fn all() -> WatchFilter {
+        WatchFilter {
+            service: String::new(),
+            prefix: true,
+        }
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_as_well_as_in_events() {
+        let mut history = History {
+            events: VecDeque::new(),
+            bytes: 0,
+            oldest_revision: 1,
+            last_revision: 0,
+        };
+        let one = big_event(1, "a").size_bytes();
+        let events: Vec<Event> = (1..=10).map(|r| big_event(r, "a")).collect();
+        history.append(10, &events, 1_000, 3 * one);
+        assert_eq!(history.events.len(), 3);
+        assert!(history.bytes <= 3 * one);
+        assert_eq!(history.oldest_revision, 8);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_never_reads_is_cancelled_at_its_byte_budget_and_freed() {
+        use futures::StreamExt;
+        let config = WatchHubConfig {
+            watcher_buffer_bytes: 40 * 1024,
+            ..WatchHubConfig::default()
+        };
+        let hub = WatchHub::with_start(0, config);
+        let mut stream = hub.watch(all(), 1, Box::new(|_| Duration::ZERO)).unwrap();
+
+        eprintln!("phase: 20 events of 8 KiB pass the 40 KiB budget of a watcher that never reads");
+        feed_events(&hub, (1..=20).map(|r| big_event(r, "a")).collect());
+        for _ in 0..100 {
+            if hub.bytes().1 == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hub.bytes().1, 0, "the cancelled watcher's buffer was freed");
+
+        eprintln!("phase: the client then learns at once that it was too slow");
+        let first = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(first.code(), tonic::Code::ResourceExhausted);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_watcher_within_its_budget_gets_start_then_every_event_in_order() {
+        use futures::StreamExt;
+        let hub = WatchHub::with_start(0, WatchHubConfig::default());
+        feed_events(&hub, (1..=3).map(|r| big_event(r, "a")).collect());
+        let charged = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&charged);
+        let pace: Pacer = Box::new(move |n| {
+            counter.fetch_add(n, Ordering::AcqRel);
+            Duration::ZERO
+        });
+        let mut stream = hub.watch(all(), 2, pace).unwrap();
+        let start = stream.next().await.unwrap().unwrap();
+        assert_eq!(start.kind, watch_event::Kind::Start as i32);
+        assert_eq!((start.revision, start.applied_revision), (2, 3));
+        for revision in [2, 3] {
+            let event = stream.next().await.unwrap().unwrap();
+            assert_eq!(event.revision, revision);
+            assert_eq!(event.applied_revision, 3);
+        }
+        assert_eq!(
+            charged.load(Ordering::Acquire),
+            2,
+            "history reads are charged"
+        );
+        assert!(hub.bytes().1 < 1024, "delivered events leave the buffer");
+    }
+
+    #[tokio::test]
+    async fn a_start_beyond_the_applied_revision_is_refused_and_now_is_named() {
+        let hub = WatchHub::with_start(5, WatchHubConfig::default());
+        let err = hub
+            .watch(all(), 7, Box::new(|_| Duration::ZERO))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        assert!(
+            err.message().starts_with("future_revision"),
+            "{}",
+            err.message()
+        );
+        let next = hub.watch(all(), 6, Box::new(|_| Duration::ZERO));
+        assert!(next.is_ok(), "the next revision is fine: it is waited for");
+        use futures::StreamExt;
+        let mut now = hub.watch(all(), 0, Box::new(|_| Duration::ZERO)).unwrap();
+        let start = now.next().await.unwrap().unwrap();
+        assert_eq!((start.revision, start.applied_revision), (6, 5));
     }
 
     #[test]

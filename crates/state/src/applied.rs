@@ -40,6 +40,20 @@ pub struct Event {
     pub instance: String,
     /// The encoded signed `Envelope` for [`EventKind::Put`]; `None` for deletes.
     pub record: Option<Vec<u8>>,
+    /// For [`EventKind::Put`], the encoded `Envelope` of the binding in force when it was
+    /// applied, against which watchers verify the record.
+    pub binding: Option<Vec<u8>>,
+}
+
+impl Event {
+    /// Bytes this event holds, for the byte budgets of histories and buffers.
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of::<Event>()
+            + self.service.len()
+            + self.instance.len()
+            + self.record.as_ref().map_or(0, Vec::len)
+            + self.binding.as_ref().map_or(0, Vec::len)
+    }
 }
 
 /// One write to the key/value form of the state.

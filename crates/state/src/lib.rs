@@ -65,7 +65,12 @@
 //! before genesis; `invalid_field` once the admin chain holds `ADMIN_CHAIN_ENTRIES_MAX` (64)
 //! rotations; then `signpost_record::open_admin_set` against the current set (`oversized`,
 //! `malformed`, `bad_signature`, `threshold_not_met`, `invalid_field`, `stale_version`).
-//! Replaces the current set and appends the envelope to the admin chain.
+//! Then `rebinds`, each checked like a Bind but against the *new* set, for a bound service,
+//! at most one per service and no more than there are bindings (`invalid_field`,
+//! `no_binding`, `not_admin`, `stale_version`, ...); `rotation_incomplete` if a binding whose
+//! signer the new set drops is not among them. Replaces the current set, appends the envelope
+//! to the admin chain, and installs the re-signed bindings as Bind does. Every stored binding
+//! is therefore always signed by a key of the current admin set.
 //!
 //! **Expire** `{service, instance, sequence}`: `not_found` unless the instance is live;
 //! `stale_sequence` unless its sequence equals `sequence` (a re-registration won the race).

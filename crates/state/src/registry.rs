@@ -50,6 +50,9 @@ struct Admins {
 struct BindingEntry {
     binding: Binding,
     stored: StoredBinding,
+    /// The admin key that signed the binding: a rotation that drops it must re-sign the
+    /// binding (I6: every stored binding verifies against the current admin set).
+    signer: [u8; signpost_record::PUBLIC_KEY_BYTES],
 }
 
 impl Registry {
@@ -85,6 +88,51 @@ impl Registry {
             .keys()
             .filter_map(|service| self.resolve(service))
             .collect()
+    }
+
+    /// One page of [`Registry::list`] (or, with `all_bound`, of every bound service, also those
+    /// without live records): the services named after `after`, in name order, at most
+    /// `services_max` of them and, past the first, at most `bytes_max` bytes of envelopes.
+    /// Returns the page and the name to continue after, if more follow. Copies only the page,
+    /// so a reader's cost is bounded by what it asked for, not by the registry's size.
+    pub fn list_page(
+        &self,
+        after: &str,
+        all_bound: bool,
+        services_max: usize,
+        bytes_max: usize,
+    ) -> (Vec<ServiceView>, Option<String>) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let range = (Excluded(after.to_owned()), Unbounded);
+        let names: Box<dyn Iterator<Item = &String> + '_> = if all_bound {
+            Box::new(
+                self.bindings
+                    .range::<String, _>(range)
+                    .map(|(name, _)| name),
+            )
+        } else {
+            Box::new(
+                self.services
+                    .range::<String, _>(range)
+                    .map(|(name, _)| name),
+            )
+        };
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        for name in names {
+            let Some(view) = self.resolve(name) else {
+                continue;
+            };
+            let view_bytes = view.binding.len() + view.records.iter().map(Vec::len).sum::<usize>();
+            // The first service always fits, so a page makes progress whatever its size.
+            if !page.is_empty() && (page.len() >= services_max || bytes + view_bytes > bytes_max) {
+                let last = page.last().map(|v: &ServiceView| v.service.clone());
+                return (page, last);
+            }
+            bytes += view_bytes;
+            page.push(view);
+        }
+        (page, None)
     }
 
     /// The current binding of `service`.

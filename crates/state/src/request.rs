@@ -49,10 +49,15 @@ pub enum Command {
         envelope: Vec<u8>,
     },
     /// Replaces the admin set: an encoded `MultiEnvelope` of an `AdminSetPayload`,
-    /// threshold-signed by the current admin set.
+    /// threshold-signed by the current admin set, with every binding whose signer leaves the
+    /// set re-signed by a key of the new set (`rotation_incomplete` otherwise), so that every
+    /// stored binding always verifies against the current admin set.
     RotateAdmins {
         /// The encoded multi-signature envelope.
         envelope: Vec<u8>,
+        /// Encoded `Envelope`s of `BindingPayload`s, each signed by a key of the new set, for
+        /// a bound service, with a version above its current binding's.
+        rebinds: Vec<Vec<u8>>,
     },
     /// Lease expiry, proposed by the leader: removes the instance only if its stored sequence
     /// still equals `sequence`, so a renewal by re-registration that raced the expiry wins.

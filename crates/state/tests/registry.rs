@@ -153,7 +153,35 @@ fn rotate(signers: &[&SigningKey], next: &[&SigningKey], threshold: u32, version
     };
     Command::RotateAdmins {
         envelope: sign_admin_set(signers, &payload).encode_to_vec(),
+        rebinds: Vec::new(),
     }
+}
+
+/// A rotation that carries `rebinds`, each re-signing a binding with its given key.
+fn rotate_rebinding(
+    signers: &[&SigningKey],
+    next: &[&SigningKey],
+    version: u64,
+    rebinds: &[(&SigningKey, &str, &[&SigningKey], u64)],
+) -> Command {
+    let Command::RotateAdmins { envelope, .. } = rotate(signers, next, 1, version) else {
+        unreachable!("rotate builds a rotation");
+    };
+    let rebinds = rebinds
+        .iter()
+        .map(|(signer, service, keys, version)| {
+            let payload = BindingPayload {
+                service: (*service).into(),
+                public_keys: keys.iter().map(|k| raw(k).to_vec()).collect(),
+                version: *version,
+                issued_at_ms: T0_MS,
+                not_before_ms: 0,
+                not_after_ms: 0,
+            };
+            sign_binding(signer, &payload).encode_to_vec()
+        })
+        .collect();
+    Command::RotateAdmins { envelope, rebinds }
 }
 
 /// What must hold after every apply, applied or not.
@@ -551,6 +579,169 @@ fn load_refuses_corrupt_state() {
         .clone();
     let error = load_with(&|p| p[current].1 = foreign.clone()).unwrap_err();
     assert!(matches!(error, StateError::Inconsistent { .. }), "{error}");
+
+    eprintln!("phase: a well-signed binding by a key outside the current admin set");
+    let mut forger = World::with(vec![key(77)], 1, Quotas::default());
+    let forged = forger.bind("payments", &[&k], 1);
+    forger.applied(forged);
+    let forged_binding = forger
+        .registry
+        .export()
+        .into_iter()
+        .find(|(k, _)| k == b"b/payments")
+        .unwrap()
+        .1;
+    let error = load_with(&|p| p[binding].1 = forged_binding.clone()).unwrap_err();
+    assert!(
+        error.to_string().contains("not in the current admin set"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_admin_rotation_must_re_sign_every_binding_whose_signer_it_drops() {
+    let (a, b) = (key(1001), key(1002));
+    let (pk, ok) = (key(1), key(2));
+    let mut w = World::with(vec![a.clone()], 1, Quotas::default());
+    for (service, k) in [("payments", &pk), ("orders", &ok)] {
+        let bind = w.bind(service, &[k], 1);
+        w.applied(bind);
+        w.applied(register(k, &w.record(service, "i1", 1)));
+    }
+
+    eprintln!("phase: a rotation from a to b that re-signs nothing is refused, state untouched");
+    let before = w.registry.export();
+    assert_eq!(
+        w.reason(rotate(&[&a], &[&b], 1, 2)),
+        Reason::RotationIncomplete
+    );
+    eprintln!("phase: re-signing only one of the two is not enough either");
+    let partial = rotate_rebinding(&[&a], &[&b], 2, &[(&b, "payments", &[&pk], 2)]);
+    assert_eq!(w.reason(partial), Reason::RotationIncomplete);
+
+    eprintln!("phase: every re-signed binding must itself be valid under the new set");
+    let by_old = rotate_rebinding(
+        &[&a],
+        &[&b],
+        2,
+        &[(&a, "payments", &[&pk], 2), (&b, "orders", &[&ok], 2)],
+    );
+    assert_eq!(w.reason(by_old), Reason::NotAdmin);
+    let same_version = rotate_rebinding(
+        &[&a],
+        &[&b],
+        2,
+        &[(&b, "payments", &[&pk], 1), (&b, "orders", &[&ok], 2)],
+    );
+    assert_eq!(w.reason(same_version), Reason::StaleVersion);
+    let unbound = rotate_rebinding(
+        &[&a],
+        &[&b],
+        2,
+        &[(&b, "payments", &[&pk], 2), (&b, "ghost", &[&ok], 2)],
+    );
+    assert_eq!(w.reason(unbound), Reason::NoBinding);
+    let twice = rotate_rebinding(
+        &[&a],
+        &[&b],
+        2,
+        &[(&b, "payments", &[&pk], 2), (&b, "payments", &[&pk], 3)],
+    );
+    assert_eq!(w.reason(twice), Reason::InvalidField);
+    let too_many = rotate_rebinding(
+        &[&a],
+        &[&b],
+        2,
+        &[
+            (&b, "payments", &[&pk], 2),
+            (&b, "orders", &[&ok], 2),
+            (&b, "orders", &[&ok], 3),
+        ],
+    );
+    assert_eq!(w.reason(too_many), Reason::InvalidField);
+    assert_eq!(
+        w.registry.export(),
+        before,
+        "refused rotations wrote nothing"
+    );
+
+    eprintln!("phase: a complete rotation applies: new set, re-signed bindings, records kept");
+    let complete = rotate_rebinding(
+        &[&a],
+        &[&b],
+        2,
+        &[(&b, "payments", &[&pk], 2), (&b, "orders", &[&ok], 2)],
+    );
+    w.applied(complete);
+    assert_eq!(w.registry.admin_set().unwrap().version, 2);
+    assert_eq!(w.registry.binding("payments").unwrap().version, 2);
+    assert_eq!(w.registry.binding("orders").unwrap().version, 2);
+    assert_eq!(w.registry.resolve("payments").unwrap().records.len(), 1);
+    assert_eq!(w.registry.resolve("orders").unwrap().records.len(), 1);
+    assert_eq!(Registry::load(w.registry.export()).unwrap(), w.registry);
+
+    eprintln!("phase: every stored binding verifies against the current admin set");
+    let admins = w.registry.admin_set().unwrap().clone();
+    for service in ["payments", "orders"] {
+        let view = w.registry.resolve(service).unwrap();
+        let envelope = signpost_record::decode_envelope(&view.binding).unwrap();
+        signpost_record::verify_binding(&admins, &envelope, T0_MS).unwrap();
+    }
+
+    eprintln!("phase: the retired key can no longer bind");
+    w.admins = vec![a.clone()];
+    let by_retired = w.bind("payments", &[&pk], 3);
+    assert_eq!(w.reason(by_retired), Reason::NotAdmin);
+
+    eprintln!("phase: a rotation that keeps the signer of every binding needs no re-signing");
+    let c = key(1003);
+    w.applied(rotate(&[&b], &[&b, &c], 1, 3));
+}
+
+#[test]
+fn list_pages_cover_every_service_once_within_their_limits() {
+    let mut w = World::new();
+    let k = key(1);
+    let names: Vec<String> = (0..25).map(|i| format!("svc-{i:02}")).collect();
+    for name in &names {
+        let bind = w.bind(name, &[&k], 1);
+        w.applied(bind);
+    }
+    for name in names.iter().step_by(2) {
+        w.applied(register(&k, &w.record(name, "i1", 1)));
+    }
+
+    eprintln!("phase: pages of at most 4 services cover the 13 live ones, in order, once");
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    for _ in 0..100 {
+        let (page, next) = w.registry.list_page(&after, false, 4, usize::MAX);
+        assert!(!page.is_empty() && page.len() <= 4, "{}", page.len());
+        seen.extend(page.into_iter().map(|v| v.service));
+        match next {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    let live: Vec<String> = names.iter().step_by(2).cloned().collect();
+    assert_eq!(seen, live);
+
+    eprintln!("phase: with all_bound, the 12 bound services without records are listed too");
+    let (page, next) = w.registry.list_page("", true, 1000, usize::MAX);
+    assert_eq!(page.len(), 25);
+    assert!(next.is_none());
+    assert!(page.iter().filter(|v| v.records.is_empty()).count() == 12);
+
+    eprintln!("phase: a byte budget smaller than one service still makes progress, one per page");
+    let (page, next) = w.registry.list_page("", false, 1000, 1);
+    assert_eq!(page.len(), 1);
+    assert_eq!(next.as_deref(), Some("svc-00"));
+    let (page, _) = w.registry.list_page("svc-00", false, 1000, 1);
+    assert_eq!(page[0].service, "svc-02");
+
+    eprintln!("phase: past the last name there is nothing");
+    let (page, next) = w.registry.list_page("svc-24", true, 10, usize::MAX);
+    assert!(page.is_empty() && next.is_none());
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! Every handler checks everything first and mutates only after the last check has passed, so
 //! a rejection leaves the state untouched; `apply` asserts that.
 
+use std::collections::BTreeMap;
+
 use prost::Message;
 use signpost_record::{
     decode_envelope, decode_multi_envelope, open_admin_set, open_binding, open_deregister,
@@ -43,13 +45,21 @@ struct Txn {
 }
 
 impl Txn {
-    fn event(&mut self, kind: EventKind, service: &str, instance: &str, record: Option<Vec<u8>>) {
+    fn event(
+        &mut self,
+        kind: EventKind,
+        service: &str,
+        instance: &str,
+        signed: Option<(Vec<u8>, Vec<u8>)>,
+    ) {
+        let (record, binding) = signed.unzip();
         self.events.push(Event {
             revision: self.revision,
             kind,
             service: service.to_owned(),
             instance: instance.to_owned(),
             record,
+            binding,
         });
     }
 }
@@ -83,7 +93,9 @@ impl Registry {
             Command::Register { envelope } => self.register(&mut txn, envelope),
             Command::Deregister { envelope } => self.deregister(&mut txn, envelope),
             Command::Bind { envelope } => self.bind(&mut txn, envelope),
-            Command::RotateAdmins { envelope } => self.rotate_admins(&mut txn, envelope),
+            Command::RotateAdmins { envelope, rebinds } => {
+                self.rotate_admins(&mut txn, envelope, rebinds)
+            }
             Command::Expire {
                 service,
                 instance,
@@ -188,8 +200,20 @@ impl Registry {
         self.check_register_quotas(service, instance, &record)?;
 
         let event_record = record.envelope.clone();
+        // authorize() found the binding, so it is there; watchers verify the record against
+        // the binding in force now, which a later rotation or re-bind may replace.
+        let event_binding = self
+            .bindings
+            .get(service)
+            .map(|b| b.stored.envelope.clone())
+            .unwrap_or_default();
         self.put_record(txn, service, instance, record);
-        txn.event(EventKind::Put, service, instance, Some(event_record));
+        txn.event(
+            EventKind::Put,
+            service,
+            instance,
+            Some((event_record, event_binding)),
+        );
         Ok(())
     }
 
@@ -216,17 +240,31 @@ impl Registry {
         let Some(admins) = &self.admins else {
             return reject(Reason::NoAdminSet, "bind before genesis");
         };
+        let entry = self.checked_binding(&admins.current, txn.revision, bytes)?;
+        self.install_binding(txn, entry);
+        Ok(())
+    }
+
+    /// Everything a binding must pass before it may replace the service's current one: it
+    /// decodes, its signature verifies, `admins` holds its signer, and its version is above
+    /// the current binding's.
+    fn checked_binding(
+        &self,
+        admins: &AdminSet,
+        revision: u64,
+        bytes: &[u8],
+    ) -> Result<BindingEntry, Rejection> {
         let envelope = decode_envelope(bytes)?;
         let verified = open_binding(&envelope)?;
         let binding = verified.payload;
-        if !admins.current.contains(&verified.key) {
+        if !admins.contains(&verified.key) {
             return reject(
                 Reason::NotAdmin,
                 format!(
                     "binding of {} is signed by {}, not in admin set version {}",
                     binding.service,
                     hex::encode(verified.key),
-                    admins.current.version
+                    admins.version
                 ),
             );
         }
@@ -241,33 +279,40 @@ impl Registry {
                 );
             }
         }
-
-        // Key rotation: records signed by a key the new binding drops lose their authority now,
-        // not when their leases run out.
-        let unbound: Vec<(String, u64, u64)> = self
-            .services
-            .get(&binding.service)
-            .into_iter()
-            .flatten()
-            .filter(|(_, record)| !binding.contains_key(&record.key))
-            .map(|(instance, record)| (instance.clone(), record.sequence, record.issued_at_max_ms))
-            .collect();
-        let service = binding.service.clone();
-        let entry = BindingEntry {
+        Ok(BindingEntry {
             binding,
             stored: StoredBinding {
                 envelope: envelope.encode_to_vec(),
-                revision: txn.revision,
+                revision,
             },
-        };
+            signer: verified.key,
+        })
+    }
+
+    /// Stores a checked binding. Key rotation: records signed by a key the new binding drops
+    /// lose their authority now, not when their leases run out.
+    fn install_binding(&mut self, txn: &mut Txn, entry: BindingEntry) {
+        let unbound: Vec<(String, u64, u64)> = self
+            .services
+            .get(&entry.binding.service)
+            .into_iter()
+            .flatten()
+            .filter(|(_, record)| !entry.binding.contains_key(&record.key))
+            .map(|(instance, record)| (instance.clone(), record.sequence, record.issued_at_max_ms))
+            .collect();
+        let service = entry.binding.service.clone();
         self.put_binding(txn, entry);
         for (instance, sequence, issued_at_max_ms) in unbound {
             self.bury(txn, &service, &instance, sequence, issued_at_max_ms);
         }
-        Ok(())
     }
 
-    fn rotate_admins(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+    fn rotate_admins(
+        &mut self,
+        txn: &mut Txn,
+        bytes: &[u8],
+        rebinds: &[Vec<u8>],
+    ) -> Result<(), Rejection> {
         let Some(admins) = &self.admins else {
             return reject(Reason::NoAdminSet, "admin rotation before genesis");
         };
@@ -279,6 +324,7 @@ impl Registry {
         }
         let envelope = decode_multi_envelope(bytes)?;
         let next = open_admin_set(&envelope, &admins.current)?;
+        let rebound = self.checked_rebinds(&next, txn.revision, rebinds)?;
         let index = u32::try_from(admins.chain.len())
             .unwrap_or_else(|_| panic!("invariant: admin chain is bounded far below u32"));
         let chain_entry = envelope.encode_to_vec();
@@ -301,7 +347,75 @@ impl Registry {
             admins.chain.push(chain_entry);
             admins.current = next;
         }
+        for entry in rebound.into_values() {
+            self.install_binding(txn, entry);
+        }
         Ok(())
+    }
+
+    /// The re-signed bindings of a rotation to `next`: each a valid binding of a bound service
+    /// by a key of `next`, at most one per service, and together covering every binding whose
+    /// signer `next` drops. Without that, clients (which verify bindings against the current
+    /// admin set) would stop trusting those services the moment the rotation applies.
+    fn checked_rebinds(
+        &self,
+        next: &AdminSet,
+        revision: u64,
+        rebinds: &[Vec<u8>],
+    ) -> Result<BTreeMap<String, BindingEntry>, Rejection> {
+        if rebinds.len() > self.bindings.len() {
+            return reject(
+                Reason::InvalidField,
+                format!(
+                    "{} re-signed bindings for {} bound services",
+                    rebinds.len(),
+                    self.bindings.len()
+                ),
+            );
+        }
+        let mut rebound = BTreeMap::new();
+        for (index, bytes) in rebinds.iter().enumerate() {
+            let entry = self.checked_binding(next, revision, bytes).map_err(|e| {
+                RecordError::new(
+                    e.reason(),
+                    format!("re-signed binding {index}: {}", e.detail()),
+                )
+            })?;
+            let service = entry.binding.service.clone();
+            if !self.bindings.contains_key(&service) {
+                return reject(
+                    Reason::NoBinding,
+                    format!("re-signed binding {index} is for {service}, which has no binding"),
+                );
+            }
+            if rebound.insert(service.clone(), entry).is_some() {
+                return reject(
+                    Reason::InvalidField,
+                    format!("the rotation re-signs {service} twice"),
+                );
+            }
+        }
+        let orphaned = self
+            .bindings
+            .iter()
+            .filter(|(service, entry)| {
+                !next.contains(&entry.signer) && !rebound.contains_key(*service)
+            })
+            .map(|(service, _)| service.as_str())
+            .collect::<Vec<_>>();
+        if let Some(first) = orphaned.first() {
+            return reject(
+                Reason::RotationIncomplete,
+                format!(
+                    "{} binding(s) are signed by a key that leaves the admin set at version {} \
+                     and are not re-signed by the rotation (first: {first}); re-sign them with a \
+                     key of the new set, or first add the new keys, re-bind, then drop the old",
+                    orphaned.len(),
+                    next.version
+                ),
+            );
+        }
+        Ok(rebound)
     }
 
     fn expire(

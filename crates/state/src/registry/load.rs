@@ -142,6 +142,21 @@ impl Loader {
         if admins.is_none() && !self.bindings.is_empty() {
             return Err(inconsistent("bindings without an admin set".into()));
         }
+        // I6: apply only stores bindings signed by the admin set in force, and a rotation
+        // re-signs every binding whose signer it drops, so every binding verifies against the
+        // current set. One that does not was forged (a snapshot from a lying leader).
+        if let Some(admins) = &admins {
+            for (service, entry) in &self.bindings {
+                if !admins.current.contains(&entry.signer) {
+                    return Err(inconsistent(format!(
+                        "the binding of {service} is signed by {}, which is not in the current \
+                         admin set (version {})",
+                        hex::encode(entry.signer),
+                        admins.current.version
+                    )));
+                }
+            }
+        }
 
         let mut services: BTreeMap<String, BTreeMap<String, StoredRecord>> = BTreeMap::new();
         for ((service, instance), record) in self.records {
@@ -236,11 +251,16 @@ fn decode_admin_set(value: &[u8]) -> Result<AdminSet, String> {
 fn decode_binding(service: &str, value: &[u8]) -> Result<BindingEntry, String> {
     let stored: StoredBinding = decode_value(value)?;
     let envelope = decode_envelope(&stored.envelope).map_err(|e| e.to_string())?;
-    let binding = open_binding(&envelope).map_err(|e| e.to_string())?.payload;
+    let verified = open_binding(&envelope).map_err(|e| e.to_string())?;
+    let binding = verified.payload;
     if binding.service != service {
         return Err(format!("binding is for {:?}", binding.service));
     }
-    Ok(BindingEntry { binding, stored })
+    Ok(BindingEntry {
+        binding,
+        stored,
+        signer: verified.key,
+    })
 }
 
 fn decode_record(service: &str, instance: &str, value: &[u8]) -> Result<StoredRecord, String> {
