@@ -218,3 +218,96 @@ async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() {
         "node {lagging} never installed a snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_longer_than_a_page_is_read_page_by_page_and_bad_page_tokens_are_refused() {
+    const SERVICES: usize = 230;
+    let cluster = TestCluster::start(ClusterOptions {
+        limits_toml: "writes_per_identity_per_sec = 100000\nwrites_per_identity_burst = 100000\n\
+                      reads_per_identity_per_sec = 100000\nreads_per_identity_burst = 100000\n"
+            .into(),
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let admin_key = signpost_record::read_signing_key(&cluster.root().join("admin.key")).unwrap();
+    let service_key = signpost_record::generate_signing_key();
+    let admin = cluster.client(&[leader]);
+    let names: Vec<String> = (0..SERVICES).map(|i| format!("svc-{i:03}")).collect();
+    for name in &names {
+        admin
+            .bind(signpost_record::sign_binding(
+                &admin_key,
+                &signpost_proto::v1::BindingPayload {
+                    service: name.clone(),
+                    public_keys: vec![service_key.verifying_key().to_bytes().to_vec()],
+                    version: 1,
+                    issued_at_ms: signpost_tests::now_ms(),
+                    not_before_ms: 0,
+                    not_after_ms: 0,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    eprintln!("phase 1: default pages hold 100 services; following the tokens lists each once");
+    let mut raw =
+        signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader);
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = raw
+            .list(signpost_proto::v1::ListRequest {
+                all_bound: true,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.services.len() <= 100, "{}", page.services.len());
+        seen.extend(page.services.into_iter().map(|s| s.service));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        assert!(pages < 10, "the listing does not end");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, names);
+
+    eprintln!("phase 2: a limit above the maximum is read as the maximum (1000)");
+    let one = raw
+        .list(signpost_proto::v1::ListRequest {
+            all_bound: true,
+            limit: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.services.len(), SERVICES);
+    assert!(one.next_page_token.is_empty());
+
+    eprintln!("phase 3: a page token that is not a service name is refused");
+    let status = raw
+        .list(signpost_proto::v1::ListRequest {
+            page_token: "Not A Name!".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a bad page token was accepted");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+
+    eprintln!("phase 4: the client reads every page (here: to re-sign every binding)");
+    let next = signpost_proto::v1::AdminSetPayload {
+        public_keys: vec![service_key.verifying_key().to_bytes().to_vec()],
+        threshold: 1,
+        version: 2,
+        issued_at_ms: signpost_tests::now_ms(),
+    };
+    let rebinds = admin.rebinds_for(&next, &service_key).await.unwrap();
+    assert_eq!(rebinds.len(), SERVICES);
+}

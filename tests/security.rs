@@ -377,6 +377,9 @@ struct RogueRegistry {
     extra: Vec<Envelope>,
     /// What its Watch streams send (then it ends them); if empty, Watch is unimplemented.
     watch: Vec<WatchEvent>,
+    /// If set, what Resolve serves from its second call on (a genuine but older answer).
+    later: Option<ResolveResponse>,
+    resolves: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 type Stream<T> = Pin<Box<dyn futures_core::Stream<Item = Result<T, Status>> + Send>>;
@@ -408,6 +411,12 @@ impl Registry for RogueRegistry {
         &self,
         _: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
+        let calls = self
+            .resolves
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if let (Some(later), true) = (&self.later, calls > 0) {
+            return Ok(Response::new(later.clone()));
+        }
         let mut forged = self.honest.clone();
         let service = forged.service.as_mut().unwrap();
         if let Some(forger) = &self.forger {
@@ -502,6 +511,8 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
         forger: Some(signpost_record::generate_signing_key()),
         extra: Vec::new(),
         watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -623,6 +634,8 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
         forger: Some(signpost_record::generate_signing_key()),
         extra: Vec::new(),
         watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
     };
     let port = serve_rogue(&cluster, &billing, rogue).await.port();
 
@@ -854,6 +867,8 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         forger: Some(old_key.clone()),
         extra: Vec::new(),
         watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -908,6 +923,8 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         forger: Some(old_key.clone()),
         extra: Vec::new(),
         watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
     };
     let stolen = cluster.issue("node", "67");
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
@@ -990,6 +1007,8 @@ async fn a_client_keeps_one_record_per_instance_the_newest_whatever_a_node_serve
         forger: None,
         extra: vec![old],
         watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
     };
     let rogue_addr = serve_rogue(&cluster, &cluster.issue("node", "66"), rogue)
         .await
@@ -1087,6 +1106,8 @@ async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
             forger: None,
             extra: Vec::new(),
             watch: events,
+            later: None,
+            resolves: Default::default(),
         };
         let stolen = cluster.issue("node", &format!("{}", 70 + index));
         let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
@@ -1169,4 +1190,62 @@ async fn a_node_whose_stored_genesis_is_not_its_configured_one_refuses_to_start(
     )
     .unwrap();
     assert!(log.contains("another genesis admin set"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refuses_a_linearizable_answer_older_than_one_it_has_seen() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+    payments
+        .register(signed_record(&key, "payments", "p1", 1, 443))
+        .await
+        .unwrap();
+    let old = signpost_tests::raw_resolve(&cluster, "payments").await;
+    payments
+        .register(signed_record(&key, "payments", "p2", 1, 443))
+        .await
+        .unwrap();
+    let current = signpost_tests::raw_resolve(&cluster, "payments").await;
+    let old_revision = old.revision;
+    assert!(old_revision < current.revision);
+
+    eprintln!("phase 1: a rogue serves the current answer, then a genuine but older one");
+    let rogue = RogueRegistry {
+        honest: current.clone(),
+        forger: None,
+        extra: Vec::new(),
+        watch: Vec::new(),
+        later: Some(old),
+        resolves: Default::default(),
+    };
+    let rogue_addr = serve_rogue(&cluster, &cluster.issue("node", "68"), rogue)
+        .await
+        .to_string();
+    let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
+    config.endpoints = vec![rogue_addr, cluster.client_addr(leader)];
+    let client = Client::connect(&config).unwrap();
+    let first = client.resolve("payments", false).await.unwrap();
+    assert_eq!(first.revision, current.revision);
+    assert_eq!(first.instances.len(), 2);
+    assert!(client.revision_floor() >= current.revision);
+
+    eprintln!("phase 2: the older answer is refused and an honest node answers instead");
+    let second = client.resolve("payments", false).await.unwrap();
+    assert!(second.revision >= current.revision, "{}", second.revision);
+    assert_eq!(
+        second.instances.len(),
+        2,
+        "the rolled-back view was accepted"
+    );
+
+    eprintln!("phase 3: a stale read may lag (it says so by its revision) and is not refused");
+    let only_rogue = {
+        let mut c = config.clone();
+        c.endpoints.truncate(1);
+        Client::connect(&c).unwrap()
+    };
+    let stale = only_rogue.resolve("payments", true).await.unwrap();
+    assert_eq!(stale.revision, old_revision);
 }
