@@ -14,35 +14,7 @@ fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
     let dev_dir = dir.path().join("dev");
     // Ports base+1..3 and base+101..103 must be free; pick a base from a free port.
     let base = (free_port() / 2).clamp(20_000, 30_000);
-    let mut dev = Command::new(signpost_bin())
-        .args([
-            "dev",
-            "--dir",
-            dev_dir.to_str().unwrap(),
-            "--base-port",
-            &base.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn signpost dev");
-    let stdout = dev.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let started = Instant::now();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(90).saturating_sub(started.elapsed()))
-            .expect("signpost dev printed no ready line in time");
-        if line.contains("cluster is up") {
-            break;
-        }
-    }
+    let mut dev = start_dev(&dev_dir, base);
     let client_toml = dev_dir.join("client.toml");
     assert!(client_toml.exists());
 
@@ -127,6 +99,68 @@ fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
     assert_eq!(stderr.trim().lines().count(), 1, "stderr: {stderr}");
 
     eprintln!("phase 5: SIGTERM stops the cluster and every node exits");
+    stop_dev(&mut dev);
+    let out = cli(&["status", "--json"], &env);
+    assert!(
+        !out.status.success(),
+        "nodes still answer after dev stopped"
+    );
+
+    eprintln!("phase 6: a restart keeps what the nodes logged before it");
+    let log = dev_dir.join("node1").join("server.log");
+    let before = std::fs::read(&log).unwrap();
+    assert!(!before.is_empty());
+    let mut dev = start_dev(&dev_dir, base);
+    stop_dev(&mut dev);
+    let after = std::fs::read(&log).unwrap();
+    assert!(
+        after.starts_with(&before),
+        "the log was truncated on restart"
+    );
+    assert!(
+        after.len() > before.len(),
+        "the restarted node logged nothing"
+    );
+}
+
+/// Starts `signpost dev` in `dir` and returns once it printed its ready line.
+fn start_dev(dir: &std::path::Path, base: u16) -> std::process::Child {
+    let mut dev = Command::new(signpost_bin())
+        .args([
+            "dev",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--base-port",
+            &base.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn signpost dev");
+    let stdout = dev.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let started = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(90).saturating_sub(started.elapsed())) {
+            Ok(line) if line.contains("cluster is up") => return dev,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = dev.kill();
+                let _ = dev.wait();
+                panic!("signpost dev printed no ready line in time");
+            }
+        }
+    }
+}
+
+/// SIGTERM to `signpost dev`; it must stop every node and exit 0 within 30 s.
+fn stop_dev(dev: &mut std::process::Child) {
     let pid = dev.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -137,14 +171,9 @@ fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
     loop {
         if let Some(status) = dev.try_wait().unwrap() {
             assert!(status.success(), "signpost dev exited with {status}");
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "signpost dev did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = cli(&["status", "--json"], &env);
-    assert!(
-        !out.status.success(),
-        "nodes still answer after dev stopped"
-    );
 }

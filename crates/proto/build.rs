@@ -11,6 +11,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let fds = protox::compile(files, [&root])?;
+    // For server reflection on the client listener: the client-facing API and what it imports,
+    // not the node-only Raft service.
+    let client_api = protox::compile(
+        ["signpost/v1/registry.proto", "signpost/v1/cluster.proto"],
+        [&root],
+    )?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("signpost_descriptor.bin"),
+        prost::Message::encode_to_vec(&client_api),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -752,7 +752,7 @@ pub fn signed_record(
 
 /// A mutual-TLS channel presenting `cert_prefix`.crt/.key to `addr`, dialled from `from` (the
 /// kernel's choice if None), with none of the Rust client's own checks.
-fn raw_channel(
+pub fn raw_channel(
     cluster: &TestCluster,
     cert_prefix: &Path,
     addr: &str,

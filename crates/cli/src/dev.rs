@@ -201,8 +201,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut children = Children(Vec::new());
     for id in 1..=args.nodes {
         let nd = node_dir(&dir, id);
-        let log = std::fs::File::create(nd.join("server.log"))
-            .with_context(|| format!("creating {}/server.log", nd.display()))?;
+        // Appended, not truncated: what happened before a restart is what an operator looks for.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(nd.join("server.log"))
+            .with_context(|| format!("opening {}/server.log", nd.display()))?;
         let child = std::process::Command::new(&exe)
             .arg("server")
             .arg("--config")

@@ -476,6 +476,40 @@ impl Consensus {
         Some((leader, member_addr(&self.raft, leader)?))
     }
 
+    /// Whether this node should receive client traffic, or why not: it must be a member, hear
+    /// from a leader within the voters' lease (or lead holding its quorum lease), and have
+    /// applied all but at most `apply_lag_max` of the entries it knows committed.
+    pub fn readiness(&self, apply_lag_max: u64) -> Result<(), String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let me = self.config.node_id;
+        if !metrics.membership_config.nodes().any(|(id, _)| *id == me) {
+            return Err("not a member of a cluster (yet)".into());
+        }
+        match metrics.current_leader {
+            None => return Err("no leader known".into()),
+            Some(leader) if leader == me => {
+                if !self.liveness.has_quorum_lease() {
+                    return Err("leader without a quorum".into());
+                }
+            }
+            Some(leader) => {
+                if self.liveness.lease_expired(false) {
+                    return Err(format!(
+                        "no message from leader {leader} within the election timeout"
+                    ));
+                }
+            }
+        }
+        let status = self.status_from(&metrics);
+        if status.applied_index.saturating_add(apply_lag_max) < status.commit_index {
+            return Err(format!(
+                "applied index {} is more than {apply_lag_max} behind commit index {}",
+                status.applied_index, status.commit_index
+            ));
+        }
+        Ok(())
+    }
+
     /// This node's view of the cluster now.
     pub fn status(&self) -> NodeStatus {
         let metrics = self.raft.metrics().borrow().clone();

@@ -21,6 +21,11 @@ use crate::watch_hub::{WatchHub, WatchHubConfig};
 
 /// How often the genesis task checks whether the registry still needs its genesis entry.
 const GENESIS_RETRY: Duration = Duration::from_millis(300);
+/// How often the gRPC health status is brought up to date.
+const HEALTH_TICK: Duration = Duration::from_millis(250);
+/// A node more than this many committed entries behind in applying them is not ready: its
+/// stale reads would lag, and it would delay linearizable ones.
+const READY_APPLY_LAG_MAX: u64 = 1_000;
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -142,6 +147,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             detail: e.to_string(),
         })?;
     let max = config.limits.message_bytes_max;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(signpost_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection descriptors: {e}")))?;
     let client_server = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.limits.streams_per_connection_max))
         .concurrency_limit_per_connection(config.limits.streams_per_connection_max as usize)
@@ -158,8 +169,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
+        .add_service(health_service)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(client_incoming, stopped(stop_rx.clone()));
     let client_task = tokio::spawn(client_server);
+    let health_task = tokio::spawn(report_health(consensus.clone(), health_reporter));
 
     if consensus.bootstrap().await? {
         tracing::info!(node = config.node_id, "initialized a new cluster");
@@ -207,6 +221,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = stop_tx.send(true);
     genesis.abort();
     clock_watch.abort();
+    health_task.abort();
     if fatal.is_some() {
         // Do not wait for clients to finish: every answer from here on would be stale.
         client_task.abort();
@@ -218,6 +233,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     match fatal {
         Some(reason) => Err(ServerError::Fatal(reason)),
         None => Ok(()),
+    }
+}
+
+/// Keeps the gRPC health status (`grpc.health.v1`) true to the node's readiness: SERVING for
+/// the whole server ("") and `signpost.v1.Registry` while the node is a member that hears from
+/// a leader (or leads with its quorum) and has applied what it knows committed, within
+/// [`READY_APPLY_LAG_MAX`]; NOT_SERVING otherwise, so load balancers and Kubernetes probes send
+/// clients elsewhere. `signpost.v1.Cluster` (status) is always SERVING while the process runs.
+async fn report_health(consensus: Consensus, reporter: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    reporter
+        .set_service_status("signpost.v1.Cluster", ServingStatus::Serving)
+        .await;
+    let mut ready: Option<bool> = None;
+    let mut tick = tokio::time::interval(HEALTH_TICK);
+    loop {
+        tick.tick().await;
+        let now = consensus.readiness(READY_APPLY_LAG_MAX);
+        if ready == Some(now.is_ok()) {
+            continue;
+        }
+        let status = match &now {
+            Ok(()) => {
+                tracing::info!("ready: serving clients");
+                ServingStatus::Serving
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "not ready");
+                ServingStatus::NotServing
+            }
+        };
+        for service in ["", "signpost.v1.Registry"] {
+            reporter.set_service_status(service, status).await;
+        }
+        ready = Some(now.is_ok());
     }
 }
 
