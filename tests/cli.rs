@@ -12,7 +12,7 @@ fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
     eprintln!("phase 1: start `signpost dev` and wait for its ready line");
     let dir = tempfile::tempdir().unwrap();
     let dev_dir = dir.path().join("dev");
-    // Ports base+1..3 and base+101..103 must be free; pick a base from a free port.
+    // Ports base+1..3, base+101..103 and base+201..203 must be free; pick a base from a free port.
     let base = (free_port() / 2).clamp(20_000, 30_000);
     let mut dev = start_dev(&dev_dir, base);
     let client_toml = dev_dir.join("client.toml");

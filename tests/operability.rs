@@ -197,3 +197,149 @@ async fn reflection_lists_the_api_and_serves_its_descriptors() {
     let status = answer.expect_err("an unknown symbol was described");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status}");
 }
+
+/// A plain HTTP/1.1 GET on loopback; returns the status code and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics_addr");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The value of an unlabelled sample in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_prometheus_text_healthz_and_readyz() {
+    let cluster = TestCluster::start(ClusterOptions {
+        metrics: true,
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+    payments
+        .register(signpost_tests::signed_record(
+            &key, "payments", "p1", 1, 443,
+        ))
+        .await
+        .unwrap();
+    let stranger = signpost_record::generate_signing_key();
+    payments
+        .register(signpost_tests::signed_record(
+            &stranger, "payments", "p2", 1, 443,
+        ))
+        .await
+        .expect_err("an unbound key");
+
+    eprintln!("phase 1: /metrics on the leader, in the Prometheus text format");
+    let (code, page) = http_get(&cluster.metrics_addr(leader), "/metrics");
+    assert_eq!(code, 200, "{page}");
+    for name in [
+        "signpost_raft_term",
+        "signpost_raft_commit_index",
+        "signpost_registry_state_bytes_max",
+        "signpost_watch_history_bytes",
+        "signpost_streams_open",
+    ] {
+        assert!(
+            page.contains(&format!("# TYPE {name} gauge")),
+            "{name} missing:\n{page}"
+        );
+    }
+    assert_eq!(
+        sample(&page, "signpost_raft_is_leader"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "signpost_registry_instances"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "signpost_registry_services"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(sample(&page, "signpost_ready"), Some(1.0), "{page}");
+    assert!(
+        page.contains("signpost_writes_total{result=\"applied\"}"),
+        "{page}"
+    );
+    let follower = cluster.others(leader)[0];
+    let (_, follower_page) = http_get(&cluster.metrics_addr(follower), "/metrics");
+    assert_eq!(sample(&follower_page, "signpost_raft_is_leader"), Some(0.0));
+
+    eprintln!("phase 2: /healthz and /readyz answer 200 on a healthy node");
+    assert_eq!(
+        http_get(&cluster.metrics_addr(follower), "/healthz"),
+        (200, "ok\n".into())
+    );
+    assert_eq!(http_get(&cluster.metrics_addr(follower), "/readyz").0, 200);
+
+    eprintln!("phase 3: a partitioned follower stays alive but is not ready");
+    cluster.partition(&[follower], &cluster.others(follower));
+    let started = Instant::now();
+    let (code, body) = loop {
+        let (code, body) = http_get(&cluster.metrics_addr(follower), "/readyz");
+        if code != 200 || started.elapsed() > Duration::from_secs(10) {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("not ready: "), "{body}");
+    assert_eq!(http_get(&cluster.metrics_addr(follower), "/healthz").0, 200);
+    cluster.heal();
+
+    eprintln!("phase 4: promtool accepts the page, when it is installed");
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(page.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => eprintln!("  promtool not installed ({e}); skipped"),
+    }
+}

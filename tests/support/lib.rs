@@ -76,6 +76,15 @@ pub fn free_port_on(ip: IpAddr) -> u16 {
         .expect("free port")
 }
 
+/// `N` distinct free ports on `ip`: every socket stays bound until all are picked, so the OS
+/// cannot hand out the same port twice (a node's listeners would then collide).
+pub fn free_ports_on<const N: usize>(ip: IpAddr) -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind((ip, 0)).expect("free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("bound port").port())
+}
+
 /// A /24 of loopback addresses of its own for each cluster of this process:
 /// 127.<from the pid>.<a counter>.0/24, so firewall rules of one test never touch another's.
 fn subnet() -> (u8, u8) {
@@ -136,6 +145,8 @@ pub struct ClusterOptions {
     pub raft_timing: Option<(u64, u64, u64)>,
     /// Nodes whose data directory is a tmpfs of this many MiB (a disk that can fill up).
     pub small_disk: Option<(u64, u64)>,
+    /// Give every node a `metrics_addr` (see [`TestCluster::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl Default for ClusterOptions {
@@ -149,6 +160,7 @@ impl Default for ClusterOptions {
             limits_toml: String::new(),
             raft_timing: None,
             small_disk: None,
+            metrics: false,
         }
     }
 }
@@ -157,6 +169,7 @@ struct Node {
     ip: IpAddr,
     client_addr: String,
     raft_addr: String,
+    metrics_addr: String,
     child: Option<Child>,
     paused: bool,
 }
@@ -206,12 +219,14 @@ impl TestCluster {
         let mut nodes = BTreeMap::new();
         for id in 1..=options.nodes {
             let ip = IpAddr::V4(Ipv4Addr::new(127, subnet.0, subnet.1, id as u8));
+            let [client, raft, metrics] = free_ports_on::<3>(ip);
             nodes.insert(
                 id,
                 Node {
                     ip,
-                    client_addr: format!("{ip}:{}", free_port_on(ip)),
-                    raft_addr: format!("{ip}:{}", free_port_on(ip)),
+                    client_addr: format!("{ip}:{client}"),
+                    raft_addr: format!("{ip}:{raft}"),
+                    metrics_addr: format!("{ip}:{metrics}"),
                     child: None,
                     paused: false,
                 },
@@ -269,8 +284,13 @@ impl TestCluster {
                 ],
                 &[],
             );
+            let metrics_line = if options.metrics {
+                format!("metrics_addr = \"{}\"\n", node.metrics_addr)
+            } else {
+                String::new()
+            };
             let config = format!(
-                "node_id = {id}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
+                "{metrics_line}node_id = {id}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
                  [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
                  [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
                  [raft]\n{raft_timing}\
@@ -330,6 +350,11 @@ impl TestCluster {
     /// Client address of a node.
     pub fn client_addr(&self, id: u64) -> String {
         self.nodes[&id].client_addr.clone()
+    }
+
+    /// The operators' HTTP address of a node (only served with `ClusterOptions::metrics`).
+    pub fn metrics_addr(&self, id: u64) -> String {
+        self.nodes[&id].metrics_addr.clone()
     }
 
     /// Raft address of a node.

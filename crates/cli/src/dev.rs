@@ -35,7 +35,7 @@ pub(crate) struct DevArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3)]
     nodes: u64,
-    /// Client listeners use BASE+i, Raft listeners BASE+100+i.
+    /// Client listeners use BASE+i, Raft listeners BASE+100+i, metrics listeners BASE+200+i.
     #[arg(long = "base-port", default_value_t = 7400)]
     base_port: u16,
 }
@@ -127,6 +127,10 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
             raft: RaftConfig::default(),
             limits: LimitsConfig::default(),
             watch: WatchConfig::default(),
+            metrics_addr: Some(format!(
+                "127.0.0.1:{}",
+                args.base_port + 200 + member.id as u16
+            )),
         };
         write_file(
             &nd.join("config.toml"),

@@ -35,6 +35,12 @@ pub struct Config {
     /// Change feed limits.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// Plain-HTTP listener for operators: `/metrics` (Prometheus text format), `/healthz`
+    /// (the process is alive) and `/readyz` (ready for client traffic). None: no listener. It
+    /// serves no registry data, only counters and health; bind it where only monitoring
+    /// reaches it.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Limits of the change feed (Watch).

@@ -80,6 +80,7 @@ pub fn denied(rule: &str, detail: &str) -> Status {
 
 /// RESOURCE_EXHAUSTED with a retry hint.
 pub fn shed(what: &str, retry_after_ms: u64) -> Status {
+    metrics::counter!(crate::observe::SHED_TOTAL).increment(1);
     let mut status = Status::resource_exhausted(format!("{what}; retry after {retry_after_ms} ms"));
     status
         .metadata_mut()

@@ -22,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod lease_keeper;
 mod node;
+pub mod observe;
 mod registry_service;
 pub mod watch_hub;
 

@@ -23,9 +23,6 @@ use crate::watch_hub::{WatchHub, WatchHubConfig};
 const GENESIS_RETRY: Duration = Duration::from_millis(300);
 /// How often the gRPC health status is brought up to date.
 const HEALTH_TICK: Duration = Duration::from_millis(250);
-/// A node more than this many committed entries behind in applying them is not ready: its
-/// stale reads would lag, and it would delay linearizable ones.
-const READY_APPLY_LAG_MAX: u64 = 1_000;
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -132,6 +129,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             watchers_max: config.watch.watchers_max,
         },
     );
+    let metrics_task = match &config.metrics_addr {
+        Some(addr) => Some(
+            crate::observe::serve(
+                addr,
+                consensus.clone(),
+                watch_hub.clone(),
+                admission.clone(),
+                stop_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let registry = RegistryService::new(
         consensus.clone(),
         config.trust_domain.clone(),
@@ -229,6 +239,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let _ = client_task.await;
     let _ = raft_task.await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     consensus.shutdown().await;
     match fatal {
         Some(reason) => Err(ServerError::Fatal(reason)),
@@ -239,7 +252,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// Keeps the gRPC health status (`grpc.health.v1`) true to the node's readiness: SERVING for
 /// the whole server ("") and `signpost.v1.Registry` while the node is a member that hears from
 /// a leader (or leads with its quorum) and has applied what it knows committed, within
-/// [`READY_APPLY_LAG_MAX`]; NOT_SERVING otherwise, so load balancers and Kubernetes probes send
+/// [`crate::observe::READY_APPLY_LAG_MAX`]; NOT_SERVING otherwise, so load balancers and Kubernetes probes send
 /// clients elsewhere. `signpost.v1.Cluster` (status) is always SERVING while the process runs.
 async fn report_health(consensus: Consensus, reporter: tonic_health::server::HealthReporter) {
     use tonic_health::ServingStatus;
@@ -250,7 +263,7 @@ async fn report_health(consensus: Consensus, reporter: tonic_health::server::Hea
     let mut tick = tokio::time::interval(HEALTH_TICK);
     loop {
         tick.tick().await;
-        let now = consensus.readiness(READY_APPLY_LAG_MAX);
+        let now = consensus.readiness(crate::observe::READY_APPLY_LAG_MAX);
         if ready == Some(now.is_ok()) {
             continue;
         }

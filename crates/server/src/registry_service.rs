@@ -88,8 +88,19 @@ impl RegistryService {
             .map_err(|e| Status::internal(format!("proposal task: {e}")))?
             .map_err(consensus_status)?;
         match outcome {
-            Outcome::Applied { revision } => Ok(Response::new(WriteResponse { revision })),
-            Outcome::Rejected { reason, detail } => Err(refusal(reason, &detail)),
+            Outcome::Applied { revision } => {
+                metrics::counter!(crate::observe::WRITES_TOTAL, "result" => "applied").increment(1);
+                Ok(Response::new(WriteResponse { revision }))
+            }
+            Outcome::Rejected { reason, detail } => {
+                metrics::counter!(
+                    crate::observe::WRITES_TOTAL,
+                    "result" => "rejected",
+                    "reason" => reason.as_str()
+                )
+                .increment(1);
+                Err(refusal(reason, &detail))
+            }
         }
     }
 
