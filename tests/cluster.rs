@@ -235,16 +235,11 @@ async fn a_list_longer_than_a_page_is_read_page_by_page_and_bad_page_tokens_are_
     let names: Vec<String> = (0..SERVICES).map(|i| format!("svc-{i:03}")).collect();
     for name in &names {
         admin
-            .bind(signpost_record::sign_binding(
+            .bind(signpost_tests::signed_binding(
                 &admin_key,
-                &signpost_proto::v1::BindingPayload {
-                    service: name.clone(),
-                    public_keys: vec![service_key.verifying_key().to_bytes().to_vec()],
-                    version: 1,
-                    issued_at_ms: signpost_tests::now_ms(),
-                    not_before_ms: 0,
-                    not_after_ms: 0,
-                },
+                name,
+                &service_key,
+                1,
             ))
             .await
             .unwrap();

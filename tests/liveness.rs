@@ -15,6 +15,30 @@ const READY: Duration = Duration::from_secs(60);
 /// one commit round, and the test's polling period).
 const EXPIRY_SLACK: Duration = Duration::from_secs(3);
 
+/// Reads `stream` until it ends with an error status, which it returns with how many messages
+/// came before it. Panics if the stream goes 10 s without a message, ends without a reason, or
+/// delivers more than `messages_max` messages.
+async fn until_error<T>(
+    stream: &mut tonic::Streaming<T>,
+    messages_max: u64,
+) -> (u64, tonic::Status) {
+    let mut delivered = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the stream hung")
+        {
+            Ok(Some(_)) => delivered += 1,
+            Ok(None) => panic!("the stream ended without a reason after {delivered} messages"),
+            Err(status) => return (delivered, status),
+        }
+        assert!(
+            delivered <= messages_max,
+            "more than {messages_max} messages and still no end"
+        );
+    }
+}
+
 fn heavy_record(
     key: &signpost_record::SigningKey,
     service: &str,
@@ -261,17 +285,7 @@ async fn compacted_revisions_are_refused_and_a_slow_watcher_is_cancelled_alone()
     assert_eq!(previous, last_rev);
 
     eprintln!("phase 3: the slow watcher was cancelled with RESOURCE_EXHAUSTED");
-    let mut delivered = 0;
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(10), slow.message())
-            .await
-            .expect("slow stream hung")
-        {
-            Ok(Some(_)) => delivered += 1,
-            Ok(None) => panic!("slow watcher ended without a reason after {delivered} events"),
-            Err(status) => break status,
-        }
-    };
+    let (delivered, status) = until_error(&mut slow, 1500).await;
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
     assert!(delivered < 1500, "the slow watcher was not cancelled");
     eprintln!(
@@ -505,21 +519,7 @@ async fn a_reader_holding_its_maximum_of_watchers_without_reading_keeps_node_mem
     // one we read.
     let mut last = held.pop().expect("watchers");
     drop(held);
-    let mut delivered = 0u64;
-    let status = loop {
-        match tokio::time::timeout(Duration::from_secs(10), last.message())
-            .await
-            .expect("the stream answers")
-        {
-            Ok(Some(_)) => delivered += 1,
-            Ok(None) => panic!("the stream ended without a reason after {delivered} messages"),
-            Err(status) => break status,
-        }
-        assert!(
-            delivered <= WRITES,
-            "every write was buffered for a reader that never read"
-        );
-    };
+    let (_, status) = until_error(&mut last, WRITES).await;
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
 }
 
@@ -594,16 +594,11 @@ async fn watch_history_verifies_against_the_binding_in_force_when_each_change_wa
     let new = signpost_record::generate_signing_key();
     cluster
         .client(&[])
-        .bind(signpost_record::sign_binding(
+        .bind(signpost_tests::signed_binding(
             &admin_key,
-            &signpost_proto::v1::BindingPayload {
-                service: "moving".into(),
-                public_keys: vec![new.verifying_key().to_bytes().to_vec()],
-                version: now_ms(),
-                issued_at_ms: now_ms(),
-                not_before_ms: 0,
-                not_after_ms: 0,
-            },
+            "moving",
+            &new,
+            now_ms(),
         ))
         .await
         .unwrap();

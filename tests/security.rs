@@ -330,33 +330,13 @@ async fn key_rotation_removes_records_of_the_removed_key_and_admin_rotation_need
         .await
         .expect_err("genesis key is no longer an admin");
     assert_eq!(reason(&err), "not_admin", "{err}");
-    let by_retired = signpost_record::sign_binding(
-        &admins[1],
-        &BindingPayload {
-            service: "search".into(),
-            public_keys: vec![old.verifying_key().to_bytes().to_vec()],
-            version: u64::MAX / 2,
-            issued_at_ms: now_ms(),
-            not_before_ms: 0,
-            not_after_ms: 0,
-        },
-    );
+    let by_retired = signpost_tests::signed_binding(&admins[1], "search", &old, u64::MAX / 2);
     let err = admin
         .bind(by_retired)
         .await
         .expect_err("a key retired at v3 bound after the rotation");
     assert_eq!(reason(&err), "not_admin", "{err}");
-    let rebind = signpost_record::sign_binding(
-        &admins[0],
-        &BindingPayload {
-            service: "search".into(),
-            public_keys: vec![new.verifying_key().to_bytes().to_vec()],
-            version: now_ms(),
-            issued_at_ms: now_ms(),
-            not_before_ms: 0,
-            not_after_ms: 0,
-        },
-    );
+    let rebind = signpost_tests::signed_binding(&admins[0], "search", &new, now_ms());
     admin.bind(rebind).await.expect("current admin re-binds");
 
     eprintln!("phase 7: clients verify the record through genesis -> v2 -> v3 -> binding");
@@ -826,16 +806,11 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         .unwrap();
     let new_key = signpost_record::generate_signing_key();
     admin
-        .bind(signpost_record::sign_binding(
+        .bind(signpost_tests::signed_binding(
             &new_admin,
-            &BindingPayload {
-                service: "payments".into(),
-                public_keys: vec![new_key.verifying_key().to_bytes().to_vec()],
-                version: now_ms(),
-                issued_at_ms: now_ms(),
-                not_before_ms: 0,
-                not_after_ms: 0,
-            },
+            "payments",
+            &new_key,
+            now_ms(),
         ))
         .await
         .unwrap();
@@ -907,16 +882,11 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         "phase 7: the current chain with a binding the retired admin signed after the rotation is refused"
     );
     let mut current = signpost_tests::raw_resolve(&cluster, "payments").await;
-    current.service.as_mut().unwrap().binding = Some(signpost_record::sign_binding(
+    current.service.as_mut().unwrap().binding = Some(signpost_tests::signed_binding(
         &genesis_admin,
-        &BindingPayload {
-            service: "payments".into(),
-            public_keys: vec![old_key.verifying_key().to_bytes().to_vec()],
-            version: u64::MAX / 2,
-            issued_at_ms: now_ms(),
-            not_before_ms: 0,
-            not_after_ms: 0,
-        },
+        "payments",
+        &old_key,
+        u64::MAX / 2,
     ));
     let rogue = RogueRegistry {
         honest: current,

@@ -775,6 +775,27 @@ pub fn signed_record(
     signpost_record::sign_record(key, &record_payload(service, instance, sequence, port))
 }
 
+/// A binding of `service` to `key` alone at `version`, signed by `admin`, issued now and valid
+/// without bounds.
+pub fn signed_binding(
+    admin: &signpost_record::SigningKey,
+    service: &str,
+    key: &signpost_record::SigningKey,
+    version: u64,
+) -> signpost_proto::v1::Envelope {
+    signpost_record::sign_binding(
+        admin,
+        &signpost_proto::v1::BindingPayload {
+            service: service.into(),
+            public_keys: vec![key.verifying_key().to_bytes().to_vec()],
+            version,
+            issued_at_ms: now_ms(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        },
+    )
+}
+
 /// A mutual-TLS channel presenting `cert_prefix`.crt/.key to `addr`, dialled from `from` (the
 /// kernel's choice if None), with none of the Rust client's own checks.
 pub fn raw_channel(

@@ -516,13 +516,15 @@ impl Client {
             } else {
                 self.check_not_behind(&addr, response.revision)
             };
-            let verified = checked.and_then(|()| {
-                self.verify(
-                    response.service.unwrap_or_default(),
-                    &response.admin_chain,
-                    response.revision,
-                )
-            });
+            let verified = checked
+                .and_then(|()| self.current_admin_set(&response.admin_chain))
+                .and_then(|admins| {
+                    self.verify(
+                        response.service.unwrap_or_default(),
+                        &admins,
+                        response.revision,
+                    )
+                });
             match verified {
                 Ok(resolved) if resolved.service == service => {
                     if !stale {
@@ -615,13 +617,14 @@ impl Client {
                 })
                 .await?;
             let first = first_addr.get_or_insert_with(|| addr.clone()).clone();
-            if let Err(e) = self.check_page(&addr, &page, &token, &listed, stale) {
-                return Ok((first, Err(e)));
-            }
+            let admins = match self.check_page(&addr, &page, &token, &listed, stale) {
+                Ok(admins) => admins,
+                Err(e) => return Ok((first, Err(e))),
+            };
             listed.revision = listed.revision.max(page.revision);
             for service in page.services {
                 let name = service.service.clone();
-                match self.verify(service, &page.admin_chain, page.revision) {
+                match self.verify(service, &admins, page.revision) {
                     Ok(resolved) => listed.services.push(resolved),
                     Err(e) => listed.unverified.push((name, e.to_string())),
                 }
@@ -639,7 +642,8 @@ impl Client {
         ))
     }
 
-    /// What must hold of every List page before its services are looked at.
+    /// What must hold of every List page before its services are looked at; returns the
+    /// current admin set its chain leads to, against which each service is then verified.
     fn check_page(
         &self,
         addr: &str,
@@ -647,9 +651,8 @@ impl Client {
         token: &str,
         so_far: &Listed,
         stale: bool,
-    ) -> Result<(), ClientError> {
-        signpost_record::verify_admin_chain(&self.genesis, &page.admin_chain)
-            .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
+    ) -> Result<AdminSet, ClientError> {
+        let admins = self.current_admin_set(&page.admin_chain)?;
         if !stale {
             self.check_not_behind(addr, page.revision)?;
             if page.revision < so_far.revision {
@@ -681,7 +684,7 @@ impl Client {
                 "{addr} served an empty page that is not the last"
             )));
         }
-        Ok(())
+        Ok(admins)
     }
 
     fn rotate_away_from(&self, addr: &str) {
@@ -694,26 +697,34 @@ impl Client {
         self.prefer(next);
     }
 
-    /// Verifies one service's answer back to the pinned genesis admin keys, and against the
-    /// versions this client has already verified (no rollback). Any part that fails (chain,
-    /// binding, a single record) fails the whole answer: a node that serves one bad record is
-    /// not trusted for the rest, and the caller asks another node.
+    /// Follows an answer's admin chain from the pinned genesis and returns the current admin
+    /// set; every set on the way is remembered for verifying watch history.
+    fn current_admin_set(&self, chain: &[MultiEnvelope]) -> Result<AdminSet, ClientError> {
+        let sets = signpost_record::admin_sets_of_chain(&self.genesis, chain)
+            .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
+        let current = sets.last().cloned().unwrap_or_else(|| self.genesis.clone());
+        self.remember_admin_sets(sets);
+        Ok(current)
+    }
+
+    /// Verifies one service's answer against `admins`, the current admin set its answer's
+    /// chain leads to (see [`Client::current_admin_set`]), and against the versions this client
+    /// has already verified (no rollback). Any part that fails (binding, a single record) fails
+    /// the whole answer: a node that serves one bad record is not trusted for the rest, and the
+    /// caller asks another node.
     fn verify(
         &self,
         records: ServiceRecords,
-        admin_chain: &[MultiEnvelope],
+        admins: &AdminSet,
         revision: u64,
     ) -> Result<Resolved, ClientError> {
-        let sets = signpost_record::admin_sets_of_chain(&self.genesis, admin_chain)
-            .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
-        let admins = sets.last().cloned().unwrap_or_else(|| self.genesis.clone());
         let binding_envelope = records.binding.ok_or_else(|| {
             ClientError::Verification(format!(
                 "service {} came without a binding",
                 records.service
             ))
         })?;
-        let binding = signpost_record::verify_binding(&admins, &binding_envelope, now_ms())
+        let binding = signpost_record::verify_binding(admins, &binding_envelope, now_ms())
             .map_err(|e| ClientError::Verification(format!("binding: {e}")))?;
         if binding.service != records.service {
             return Err(ClientError::Verification(format!(
@@ -742,7 +753,6 @@ impl Client {
         }
         floors.raise(admins.version, &binding.service, binding.version);
         drop(floors);
-        self.remember_admin_sets(sets);
         let (instances, envelopes) = newest_per_instance(instances, envelopes);
         Ok(Resolved {
             service: records.service,
@@ -772,10 +782,7 @@ impl Client {
                     .map(|r| r.into_inner())
             })
             .await?;
-        let sets = signpost_record::admin_sets_of_chain(&self.genesis, &page.admin_chain)
-            .map_err(|e| ClientError::Verification(format!("admin chain: {e}")))?;
-        self.remember_admin_sets(sets);
-        Ok(())
+        self.current_admin_set(&page.admin_chain).map(|_| ())
     }
 
     fn remember_admin_sets(&self, sets: Vec<AdminSet>) {

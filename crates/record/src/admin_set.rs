@@ -155,25 +155,8 @@ pub fn verify_admin_chain(
     genesis: &AdminSet,
     chain: &[MultiEnvelope],
 ) -> Result<AdminSet, RecordError> {
-    if chain.len() > ADMIN_CHAIN_ENTRIES_MAX {
-        return reject(
-            Reason::Oversized,
-            format!(
-                "admin chain has {} entries, above the maximum of {ADMIN_CHAIN_ENTRIES_MAX}",
-                chain.len()
-            ),
-        );
-    }
-    let mut current = genesis.clone();
-    for (index, envelope) in chain.iter().enumerate() {
-        current = open_admin_set(envelope, &current).map_err(|e| {
-            RecordError::new(
-                e.reason(),
-                format!("admin chain entry {index}: {}", e.detail()),
-            )
-        })?;
-    }
-    Ok(current)
+    let mut sets = admin_sets_of_chain(genesis, chain)?;
+    Ok(sets.pop().unwrap_or_else(|| genesis.clone()))
 }
 
 /// Follows `chain` like [`verify_admin_chain`] and returns every admin set on the way, genesis

@@ -128,10 +128,6 @@ impl Node {
         let status = self.consensus.status();
         let state = self.consensus.state();
         let registry = &state.registry;
-        let services = registry
-            .list_page("", false, usize::MAX, usize::MAX)
-            .0
-            .len();
         let (history, buffered) = self.watch_hub.bytes();
         let leading = status.leader_id == Some(status.node_id) && status.quorum_lease;
         let values: [(&str, f64); 16] = [
@@ -147,7 +143,10 @@ impl Node {
                     self.consensus.readiness(READY_APPLY_LAG_MAX).is_ok(),
                 )),
             ),
-            ("signpost_registry_services", services as f64),
+            (
+                "signpost_registry_services",
+                registry.service_count() as f64,
+            ),
             (
                 "signpost_registry_instances",
                 registry.instances().count() as f64,

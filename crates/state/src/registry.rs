@@ -178,6 +178,11 @@ impl Registry {
             })
     }
 
+    /// Services with at least one live record: what `Quotas::services_max` counts.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
     /// Lease facts of one live instance.
     pub fn instance(&self, service: &str, instance: &str) -> Option<InstanceInfo> {
         let record = self.services.get(service)?.get(instance)?;
