@@ -264,7 +264,13 @@ impl ElectionDriver {
                 let yes = config.iter().filter(|id| granted.contains(id)).count();
                 yes * 2 > config.len()
             });
-            if won {
+            // The round took a network round trip: if meanwhile this node voted for another
+            // candidate or heard from a new leader, campaigning now would depose that leader
+            // (two rounds won at once, the later one deposes the earlier).
+            let contacted = self.liveness.since_leader_contact() < timeout;
+            if won && contacted {
+                tracing::debug!("heard from a leader during the pre-vote round; not campaigning");
+            } else if won {
                 tracing::info!(
                     term = m.current_term,
                     granted = ?granted,
