@@ -32,40 +32,32 @@ fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
         assert!(m["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
     }
 
-    eprintln!(
-        "phase 3: the quick start of the README works: keygen, bind, issue, register, resolve"
+    for m in members {
+        let metrics = m["metrics_addr"].as_str().expect("metrics_addr per member");
+        assert!(metrics.starts_with("127.0.0.1:"), "{m}");
+    }
+
+    eprintln!("phase 3: the quick start of the README works: service add, register, resolve");
+    let service_dir = dev_dir.join("payments");
+    cli_ok(
+        &[
+            "service",
+            "add",
+            "payments",
+            "--out",
+            service_dir.to_str().unwrap(),
+            "--ca-dir",
+            dev_dir.join("ca").to_str().unwrap(),
+        ],
+        &env,
     );
-    let key = dev_dir.join("payments.key");
-    cli_ok(&["keygen", "--out", key.to_str().unwrap()], &[]);
+    let key = service_dir.join("payments.key");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "private key must be 0600");
     }
-    cli_ok(
-        &[
-            "bind",
-            "payments",
-            "--pubkey",
-            dev_dir.join("payments.key.pub").to_str().unwrap(),
-        ],
-        &env,
-    );
-    let cert = dev_dir.join("payments-cert");
-    cli_ok(
-        &[
-            "ca",
-            "issue",
-            "--service",
-            "payments",
-            "--ca-dir",
-            dev_dir.join("ca").to_str().unwrap(),
-            "--out",
-            cert.to_str().unwrap(),
-        ],
-        &[],
-    );
     cli_ok(
         &[
             "register",
@@ -76,14 +68,12 @@ fn signpost_dev_starts_a_usable_three_node_cluster_and_stops_it_on_sigterm() {
             "127.0.0.1:9000",
             "--meta",
             "zone=a",
+            "--config",
+            service_dir.join("client.toml").to_str().unwrap(),
             "--key",
             key.to_str().unwrap(),
-            "--cert",
-            dev_dir.join("payments-cert.crt").to_str().unwrap(),
-            "--cert-key",
-            dev_dir.join("payments-cert.key").to_str().unwrap(),
         ],
-        &env,
+        &[],
     );
     let resolved: serde_json::Value =
         serde_json::from_str(&cli_ok(&["resolve", "payments", "--json"], &env)).unwrap();

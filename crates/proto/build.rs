@@ -1,6 +1,8 @@
 //! Compiles the protocol with protox (pure Rust), so no system `protoc` is needed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build script compiled for one checkout may be reused (same target
+    // directory, same hash) by another, and must read that checkout's protocol.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "signpost/v1/record.proto",
         "signpost/v1/registry.proto",

@@ -147,6 +147,13 @@ pub struct ClusterOptions {
     pub small_disk: Option<(u64, u64)>,
     /// Give every node a `metrics_addr` (see [`TestCluster::metrics_addr`]).
     pub metrics: bool,
+    /// Reuse the CA and admin key of the cluster rooted here (a new cluster of the same
+    /// deployment, e.g. to restore a backup into) instead of creating new ones.
+    pub identity_from: Option<PathBuf>,
+    /// Run `signpost restore FILE` for every node before starting it.
+    pub restore_from: Option<PathBuf>,
+    /// Nodes log JSON lines (`--log-format json`) instead of text.
+    pub json_logs: bool,
 }
 
 impl Default for ClusterOptions {
@@ -161,6 +168,9 @@ impl Default for ClusterOptions {
             raft_timing: None,
             small_disk: None,
             metrics: false,
+            identity_from: None,
+            restore_from: None,
+            json_logs: false,
         }
     }
 }
@@ -185,6 +195,8 @@ pub struct TestCluster {
     rules: Mutex<Vec<Vec<String>>>,
     /// tmpfs mounts to undo.
     mounts: Vec<PathBuf>,
+    options: ClusterOptions,
+    admin_pub: String,
 }
 
 /// Trust domain of test clusters.
@@ -196,24 +208,46 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         let ca = root.join("ca");
-        cli_ok(&["ca", "init", "--ca-dir", ca.to_str().unwrap()], &[]);
-        cli_ok(
-            &["keygen", "--out", root.join("admin.key").to_str().unwrap()],
-            &[],
-        );
-        cli_ok(
-            &[
-                "ca",
-                "issue",
-                "--admin",
-                "admin",
-                "--ca-dir",
-                ca.to_str().unwrap(),
-                "--out",
-                root.join("admin-cert").to_str().unwrap(),
-            ],
-            &[],
-        );
+        match &options.identity_from {
+            Some(from) => {
+                sh(
+                    "cp",
+                    &[
+                        "-r",
+                        from.join("ca").to_str().unwrap(),
+                        ca.to_str().unwrap(),
+                    ],
+                );
+                for file in [
+                    "admin.key",
+                    "admin.key.pub",
+                    "admin-cert.crt",
+                    "admin-cert.key",
+                ] {
+                    std::fs::copy(from.join(file), root.join(file)).expect("copy identity");
+                }
+            }
+            None => {
+                cli_ok(&["ca", "init", "--ca-dir", ca.to_str().unwrap()], &[]);
+                cli_ok(
+                    &["keygen", "--out", root.join("admin.key").to_str().unwrap()],
+                    &[],
+                );
+                cli_ok(
+                    &[
+                        "ca",
+                        "issue",
+                        "--admin",
+                        "admin",
+                        "--ca-dir",
+                        ca.to_str().unwrap(),
+                        "--out",
+                        root.join("admin-cert").to_str().unwrap(),
+                    ],
+                    &[],
+                );
+            }
+        }
         let admin_pub = std::fs::read_to_string(root.join("admin.key.pub")).expect("admin pub");
         let subnet = subnet();
         let mut nodes = BTreeMap::new();
@@ -232,25 +266,8 @@ impl TestCluster {
                 },
             );
         }
-        let raft_timing = options
-            .raft_timing
-            .map(|(h, min, max)| {
-                format!(
-                    "heartbeat_ms = {h}\nelection_timeout_min_ms = {min}\nelection_timeout_max_ms = {max}\n"
-                )
-            })
-            .unwrap_or_default();
         let mut mounts = Vec::new();
-        let members: String = nodes
-            .iter()
-            .map(|(id, n)| {
-                format!(
-                    "[[members]]\nid = {id}\nclient_addr = \"{}\"\nraft_addr = \"{}\"\n\n",
-                    n.client_addr, n.raft_addr
-                )
-            })
-            .collect();
-        for (id, node) in &nodes {
+        for id in nodes.keys() {
             let nd = root.join(format!("node{id}"));
             std::fs::create_dir_all(&nd).unwrap();
             if let Some((small, mib)) = options.small_disk {
@@ -271,6 +288,8 @@ impl TestCluster {
                     mounts.push(data);
                 }
             }
+            // The node's address as an IP SAN: third-party tools (grpcurl, Python's grpcio)
+            // check the server's name; Signpost's own peers check the SPIFFE id.
             cli_ok(
                 &[
                     "ca",
@@ -281,30 +300,11 @@ impl TestCluster {
                     ca.to_str().unwrap(),
                     "--out",
                     nd.join("node").to_str().unwrap(),
+                    "--ip",
+                    &nodes[id].ip.to_string(),
                 ],
                 &[],
             );
-            let metrics_line = if options.metrics {
-                format!("metrics_addr = \"{}\"\n", node.metrics_addr)
-            } else {
-                String::new()
-            };
-            let config = format!(
-                "{metrics_line}node_id = {id}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
-                 [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
-                 [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
-                 [raft]\n{raft_timing}\
-                 snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{}\n\n{members}",
-                node.client_addr,
-                node.raft_addr,
-                admin_pub.trim(),
-                options.bootstrap_toml,
-                options.snapshot_after_entries,
-                options.log_entries_kept,
-                options.limits_toml,
-                options.extra_config,
-            );
-            std::fs::write(nd.join("config.toml"), config).unwrap();
         }
         let client = format!(
             "endpoints = [{}]\ntrust_domain = \"{TRUST_DOMAIN}\"\nadmin_key = \"admin.key\"\n\n\
@@ -324,12 +324,130 @@ impl TestCluster {
             subnet,
             rules: Mutex::new(Vec::new()),
             mounts,
+            options,
+            admin_pub: admin_pub.trim().to_string(),
         };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in &ids {
+            let config = cluster.node_config(*id, &ids, false);
+            let path = cluster.root().join(format!("node{id}/config.toml"));
+            std::fs::write(&path, config).unwrap();
+            if let Some(backup) = &cluster.options.restore_from {
+                cli_ok(
+                    &[
+                        "restore",
+                        backup.to_str().unwrap(),
+                        "--config",
+                        path.to_str().unwrap(),
+                    ],
+                    &[],
+                );
+            }
+        }
         for id in ids {
             cluster.spawn(id);
         }
         cluster
+    }
+
+    /// Node `id`'s configuration, with `members` as its `[[members]]` and `join` as given.
+    fn node_config(&self, id: u64, members: &[u64], join: bool) -> String {
+        let options = &self.options;
+        let node = &self.nodes[&id];
+        let raft_timing = options
+            .raft_timing
+            .map(|(h, min, max)| {
+                format!(
+                    "heartbeat_ms = {h}\nelection_timeout_min_ms = {min}\nelection_timeout_max_ms = {max}\n"
+                )
+            })
+            .unwrap_or_default();
+        let members: String = members
+            .iter()
+            .map(|m| {
+                let n = &self.nodes[m];
+                format!(
+                    "[[members]]\nid = {m}\nclient_addr = \"{}\"\nraft_addr = \"{}\"\n\n",
+                    n.client_addr, n.raft_addr
+                )
+            })
+            .collect();
+        let metrics_line = if options.metrics {
+            format!("metrics_addr = \"{}\"\n", node.metrics_addr)
+        } else {
+            String::new()
+        };
+        format!(
+            "{metrics_line}node_id = {id}\njoin = {join}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
+             [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
+             [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
+             [raft]\n{raft_timing}\
+             snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{}\n\n{members}",
+            node.client_addr,
+            node.raft_addr,
+            self.admin_pub,
+            options.bootstrap_toml,
+            options.snapshot_after_entries,
+            options.log_entries_kept,
+            options.limits_toml,
+            options.extra_config,
+        )
+    }
+
+    /// Prepares node `id` (a new address in this cluster's range, a node certificate, a config
+    /// with `join = true` listing the running members) and starts it. An admin then adds it
+    /// with `signpost cluster add` (see [`TestCluster::join_args`]).
+    pub fn start_joining_node(&mut self, id: u64) {
+        assert!(!self.nodes.contains_key(&id), "node {id} exists");
+        let ip = IpAddr::V4(Ipv4Addr::new(127, self.subnet.0, self.subnet.1, id as u8));
+        let [client, raft, metrics] = free_ports_on::<3>(ip);
+        let members: Vec<u64> = self.nodes.keys().copied().collect();
+        self.nodes.insert(
+            id,
+            Node {
+                ip,
+                client_addr: format!("{ip}:{client}"),
+                raft_addr: format!("{ip}:{raft}"),
+                metrics_addr: format!("{ip}:{metrics}"),
+                child: None,
+                paused: false,
+            },
+        );
+        let nd = self.root().join(format!("node{id}"));
+        std::fs::create_dir_all(&nd).unwrap();
+        cli_ok(
+            &[
+                "ca",
+                "issue",
+                "--node",
+                &id.to_string(),
+                "--ca-dir",
+                self.ca_dir().to_str().unwrap(),
+                "--out",
+                nd.join("node").to_str().unwrap(),
+            ],
+            &[],
+        );
+        let config = self.node_config(id, &members, true);
+        std::fs::write(nd.join("config.toml"), config).unwrap();
+        self.spawn(id);
+    }
+
+    /// The arguments of `signpost cluster add` for node `id`.
+    pub fn join_args(&self, id: u64) -> Vec<String> {
+        vec![
+            "cluster".into(),
+            "add".into(),
+            id.to_string(),
+            self.client_addr(id),
+            self.raft_addr(id),
+        ]
+    }
+
+    /// Stops node `id` for good (after `signpost cluster remove`): kills it and forgets it.
+    pub fn forget(&mut self, id: u64) {
+        self.kill9(id);
+        self.nodes.remove(&id);
     }
 
     /// Root directory.
@@ -392,7 +510,9 @@ impl TestCluster {
             .append(true)
             .open(nd.join("server.log"))
             .unwrap();
+        let format = if self.options.json_logs { "json" } else { "text" };
         let child = Command::new(signpost_bin())
+            .args(["--log-format", format])
             .arg("server")
             .arg("--config")
             .arg(nd.join("config.toml"))

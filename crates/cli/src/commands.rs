@@ -40,7 +40,7 @@ fn load_config(opts: &ClientOpts) -> anyhow::Result<ClientConfig> {
     Ok(config)
 }
 
-fn connect(opts: &ClientOpts) -> anyhow::Result<(ClientConfig, Client)> {
+pub(crate) fn connect(opts: &ClientOpts) -> anyhow::Result<(ClientConfig, Client)> {
     let config = load_config(opts)?;
     let client = Client::connect(&config)?;
     Ok((config, client))
@@ -390,29 +390,62 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         .map(|s| s.leader_id)
         .find(|l| *l != 0)
         .unwrap_or(first.leader_id);
+    // Only the leader knows how far each member's log is and when it last answered.
+    let leader_view = rows
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .find(|s| s.node_id == leader_id && s.role == "leader");
+    let views: Vec<output::MemberView> = rows
+        .iter()
+        .map(|(m, own)| {
+            let seen = leader_view.and_then(|l| l.members.iter().find(|x| x.id == m.id));
+            output::MemberView {
+                member: m.clone(),
+                own: own.as_ref().map_err(|e| e.to_string()).cloned(),
+                error_code: own
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.code())
+                    .map(signpost_client::code_name),
+                lag: leader_view.and_then(|l| {
+                    seen.and_then(|x| x.matched_index)
+                        .map(|matched| l.last_log_index.saturating_sub(matched))
+                }),
+                last_contact_ms: seen.and_then(|x| x.last_contact_ms),
+                voter: seen.map(|x| x.voter).unwrap_or(m.voter),
+            }
+        })
+        .collect();
     if args.opts.json {
-        let members: Vec<_> = rows
+        let members: Vec<_> = views
             .iter()
-            .map(|(m, s)| match s {
-                Ok(s) => json!({
-                    "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
-                    // Each node's own report: two nodes that both claim to lead show as such.
-                    "role": s.role, "leader_id": s.leader_id,
-                    "term": s.term, "commit_index": s.commit_index,
-                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index,
-                    "reachable": true, "alarms": s.alarms,
-                }),
-                Err(e) => json!({
-                    "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
-                    "role": "unreachable", "reachable": false, "error": e.to_string(),
-                }),
+            .map(|v| {
+                let m = &v.member;
+                match &v.own {
+                    Ok(s) => json!({
+                        "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
+                        // Each node's own report: two nodes that both claim to lead show as such.
+                        "role": s.role, "leader_id": s.leader_id, "voter": v.voter,
+                        "term": s.term, "commit_index": s.commit_index,
+                        "applied_index": s.applied_index, "snapshot_index": s.snapshot_index,
+                        "last_log_index": s.last_log_index,
+                        "lag": v.lag, "last_contact_ms": v.last_contact_ms,
+                        "metrics_addr": (!s.metrics_addr.is_empty()).then_some(&s.metrics_addr),
+                        "reachable": true, "alarms": s.alarms,
+                    }),
+                    Err(e) => json!({
+                        "id": m.id, "addr": m.addr, "raft_addr": m.raft_addr,
+                        "role": "unreachable", "reachable": false, "error": e,
+                        "voter": v.voter, "lag": v.lag, "last_contact_ms": v.last_contact_ms,
+                    }),
+                }
             })
             .collect();
         output::print_json(
             &json!({"leader_id": leader_id, "term": first.term, "members": members}),
         );
     } else {
-        output::print_status(&rows);
+        output::print_status(&views);
     }
     Ok(())
 }

@@ -117,6 +117,7 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
                 preface_timeout_ms: signpost_identity::DEFAULT_PREFACE_TIMEOUT.as_millis() as u64,
             },
             members: members.clone(),
+            join: false,
             bootstrap: BootstrapConfig {
                 admin_keys: vec![admin_pub_hex.clone()],
                 admin_threshold: 1,

@@ -11,6 +11,7 @@ mod bench;
 mod ca;
 mod commands;
 mod dev;
+mod maintenance;
 mod output;
 
 use std::path::PathBuf;
@@ -22,8 +23,18 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "signpost", version, about)]
 struct Cli {
+    /// Log format on stderr: human-readable text, or one JSON object per line for log
+    /// shippers.
+    #[arg(long = "log-format", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Options shared by every command that talks to a cluster.
@@ -80,8 +91,25 @@ enum Command {
     List(commands::ListArgs),
     /// Print changes to a service (or a prefix) as they are applied.
     Watch(commands::WatchArgs),
-    /// Show members, leader, term, commit and applied index per node.
+    /// Show members, leader, term, commit and applied index, lag and last contact per node.
     Status(commands::StatusArgs),
+    /// Admin: change membership (add, remove) and hand leadership over.
+    Cluster {
+        #[command(subcommand)]
+        command: maintenance::ClusterCommand,
+    },
+    /// Admin: build a snapshot now on every member (or one).
+    Snapshot(maintenance::SnapshotArgs),
+    /// Admin: write a consistent, checksummed backup of the registry to a file.
+    Backup(maintenance::BackupArgs),
+    /// Prepare a new node's data directory from a backup (run on each new member before it
+    /// first starts).
+    Restore(maintenance::RestoreArgs),
+    /// Admin: onboard a service (key, binding, certificate, client config).
+    Service {
+        #[command(subcommand)]
+        command: maintenance::ServiceCommand,
+    },
     /// Load generator: legitimate throughput and latency, alone and under a flood.
     Bench(bench::BenchArgs),
 }
@@ -92,13 +120,15 @@ fn main() -> ExitCode {
         Command::Server { .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -136,6 +166,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::List(args) => commands::list(args).await,
         Command::Watch(args) => commands::watch(args).await,
         Command::Status(args) => commands::status(args).await,
+        Command::Cluster { command } => maintenance::cluster(command).await,
+        Command::Snapshot(args) => maintenance::snapshot(args).await,
+        Command::Backup(args) => maintenance::backup(args).await,
+        Command::Restore(args) => maintenance::restore(args),
+        Command::Service { command } => maintenance::service(command).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -1,7 +1,7 @@
 //! Tables for people, JSON for scripts.
 
 use serde_json::{json, Value};
-use signpost_client::{ClientError, Resolved};
+use signpost_client::Resolved;
 use signpost_proto::v1::{Member, StatusResponse};
 
 pub(crate) fn print_json(value: &Value) {
@@ -72,7 +72,20 @@ pub(crate) fn print_instances(services: &[Resolved]) {
 }
 
 /// One row per member, each with the role that member reports for itself.
-pub(crate) fn print_status(rows: &[(Member, Result<StatusResponse, ClientError>)]) {
+/// One member as `signpost status` shows it: its own report and the leader's view of it.
+#[derive(Debug)]
+pub(crate) struct MemberView {
+    pub(crate) member: Member,
+    pub(crate) own: Result<StatusResponse, String>,
+    pub(crate) error_code: Option<&'static str>,
+    /// Entries the leader has that this member does not (leader's view).
+    pub(crate) lag: Option<u64>,
+    /// Milliseconds since the member last answered the leader (leader's view).
+    pub(crate) last_contact_ms: Option<u64>,
+    pub(crate) voter: bool,
+}
+
+pub(crate) fn print_status(rows: &[MemberView]) {
     let mut table = vec![[
         "ID".to_string(),
         "ADDR".to_string(),
@@ -80,27 +93,39 @@ pub(crate) fn print_status(rows: &[(Member, Result<StatusResponse, ClientError>)
         "TERM".to_string(),
         "COMMIT".to_string(),
         "APPLIED".to_string(),
+        "LAG".to_string(),
+        "CONTACT".to_string(),
     ]];
-    for (m, s) in rows {
-        match s {
+    let or_dash = |v: Option<u64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v}{unit}"));
+    for v in rows {
+        let m = &v.member;
+        let role = |r: &str| {
+            if v.voter || r == "learner" {
+                r.to_string()
+            } else {
+                format!("{r} (learner)")
+            }
+        };
+        match &v.own {
             Ok(s) => table.push([
                 m.id.to_string(),
                 m.addr.clone(),
-                s.role.clone(),
+                role(&s.role),
                 s.term.to_string(),
                 s.commit_index.to_string(),
                 s.applied_index.to_string(),
+                or_dash(v.lag, ""),
+                or_dash(v.last_contact_ms, " ms"),
             ]),
-            Err(e) => table.push([
+            Err(_) => table.push([
                 m.id.to_string(),
                 m.addr.clone(),
-                format!(
-                    "unreachable ({})",
-                    e.code().map(signpost_client::code_name).unwrap_or("ERROR")
-                ),
+                format!("unreachable ({})", v.error_code.unwrap_or("ERROR")),
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                or_dash(v.lag, ""),
+                or_dash(v.last_contact_ms, " ms"),
             ]),
         }
     }

@@ -8,9 +8,11 @@ use signpost_identity::{PeerRule, SpiffeId, TlsFiles, TlsSettings, Trust};
 use signpost_proto::v1::cluster_client::ClusterClient;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
-    AdminSetPayload, BindRequest, BindingPayload, DeregisterRequest, Envelope, KeepAliveRequest,
-    ListRequest, ListResponse, MultiEnvelope, RegisterRequest, ResolveRequest, RotateAdminsRequest,
-    ServiceRecords, StatusRequest, StatusResponse, WatchEvent, WatchRequest,
+    AddMemberRequest, AdminSetPayload, BackupRequest, BindRequest, BindingPayload,
+    DeregisterRequest, Envelope, KeepAliveRequest, ListRequest, ListResponse, MembershipResponse,
+    MultiEnvelope, RegisterRequest, RemoveMemberRequest, ResolveRequest, RotateAdminsRequest,
+    ServiceRecords, SnapshotRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
+    WatchEvent, WatchRequest,
 };
 use signpost_record::{AdminSet, VerifiedRecord};
 use tonic::transport::Channel;
@@ -218,6 +220,11 @@ impl Client {
         self.deadline = deadline;
         self.timeout = self.timeout.min(deadline);
         self
+    }
+
+    /// The genesis admin set this client trusts (`[trust]`).
+    pub fn genesis(&self) -> &AdminSet {
+        &self.genesis
     }
 
     /// The configured endpoints.
@@ -1019,5 +1026,106 @@ impl Client {
                 .map(|r| r.into_inner())
         })
         .await
+    }
+
+    /// Adds node `id` (learner, then voter once caught up); admin only. Retries until the
+    /// call's deadline while the learner catches up.
+    pub async fn add_member(
+        &self,
+        id: u64,
+        addr: &str,
+        raft_addr: &str,
+    ) -> Result<MembershipResponse, ClientError> {
+        self.with_retries(|target| {
+            let request = AddMemberRequest {
+                id,
+                addr: addr.to_string(),
+                raft_addr: raft_addr.to_string(),
+            };
+            async move {
+                ClusterClient::new(self.channel(&target)?)
+                    .add_member(request)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Removes node `id`; admin only.
+    pub async fn remove_member(&self, id: u64) -> Result<MembershipResponse, ClientError> {
+        self.with_retries(|target| async move {
+            ClusterClient::new(self.channel(&target)?)
+                .remove_member(RemoveMemberRequest { id })
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// Hands leadership to `id` (None: the most up-to-date voter); returns the new leader.
+    pub async fn transfer_leader(&self, id: Option<u64>) -> Result<u64, ClientError> {
+        self.with_retries(|target| async move {
+            ClusterClient::new(self.channel(&target)?)
+                .transfer_leader(TransferLeaderRequest {
+                    id: id.unwrap_or(0),
+                })
+                .await
+                .map(|r| r.into_inner().leader_id)
+        })
+        .await
+    }
+
+    /// Builds a snapshot on the node at `addr`; returns the index it covers.
+    pub async fn snapshot_on(&self, addr: &str) -> Result<u64, ClientError> {
+        let mut client = ClusterClient::new(
+            self.channel(addr)
+                .map_err(|s| ClientError::from_status(&s))?,
+        );
+        let response = tokio::time::timeout(self.deadline, client.snapshot(SnapshotRequest {}))
+            .await
+            .map_err(|_| ClientError::Unavailable(format!("{addr} did not answer in time")))?;
+        response
+            .map(|r| r.into_inner().snapshot_index)
+            .map_err(|s| ClientError::from_status(&s))
+    }
+
+    /// The bytes of a backup file taken by the leader, at most `bytes_max`. The caller checks
+    /// them (`signpost_consensus::backup::Backup::from_bytes`) before trusting them.
+    pub async fn backup(&self, bytes_max: usize) -> Result<Vec<u8>, ClientError> {
+        let mut stream = self
+            .with_retries(|target| async move {
+                ClusterClient::new(self.channel(&target)?)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                    .backup(BackupRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+            })
+            .await?;
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(chunk) = stream
+                .message()
+                .await
+                .map_err(|s| ClientError::from_status(&s))?
+            {
+                if out.len() + chunk.data.len() > bytes_max {
+                    return Err(ClientError::Verification(format!(
+                        "the backup is larger than {bytes_max} bytes"
+                    )));
+                }
+                out.extend_from_slice(&chunk.data);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.deadline, read)
+            .await
+            .map_err(|_| {
+                ClientError::Unavailable(format!(
+                    "the backup did not arrive within the {} ms call deadline",
+                    self.deadline.as_millis()
+                ))
+            })??;
+        Ok(out)
     }
 }

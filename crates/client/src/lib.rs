@@ -39,8 +39,8 @@ pub use error::{code_name, ClientError};
 pub use watcher::{Change, Watcher};
 
 /// Metadata key carrying the machine-readable reason of a refusal.
-pub const REASON_METADATA: &str = "signpost-reason";
+pub const REASON_METADATA: &str = signpost_proto::wire::REASON;
 /// Metadata key carrying the leader's client address.
-pub const LEADER_METADATA: &str = "signpost-leader";
+pub const LEADER_METADATA: &str = signpost_proto::wire::LEADER;
 /// Metadata key carrying a retry hint in milliseconds.
-pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+pub const RETRY_AFTER_METADATA: &str = signpost_proto::wire::RETRY_AFTER_MS;

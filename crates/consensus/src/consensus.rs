@@ -95,6 +95,13 @@ pub struct MemberStatus {
     pub addr: NodeAddr,
     /// Voter (true) or learner (false).
     pub voter: bool,
+    /// Last log index known to be on that member: on the leader, from replication; on other
+    /// nodes only for themselves.
+    pub matched_index: Option<u64>,
+    /// Milliseconds since that member last answered this node (the leader's view of its
+    /// followers) or since this follower last heard from that member as its leader. None:
+    /// this node has no such contact to report.
+    pub last_contact_ms: Option<u64>,
 }
 
 /// A node's view of the cluster.
@@ -290,6 +297,56 @@ impl Consensus {
     /// leader, or None if this node was not leading or no transfer happened within `timeout`
     /// (the cluster then elects a leader as after a crash).
     pub async fn transfer_leadership(&self, timeout: Duration) -> Option<u64> {
+        self.hand_over(None, timeout).await
+    }
+
+    /// Hands leadership to `target` (or, if None, to the most up-to-date voter) while this node
+    /// keeps running (`signpost cluster transfer-leader`). Writes pause here until the new
+    /// leader is known; if the transfer does not happen within `timeout`, this node resumes
+    /// leading. Returns the leader afterwards.
+    pub async fn transfer_leadership_to(
+        &self,
+        target: Option<u64>,
+        timeout: Duration,
+    ) -> Result<u64, ConsensusError> {
+        let me = self.config.node_id;
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(ConsensusError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        if let Some(t) = target {
+            let voters: BTreeSet<u64> = self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            if !voters.contains(&t) {
+                return Err(ConsensusError::Invalid(format!(
+                    "node {t} is not a voter of this cluster"
+                )));
+            }
+            if t == me {
+                return Ok(me);
+            }
+        }
+        let result = self.hand_over(target, timeout).await;
+        // The transfer either happened (heartbeats and the step-down flag matter only while
+        // leading) or did not, and this node must lead normally again.
+        self.liveness.resume();
+        self.raft.runtime_config().heartbeat(true);
+        result.ok_or_else(|| {
+            ConsensusError::Unavailable(format!(
+                "leadership was not handed over within {} ms; node {me} still leads",
+                timeout.as_millis()
+            ))
+        })
+    }
+
+    async fn hand_over(&self, wanted: Option<u64>, timeout: Duration) -> Option<u64> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut metrics = self.raft.metrics();
         let me = self.config.node_id;
@@ -307,6 +364,7 @@ impl Consensus {
                 .iter()
                 .flatten()
                 .filter(|(id, _)| **id != me && voters.contains(id))
+                .filter(|(id, _)| wanted.is_none_or(|w| w == **id))
                 .max_by_key(|(_, matched)| matched.map(|l| l.index))
                 .map(|(id, matched)| (*id, matched.map(|l| l.index)));
             match best {
@@ -419,10 +477,19 @@ impl Consensus {
 
     /// Replicates `request` and returns the outcome of applying it (computed by this node, the
     /// leader) together with the log index it was applied at.
-    pub async fn propose(&self, request: Request) -> Result<(u64, Outcome), ConsensusError> {
+    ///
+    /// The entry time (`time_ms`) is stamped here, from this leader's clock, whatever the
+    /// caller put there: the one place the registry's notion of "now" comes from.
+    pub async fn propose(&self, mut request: Request) -> Result<(u64, Outcome), ConsensusError> {
         self.check_leader_lease()?;
+        request.time_ms = crate::wall_clock_ms();
+        let started = std::time::Instant::now();
         match self.raft.client_write(request).await {
-            Ok(response) => Ok((response.log_id.index, response.data)),
+            Ok(response) => {
+                metrics::histogram!(crate::PROPOSAL_DURATION)
+                    .record(started.elapsed().as_secs_f64());
+                Ok((response.log_id.index, response.data))
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(ConsensusError::NotLeader {
                     leader: f.leader_id.zip(f.leader_node),
@@ -521,10 +588,15 @@ impl Consensus {
         let members = m
             .membership_config
             .nodes()
-            .map(|(id, addr)| MemberStatus {
-                id: *id,
-                addr: addr.clone(),
-                voter: voters.contains(id),
+            .map(|(id, addr)| {
+                let (matched_index, last_contact_ms) = self.contact_of(m, *id);
+                MemberStatus {
+                    id: *id,
+                    addr: addr.clone(),
+                    voter: voters.contains(id),
+                    matched_index,
+                    last_contact_ms,
+                }
             })
             .collect();
         NodeStatus {
@@ -550,6 +622,27 @@ impl Consensus {
                 .since_quorum_ack()
                 .map(|d| d.as_millis() as u64),
         }
+    }
+
+    /// What this node knows of member `id`'s log and of its last contact with it.
+    fn contact_of(
+        &self,
+        m: &openraft::RaftMetrics<u64, NodeAddr>,
+        id: u64,
+    ) -> (Option<u64>, Option<u64>) {
+        let millis = |d: Duration| d.as_millis().min(u128::from(u64::MAX)) as u64;
+        if id == m.id {
+            return (m.last_log_index, Some(0));
+        }
+        if let Some(replication) = &m.replication {
+            let matched = replication.get(&id).copied().flatten().map(|l| l.index);
+            let contact = self.network.contacts().since(id).map(millis);
+            return (matched, contact);
+        }
+        if m.current_leader == Some(id) {
+            return (None, Some(millis(self.liveness.since_leader_contact())));
+        }
+        (None, None)
     }
 
     /// A stream of status changes (role, term, leader), for lease tracking and health.
@@ -586,38 +679,168 @@ impl Consensus {
             .map_err(|_| ConsensusError::Unavailable("no leader elected in time".into()))?
     }
 
-    /// Adds a node as a learner (it catches up from the log or a snapshot), then, if `voter`,
-    /// promotes it to voter. Leader only.
+    /// Adds node `id` as a learner, waits (up to `timeout`) until it holds the log up to the
+    /// entry that added it, then promotes it to voter. Leader only. Idempotent: a voter with the
+    /// same addresses is left as it is, so an operator whose call timed out can run it again
+    /// (the learner keeps catching up meanwhile). A member id with other addresses is refused.
     pub async fn add_member(
         &self,
         id: u64,
         addr: NodeAddr,
-        voter: bool,
+        timeout: Duration,
     ) -> Result<(), ConsensusError> {
-        self.raft
-            .add_learner(id, addr, true)
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.check_leader_lease()?;
+        if self.raft.metrics().borrow().state != ServerState::Leader {
+            return Err(ConsensusError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            if let Some(known) = membership.get_node(&id) {
+                if *known != addr {
+                    return Err(ConsensusError::Invalid(format!(
+                        "node {id} is already a member at {} (raft {}); remove it first",
+                        known.client_addr, known.raft_addr
+                    )));
+                }
+                if membership.voter_ids().any(|v| v == id) {
+                    return Ok(());
+                }
+            }
+        }
+        let added = self
+            .raft
+            .add_learner(id, addr, false)
             .await
             .map_err(map_write_error)?;
-        if voter {
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(map_write_error)?;
+        let target = added.log_id.index;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let matched = {
+                let m = metrics.borrow_and_update();
+                if m.state != ServerState::Leader {
+                    return Err(ConsensusError::NotLeader {
+                        leader: self.leader(),
+                    });
+                }
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .map(|l| l.index)
+            };
+            if matched.is_some_and(|i| i >= target) {
+                break;
+            }
+            let caught_up = tokio::time::timeout_at(deadline, metrics.changed()).await;
+            if caught_up.is_err() {
+                return Err(ConsensusError::Unavailable(format!(
+                    "node {id} joined as a learner but has not caught up yet (it holds up to \
+                     index {}, needs {target}); it keeps catching up: run the command again to \
+                     promote it",
+                    matched.unwrap_or(0)
+                )));
+            }
         }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(map_write_error)?;
         Ok(())
     }
 
-    /// Removes a member from the configuration. Leader only.
+    /// Removes node `id` from the cluster (voter or learner). Leader only, and not the leader
+    /// itself (transfer leadership first). Refuses to remove the last voter. Idempotent: a node
+    /// that is not a member is already removed.
     pub async fn remove_member(&self, id: u64) -> Result<(), ConsensusError> {
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-            .await
-            .map_err(map_write_error)?;
+        self.check_leader_lease()?;
+        let leading = self.raft.metrics().borrow().state == ServerState::Leader;
+        if !leading {
+            return Err(ConsensusError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        if id == self.config.node_id {
+            return Err(ConsensusError::Invalid(
+                "a leader does not remove itself; transfer leadership first".into(),
+            ));
+        }
+        let (member, voters) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership.get_node(&id).is_some(),
+                membership.voter_ids().collect::<BTreeSet<u64>>(),
+            )
+        };
+        if !member {
+            return Ok(());
+        }
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(ConsensusError::Invalid(format!(
+                    "node {id} is the last voter"
+                )));
+            }
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(map_write_error)?;
+        }
         self.raft
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
             .map_err(map_write_error)?;
         Ok(())
+    }
+
+    /// Builds a snapshot of everything applied now and waits (up to `timeout`) until it is
+    /// stored; returns the index it covers.
+    pub async fn snapshot_now(&self, timeout: Duration) -> Result<u64, ConsensusError> {
+        let applied = self.state().revision();
+        let mut metrics = self.raft.metrics();
+        self.trigger_snapshot().await?;
+        let built = async {
+            loop {
+                let at = metrics
+                    .borrow_and_update()
+                    .snapshot
+                    .map(|l| l.index)
+                    .unwrap_or(0);
+                if at >= applied {
+                    return Ok(at);
+                }
+                if metrics.changed().await.is_err() {
+                    return Err(ConsensusError::Unavailable("raft stopped".into()));
+                }
+            }
+        };
+        tokio::time::timeout(timeout, built).await.map_err(|_| {
+            ConsensusError::Unavailable(format!(
+                "no snapshot covering index {applied} within {} ms",
+                timeout.as_millis()
+            ))
+        })?
+    }
+
+    /// A consistent copy of the registry as of a linearizable read (leader only): the file
+    /// `signpost backup` writes and `signpost restore` reads (see [`crate::backup`]).
+    pub async fn backup(&self) -> Result<crate::backup::Backup, ConsensusError> {
+        self.read_barrier().await?;
+        let (pairs, last_applied) = {
+            let state = self.state();
+            (state.registry.export(), state.last_applied)
+        };
+        let Some(last) = last_applied else {
+            return Err(ConsensusError::Unavailable(
+                "nothing applied yet: no backup of an empty cluster".into(),
+            ));
+        };
+        crate::backup::Backup::new(last.index, last.leader_id.term, pairs)
     }
 
     /// Asks Raft to build a snapshot now (and purge the log behind it per policy).

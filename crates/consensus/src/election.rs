@@ -78,6 +78,11 @@ impl Liveness {
         self.stepping_down.store(true, Ordering::Relaxed);
     }
 
+    /// Undoes [`Liveness::step_down`] after a live transfer (done or abandoned).
+    pub(crate) fn resume(&self) {
+        self.stepping_down.store(false, Ordering::Relaxed);
+    }
+
     fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64
     }

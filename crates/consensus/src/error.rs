@@ -69,4 +69,7 @@ pub enum ConsensusError {
         /// The database directory.
         dir: String,
     },
+    /// A backup file that cannot be used, or a restore that cannot proceed.
+    #[error("backup: {0}")]
+    Backup(String),
 }

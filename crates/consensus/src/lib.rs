@@ -24,6 +24,7 @@
 // storage method; boxing it is not an option.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 pub mod codec;
 mod consensus;
 mod election;
@@ -33,6 +34,13 @@ mod network;
 mod raft_service;
 mod state_machine;
 mod type_config;
+
+/// Counter of snapshots this node built.
+pub const SNAPSHOTS_BUILT_TOTAL: &str = "signpost_raft_snapshots_built_total";
+/// Counter of snapshots this node installed from a leader.
+pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "signpost_raft_snapshots_installed_total";
+/// Histogram of the time from proposing a write to its apply on this (leading) node.
+pub const PROPOSAL_DURATION: &str = "signpost_raft_proposal_duration_seconds";
 
 pub use consensus::{
     Consensus, ConsensusConfig, MemberStatus, NodeStatus, DEFAULT_ELECTION_TIMEOUT_MAX_MS,

@@ -323,3 +323,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))
     }
 }
+
+/// Writes the Raft metadata of a restored member (see [`crate::backup`]): its log is empty
+/// and purged up to `last`, which is committed, and `vote` is the term to campaign after.
+pub(crate) fn restore(
+    store: &Store,
+    vote: Vote<u64>,
+    last: LogId<u64>,
+) -> Result<(), crate::ConsensusError> {
+    let encode_err = |e: bincode::Error| crate::ConsensusError::Backup(e.to_string());
+    let purged = codec::encode(&last, RAFT_MESSAGE_BYTES_MAX).map_err(encode_err)?;
+    store.log_purge(last.index, KEY_PURGED, &purged)?;
+    let committed = codec::encode(&Some(last), RAFT_MESSAGE_BYTES_MAX).map_err(encode_err)?;
+    store.raft_put(KEY_COMMITTED, &committed)?;
+    let vote = codec::encode(&vote, RAFT_MESSAGE_BYTES_MAX).map_err(encode_err)?;
+    store.raft_put(KEY_VOTE, &vote)?;
+    Ok(())
+}

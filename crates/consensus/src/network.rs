@@ -72,6 +72,30 @@ pub struct Network {
     local_ip: Option<IpAddr>,
     channels: Arc<Mutex<HashMap<u64, (String, Channel)>>>,
     snapshot_backoff: Arc<Mutex<SnapshotBackoff>>,
+    contacts: Contacts,
+}
+
+/// When each peer last answered an AppendEntries (a heartbeat or a batch) from this node: the
+/// leader's "last contact" per follower that `signpost status` shows.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Contacts(Arc<Mutex<HashMap<u64, std::time::Instant>>>);
+
+impl Contacts {
+    fn record(&self, peer: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(peer, std::time::Instant::now());
+    }
+
+    /// Time since `peer` last answered, if it ever did.
+    pub(crate) fn since(&self, peer: u64) -> Option<Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&peer)
+            .map(std::time::Instant::elapsed)
+    }
 }
 
 impl std::fmt::Debug for Network {
@@ -89,7 +113,13 @@ impl Network {
             local_ip,
             channels: Arc::new(Mutex::new(HashMap::new())),
             snapshot_backoff: Arc::new(Mutex::new(SnapshotBackoff::default())),
+            contacts: Contacts::default(),
         }
+    }
+
+    /// When each peer last answered this node's AppendEntries.
+    pub(crate) fn contacts(&self) -> &Contacts {
+        &self.contacts
     }
 
     fn channel(
@@ -192,6 +222,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             client,
             snapshot_backoff: Arc::clone(&self.snapshot_backoff),
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -202,6 +233,7 @@ pub struct Connection {
     target: u64,
     client: Result<RaftClient<Channel>, String>,
     snapshot_backoff: Arc<Mutex<SnapshotBackoff>>,
+    contacts: Contacts,
 }
 
 fn to_rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<u64, NodeAddr, E> {
@@ -263,7 +295,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
-        self.call("append_entries", &rpc, &option).await
+        let response = self.call("append_entries", &rpc, &option).await;
+        if response.is_ok() {
+            self.contacts.record(self.target);
+        }
+        response
     }
 
     async fn vote(

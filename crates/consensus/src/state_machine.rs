@@ -216,6 +216,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = body.len(), "built snapshot");
+        metrics::counter!(crate::SNAPSHOTS_BUILT_TOTAL).increment(1);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(body)),
@@ -358,6 +359,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
+        metrics::counter!(crate::SNAPSHOTS_INSTALLED_TOTAL).increment(1);
         let _ = self.applied_tx.send(Arc::new(Applied::Reset { revision }));
         Ok(())
     }
@@ -381,4 +383,41 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(s.body)),
         }))
     }
+}
+
+/// Writes a restored state into a new store (see [`crate::backup`]): the pairs as of
+/// `last_applied`, `membership`, and a snapshot of both so peers can be sent it at once.
+pub(crate) fn restore(
+    store: &Store,
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    last_applied: LogId<u64>,
+    membership: StoredMembership<u64, NodeAddr>,
+) -> Result<(), ConsensusError> {
+    let encode_err = |e: bincode::Error| ConsensusError::Backup(e.to_string());
+    let body = codec::encode(
+        &SnapshotBody {
+            format: SNAPSHOT_FORMAT,
+            pairs: pairs.clone(),
+        },
+        SNAPSHOT_BYTES_MAX,
+    )
+    .map_err(encode_err)?;
+    let meta = SnapshotMeta {
+        last_log_id: Some(last_applied),
+        last_membership: membership.clone(),
+        snapshot_id: StateMachine::snapshot_id(Some(last_applied)),
+    };
+    let stored = codec::encode(&StoredSnapshot { meta, body }, SNAPSHOT_BYTES_MAX + 4096)
+        .map_err(encode_err)?;
+    let applied = codec::encode(&Some(last_applied), RAFT_MESSAGE_BYTES_MAX).map_err(encode_err)?;
+    let membership = codec::encode(&membership, RAFT_MESSAGE_BYTES_MAX).map_err(encode_err)?;
+    store.state_replace(
+        &pairs,
+        &[
+            (KEY_APPLIED, &applied),
+            (KEY_MEMBERSHIP, &membership),
+            (KEY_SNAPSHOT, &stored),
+        ],
+    )?;
+    Ok(())
 }

@@ -563,3 +563,13 @@ fn from_timestamp(secs: i64) -> SystemTime {
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+/// The not-after time of the first certificate in the PEM file at `path`, in seconds since the
+/// Unix epoch (for the certificate-expiry metric an operator alerts on).
+pub fn certificate_not_after(path: &Path) -> Result<i64> {
+    let der = CertificateDer::from_pem_file(path)
+        .map_err(|e| IdentityError::parse(path.display().to_string(), e))?;
+    let (_, x509) = X509Certificate::from_der(&der)
+        .map_err(|e| IdentityError::parse(path.display().to_string(), e))?;
+    Ok(x509.validity().not_after.timestamp())
+}

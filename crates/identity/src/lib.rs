@@ -82,8 +82,8 @@ mod tls_incoming;
 mod trust;
 
 pub use ca::{
-    Ca, IssueOptions, CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE, CRL_FILE, CRL_NEXT_UPDATE,
-    EXTRA_SANS_MAX, ISSUED_LOG_FILE, LEAF_VALIDITY_MAX, REVOKED_MAX,
+    certificate_not_after, Ca, IssueOptions, CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE,
+    CRL_FILE, CRL_NEXT_UPDATE, EXTRA_SANS_MAX, ISSUED_LOG_FILE, LEAF_VALIDITY_MAX, REVOKED_MAX,
 };
 pub use error::{IdentityError, Result};
 pub use peer::peer_identity;
@@ -102,5 +102,8 @@ pub use tls_connector::{
     connect_channel, connect_channel_from, TlsConnector, HTTP2_KEEPALIVE_INTERVAL,
     HTTP2_KEEPALIVE_TIMEOUT,
 };
-pub use tls_incoming::{SourceAllowlist, TlsConnection, TlsIncoming, HTTP2_PREFACE};
+pub use tls_incoming::{
+    SourceAllowlist, TlsConnection, TlsIncoming, CONNECTIONS_OPEN, HANDSHAKES_REFUSED,
+    HTTP2_PREFACE,
+};
 pub use trust::{spawn_crl_watcher, spawn_sighup_reloader, Trust, DEFAULT_CRL_POLL_INTERVAL};

@@ -241,31 +241,38 @@ impl AcceptLoop {
             // the scarcer, longer-lived resource.
             if let Some(allow) = &self.allow {
                 if !allow.admits(peer.ip()) {
+                    refused("not_member");
                     tracing::debug!(%peer, "source address is not admitted here; closing");
                     continue;
                 }
             }
             if !self.handshake_rate.try_take(peer.ip()) {
+                refused("rate");
                 tracing::debug!(%peer, "handshake rate of this address exceeded; closing");
                 continue;
             }
             let Ok(connection) = Arc::clone(&self.connections).try_acquire_owned() else {
+                refused("connections");
                 tracing::debug!(%peer, "too many open connections; closing connection");
                 continue;
             };
             let Some(connection_ip) = self.connections_per_ip.try_acquire(peer.ip()) else {
+                refused("connections_per_ip");
                 tracing::debug!(%peer, "too many open connections from this address; closing");
                 continue;
             };
+            metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
             let slots = ConnectionSlots {
                 _listener: connection,
                 _ip: connection_ip,
             };
             let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                refused("handshakes");
                 tracing::debug!(%peer, "too many handshakes in progress; closing connection");
                 continue;
             };
             let Some(ip_slot) = self.per_ip.try_acquire(peer.ip()) else {
+                refused("handshakes_per_ip");
                 tracing::debug!(%peer, "too many handshakes from this address; closing connection");
                 continue;
             };
@@ -300,10 +307,12 @@ async fn handshake(
     match tokio::time::timeout(deadlines.first_byte, tcp.readable()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            refused("first_byte_error");
             tracing::debug!(%peer, error = %e, "connection failed before its first byte");
             return;
         }
         Err(_) => {
+            refused("first_byte_timeout");
             tracing::debug!(%peer, timeout = ?deadlines.first_byte, "no first byte in time; closing");
             return;
         }
@@ -312,10 +321,12 @@ async fn handshake(
     let mut stream = match tokio::time::timeout(left, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
+            refused("tls_error");
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            refused("tls_timeout");
             tracing::debug!(%peer, timeout = ?deadlines.handshake, "TLS handshake timed out");
             return;
         }
@@ -326,14 +337,17 @@ async fn handshake(
     match tokio::time::timeout(deadlines.preface, stream.read_exact(&mut preface)).await {
         Ok(Ok(_)) if &preface == HTTP2_PREFACE => {}
         Ok(Ok(_)) => {
+            refused("not_http2");
             tracing::debug!(%peer, "connection did not start with the HTTP/2 preface; closing");
             return;
         }
         Ok(Err(e)) => {
+            refused("preface_error");
             tracing::debug!(%peer, error = %e, "connection failed before the HTTP/2 preface");
             return;
         }
         Err(_) => {
+            refused("preface_timeout");
             tracing::debug!(%peer, timeout = ?deadlines.preface, "no HTTP/2 preface in time; closing");
             return;
         }
@@ -394,6 +408,15 @@ impl PerIpLimit {
     }
 }
 
+/// Counter of connections closed before they could carry a request, by reason.
+pub const HANDSHAKES_REFUSED: &str = "signpost_tls_handshakes_refused_total";
+/// Gauge of connections holding a slot (handshaking or established), all listeners.
+pub const CONNECTIONS_OPEN: &str = "signpost_tls_connections_open";
+
+fn refused(reason: &'static str) {
+    metrics::counter!(HANDSHAKES_REFUSED, "reason" => reason).increment(1);
+}
+
 /// One handshake's claim on its source IP's budget, returned on drop.
 struct PerIpSlot {
     ip: IpAddr,
@@ -451,6 +474,12 @@ impl PerIpRate {
 struct ConnectionSlots {
     _listener: OwnedSemaphorePermit,
     _ip: PerIpSlot,
+}
+
+impl Drop for ConnectionSlots {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    }
 }
 
 /// An established server-side mutual-TLS connection from [`TlsIncoming`]. It holds the

@@ -496,6 +496,45 @@ impl Cluster for WhoAmI {
             ..StatusResponse::default()
         }))
     }
+
+    // The rest of the Cluster service is not what these transport tests are about.
+    async fn add_member(
+        &self,
+        _: tonic::Request<signpost_proto::v1::AddMemberRequest>,
+    ) -> Result<tonic::Response<signpost_proto::v1::MembershipResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("transport test"))
+    }
+
+    async fn remove_member(
+        &self,
+        _: tonic::Request<signpost_proto::v1::RemoveMemberRequest>,
+    ) -> Result<tonic::Response<signpost_proto::v1::MembershipResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("transport test"))
+    }
+
+    async fn transfer_leader(
+        &self,
+        _: tonic::Request<signpost_proto::v1::TransferLeaderRequest>,
+    ) -> Result<tonic::Response<signpost_proto::v1::TransferLeaderResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("transport test"))
+    }
+
+    async fn snapshot(
+        &self,
+        _: tonic::Request<signpost_proto::v1::SnapshotRequest>,
+    ) -> Result<tonic::Response<signpost_proto::v1::SnapshotResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("transport test"))
+    }
+
+    type BackupStream =
+        futures::stream::Empty<Result<signpost_proto::v1::BackupChunk, tonic::Status>>;
+
+    async fn backup(
+        &self,
+        _: tonic::Request<signpost_proto::v1::BackupRequest>,
+    ) -> Result<tonic::Response<Self::BackupStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("transport test"))
+    }
 }
 
 #[tokio::test]

@@ -9,3 +9,20 @@ pub mod v1 {
 /// the records they carry; not Raft), served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/signpost_descriptor.bin"));
+
+/// The wire vocabulary beyond the protobuf messages: gRPC metadata keys that servers set on
+/// refusals and clients read. Defined once, here, for both sides.
+pub mod wire {
+    /// The machine-readable reason of a refusal (`bad_signature`, `not_leader`, ...).
+    pub const REASON: &str = "signpost-reason";
+    /// The authorization rule that denied a request (`service.own-name-only`, ...).
+    pub const RULE: &str = "signpost-rule";
+    /// The leader's client address, on a `not_leader` refusal.
+    pub const LEADER: &str = "signpost-leader";
+    /// A retry hint in milliseconds, on shed or unavailable answers.
+    pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+    /// Which admission limit shed a request (`rate`, `writes_in_flight`, ...), for metrics.
+    pub const SHED: &str = "signpost-shed";
+    /// The oldest revision a watch can still resume from, on a compacted refusal.
+    pub const COMPACTED_REVISION: &str = "signpost-compacted-revision";
+}

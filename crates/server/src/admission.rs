@@ -349,7 +349,13 @@ impl Admission {
                     Counter::Reads,
                     self.inner.limits.reads_in_flight_max,
                 )
-                .ok_or_else(|| shed("too many reads in progress on this node", 5))?,
+                .ok_or_else(|| {
+                    shed(
+                        "reads_in_flight",
+                        "too many reads in progress on this node",
+                        5,
+                    )
+                })?,
             ),
             Op::Write | Op::Stream => None,
         };
@@ -369,6 +375,7 @@ impl Admission {
         let slot =
             CounterSlot::try_take(&self.inner, Counter::Proposals, max).ok_or_else(|| {
                 shed(
+                    "writes_in_flight",
                     "too many writes in flight on this node",
                     NODE_FULL_RETRY_AFTER_MS,
                 )
@@ -383,13 +390,17 @@ impl Admission {
         self.take_token(caller, Op::Stream)?;
         let limits = &self.inner.limits;
         let global = CounterSlot::try_take(&self.inner, Counter::Streams, limits.streams_max)
-            .ok_or_else(|| shed("too many open streams on this node", 1_000))?;
+            .ok_or_else(|| shed("streams", "too many open streams on this node", 1_000))?;
         let identity = caller.uri();
         let mut table = self.inner.lock();
         let Some(state) = table.get_mut(&identity) else {
             // take_token just inserted it and only idle entries are evicted; a concurrent
             // eviction can only hit an entry without streams, so shedding is safe.
-            return Err(shed("identity table is full", TABLE_FULL_RETRY_AFTER_MS));
+            return Err(shed(
+                "identities",
+                "identity table is full",
+                TABLE_FULL_RETRY_AFTER_MS,
+            ));
         };
         let (open, max, what) = match kind {
             StreamKind::Watch => (
@@ -405,6 +416,7 @@ impl Admission {
         };
         if *open >= max {
             let mut status = shed(
+                "stream_quota",
                 &format!("quota_{what}: {identity} already has {max} open {what} on this node"),
                 1_000,
             );
@@ -485,6 +497,7 @@ impl Admission {
             // bounded overshoot (admins are few and issued by the operator).
             if table.len() >= limits.identities_max && !caller.is_admin() {
                 return Err(shed(
+                    "identities",
                     "too many client identities active on this node",
                     TABLE_FULL_RETRY_AFTER_MS,
                 ));
@@ -516,6 +529,7 @@ impl Admission {
         };
         bucket.take(now, rate, burst).map_err(|wait_ms| {
             shed(
+                "rate",
                 &format!("{} is over its {what} rate on this node", caller.uri()),
                 wait_ms,
             )

@@ -22,8 +22,14 @@ pub struct Config {
     pub trust_domain: String,
     /// Certificates.
     pub tls: TlsConfig,
-    /// Initial members, used once to initialize a new cluster.
+    /// Initial members, used once to initialize a new cluster; with `join`, the members of
+    /// the running cluster this node joins (the only peers it admits until it learns the
+    /// membership from the leader).
     pub members: Vec<MemberConfig>,
+    /// This node joins a running cluster (an admin adds it with `signpost cluster add`)
+    /// instead of initializing one: it must not be listed in `members`.
+    #[serde(default)]
+    pub join: bool,
     /// Genesis admin keys and quotas, proposed once as the first registry entry.
     pub bootstrap: BootstrapConfig,
     /// Raft timing and log compaction.
@@ -330,6 +336,20 @@ impl Config {
         if self.members.is_empty() {
             return bad("members must list at least this node".into());
         }
+        let listed = self.members.iter().any(|m| m.id == self.node_id);
+        if self.join && listed {
+            return bad(format!(
+                "join = true, but node {} is listed in members: a joining node lists the \
+                 members of the cluster it joins, without itself",
+                self.node_id
+            ));
+        }
+        if !self.join && !listed {
+            return bad(format!(
+                "node {} is not listed in members (set join = true to join a running cluster)",
+                self.node_id
+            ));
+        }
         let mut ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -434,6 +454,29 @@ mod tests {
                 .verifying_key()
                 .to_bytes(),
         )
+    }
+
+    #[test]
+    fn a_node_joins_only_when_it_says_so_and_is_not_listed_among_the_members() {
+        let mut config = config_with_admin_keys(&[key_hex()]);
+        assert!(config.validate().is_ok(), "a listed node that initializes");
+
+        config.join = true;
+        let listed_and_joining = config.validate();
+        assert!(
+            matches!(&listed_and_joining, Err(ServerError::Config(m)) if m.contains("is listed in members")),
+            "{listed_and_joining:?}"
+        );
+
+        config.node_id = 2;
+        assert!(config.validate().is_ok(), "an unlisted node that joins");
+
+        config.join = false;
+        let unlisted = config.validate();
+        assert!(
+            matches!(&unlisted, Err(ServerError::Config(m)) if m.contains("set join = true")),
+            "{unlisted:?}"
+        );
     }
 
     #[test]

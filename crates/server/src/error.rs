@@ -6,11 +6,11 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 /// Metadata key carrying the machine-readable reason of a refusal.
-pub const REASON_METADATA: &str = "signpost-reason";
+pub const REASON_METADATA: &str = signpost_proto::wire::REASON;
 /// Metadata key carrying the leader's client address when a node is not the leader.
-pub const LEADER_METADATA: &str = "signpost-leader";
+pub const LEADER_METADATA: &str = signpost_proto::wire::LEADER;
 /// Metadata key carrying a retry hint (milliseconds) on RESOURCE_EXHAUSTED/UNAVAILABLE.
-pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+pub const RETRY_AFTER_METADATA: &str = signpost_proto::wire::RETRY_AFTER_MS;
 
 /// Errors that stop a node from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -73,18 +73,21 @@ pub fn refusal(reason: Reason, detail: &str) -> Status {
 pub fn denied(rule: &str, detail: &str) -> Status {
     let mut status = Status::permission_denied(format!("rule {rule}: {detail}"));
     if let Ok(v) = MetadataValue::try_from(rule) {
-        status.metadata_mut().insert("signpost-rule", v);
+        status.metadata_mut().insert(signpost_proto::wire::RULE, v);
     }
     status
 }
 
 /// RESOURCE_EXHAUSTED with a retry hint.
-pub fn shed(what: &str, retry_after_ms: u64) -> Status {
-    metrics::counter!(crate::observe::SHED_TOTAL).increment(1);
+pub fn shed(limit: &'static str, what: &str, retry_after_ms: u64) -> Status {
     let mut status = Status::resource_exhausted(format!("{what}; retry after {retry_after_ms} ms"));
     status
         .metadata_mut()
         .insert(RETRY_AFTER_METADATA, MetadataValue::from(retry_after_ms));
+    status.metadata_mut().insert(
+        signpost_proto::wire::SHED,
+        MetadataValue::from_static(limit),
+    );
     status
 }
 
@@ -125,6 +128,7 @@ pub fn consensus_status(e: ConsensusError) -> Status {
             status
         }
         ConsensusError::Invalid(m) => Status::invalid_argument(m),
+        ConsensusError::Backup(m) => Status::failed_precondition(m),
         e @ (ConsensusError::Storage(_)
         | ConsensusError::Corrupt { .. }
         | ConsensusError::LogBehindWatermark { .. }

@@ -71,6 +71,11 @@ impl LeaseKeeper {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Leases this node tracks (0 unless it leads).
+    pub fn leases(&self) -> usize {
+        self.table().deadlines.len()
+    }
+
     /// Renews `service/instance` on the leader.
     pub fn renew(&self, service: &str, instance: &str) -> Renewal {
         let Some(info) = self.consensus.state().registry.instance(service, instance) else {
@@ -212,7 +217,7 @@ impl LeaseKeeper {
     async fn expire_due(&self) {
         for ((service, instance), sequence) in self.due() {
             let request = Request {
-                time_ms: signpost_consensus::wall_clock_ms(),
+                time_ms: 0, // stamped by Consensus::propose
                 caller: self.caller.clone(),
                 command: Command::Expire {
                     service: service.clone(),
@@ -223,6 +228,7 @@ impl LeaseKeeper {
             match self.consensus.propose(request).await {
                 Ok((_, Outcome::Applied { revision })) => {
                     tracing::info!(%service, %instance, revision, "lease expired");
+                    metrics::counter!(crate::observe::LEASE_EXPIRIES_TOTAL).increment(1);
                     self.table().deadlines.remove(&(service, instance));
                 }
                 Ok((_, Outcome::Rejected { reason, .. })) => {

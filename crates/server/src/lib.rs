@@ -19,6 +19,7 @@ pub mod admission;
 pub mod authz;
 mod cluster_service;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod lease_keeper;
 mod node;

@@ -133,9 +133,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(addr) => Some(
             crate::observe::serve(
                 addr,
-                consensus.clone(),
-                watch_hub.clone(),
-                admission.clone(),
+                crate::observe::Observed {
+                    consensus: consensus.clone(),
+                    watch_hub: watch_hub.clone(),
+                    admission: admission.clone(),
+                    leases: leases.clone(),
+                    cert: config.tls.cert.clone(),
+                },
                 stop_rx.clone(),
             )
             .await?,
@@ -149,7 +153,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         leases,
         watch_hub,
     );
-    let cluster = ClusterService::new(consensus.clone(), config.trust_domain.clone(), admission);
+    let cluster = ClusterService::new(
+        consensus.clone(),
+        config.trust_domain.clone(),
+        admission.clone(),
+        config.metrics_addr.clone(),
+    );
     let client_incoming = TlsIncoming::bind(&config.client_addr, server_tls, &settings)
         .await
         .map_err(|e| ServerError::Listener {
@@ -158,12 +167,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })?;
     let max = config.limits.message_bytes_max;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(signpost_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl speaks v1, many tools (Python's grpcio-reflection,
+    // older grpcurl) still only v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(signpost_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| ServerError::Config(format!("reflection descriptors: {e}")))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Config(format!("reflection descriptors: {e}")))?;
     let client_server = tonic::transport::Server::builder()
+        .layer(crate::edge::EdgeLayer::new(
+            admission.clone(),
+            &config.trust_domain,
+        ))
         .max_concurrent_streams(Some(config.limits.streams_per_connection_max))
         .concurrency_limit_per_connection(config.limits.streams_per_connection_max as usize)
         .timeout(Duration::from_millis(config.limits.request_timeout_ms))
@@ -181,11 +202,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(client_incoming, stopped(stop_rx.clone()));
     let client_task = tokio::spawn(client_server);
     let health_task = tokio::spawn(report_health(consensus.clone(), health_reporter));
 
-    if consensus.bootstrap().await? {
+    if config.join {
+        // Joining nodes never initialize: an admin adds them (`signpost cluster add`) and the
+        // leader brings them the log or a snapshot.
+        tracing::info!(
+            node = config.node_id,
+            "joining an existing cluster: waiting to be added by `signpost cluster add`"
+        );
+    } else if consensus.bootstrap().await? {
         tracing::info!(node = config.node_id, "initialized a new cluster");
     }
     let genesis = tokio::spawn(propose_genesis(consensus.clone(), config.clone(), stop_rx));
@@ -382,7 +411,7 @@ async fn propose_genesis(
         }
         if consensus.leader().map(|(id, _)| id) == Some(consensus.node_id()) {
             let request = LogRequest {
-                time_ms: 0,
+                time_ms: 0, // stamped by Consensus::propose
                 caller: format!("spiffe://{}/node/{}", config.trust_domain, config.node_id),
                 command: Command::Genesis {
                     admin_keys: keys.clone(),

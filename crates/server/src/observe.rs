@@ -9,21 +9,38 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use signpost_consensus::Consensus;
 use tokio::sync::watch;
 
 use crate::admission::Admission;
 use crate::error::ServerError;
+use crate::lease_keeper::LeaseKeeper;
 use crate::watch_hub::WatchHub;
 
 /// The apply lag beyond which `/readyz` (and gRPC health) say not ready.
 pub const READY_APPLY_LAG_MAX: u64 = 1_000;
 
-/// Counter of requests shed by admission.
+/// Counter of requests shed by admission, by limit (`reason`) and identity class.
 pub const SHED_TOTAL: &str = "signpost_admission_shed_total";
-/// Counter of write outcomes at apply on the node that proposed them, by result and reason.
+/// Counter of write outcomes on the node the client asked, by result and reason: applied
+/// (counted where the outcome returns) or refused (counted at the edge, whether refused
+/// before the log or at apply).
 pub const WRITES_TOTAL: &str = "signpost_writes_total";
+/// Counter of leader changes this node observed.
+pub const LEADER_CHANGES_TOTAL: &str = "signpost_raft_leader_changes_total";
+/// Counter of leases the leader expired.
+pub const LEASE_EXPIRIES_TOTAL: &str = "signpost_lease_expiries_total";
+/// Gauge, on the leader, of entries each follower lacks.
+pub const FOLLOWER_LAG: &str = "signpost_raft_follower_lag_entries";
+/// Gauge of the node certificate's not-after time.
+pub const CERT_EXPIRY: &str = "signpost_tls_cert_expiry_timestamp_seconds";
+
+/// Latency buckets in seconds: from a local read (well under a millisecond) to a request that
+/// ran into the request timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// What the scrape handler reads.
 #[derive(Clone)]
@@ -31,6 +48,8 @@ struct Node {
     consensus: Consensus,
     watch_hub: WatchHub,
     admission: Admission,
+    leases: LeaseKeeper,
+    cert: std::path::PathBuf,
     prometheus: PrometheusHandle,
 }
 
@@ -40,7 +59,19 @@ pub fn install_recorder() -> Result<PrometheusHandle, ServerError> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
-    let recorder = PrometheusBuilder::new().build_recorder();
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(crate::edge::RPC_DURATION.into()),
+            LATENCY_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(signpost_consensus::PROPOSAL_DURATION.into()),
+                LATENCY_BUCKETS,
+            )
+        })
+        .map_err(|e| ServerError::Config(format!("metrics buckets: {e}")))?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| ServerError::Config(format!("metrics recorder: {e}")))?;
@@ -55,12 +86,53 @@ fn describe() {
     );
     metrics::describe_counter!(
         WRITES_TOTAL,
-        "Writes proposed by this node, by outcome at apply (applied, or the refusal reason)."
+        "Writes through this node, by outcome: applied, or refused with the reason (before the log or at apply)."
     );
+    for (name, help) in COUNTERS {
+        metrics::describe_counter!(*name, *help);
+    }
     for (name, help) in GAUGES {
         metrics::describe_gauge!(*name, *help);
     }
+    metrics::describe_histogram!(
+        crate::edge::RPC_DURATION,
+        metrics::Unit::Seconds,
+        "Client RPC latency to the response headers, by method and gRPC code."
+    );
+    metrics::describe_histogram!(
+        signpost_consensus::PROPOSAL_DURATION,
+        metrics::Unit::Seconds,
+        "Time from proposing a write to its apply on this (leading) node."
+    );
 }
+
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        crate::edge::RPC_REQUESTS,
+        "Client RPCs by method, gRPC code and identity class.",
+    ),
+    (
+        crate::edge::DENIED_TOTAL,
+        "Requests refused by authorization, by rule (service.own-name-only: impersonation attempts).",
+    ),
+    (
+        LEADER_CHANGES_TOTAL,
+        "Leader changes observed by this node.",
+    ),
+    (LEASE_EXPIRIES_TOTAL, "Leases expired by this node as leader."),
+    (
+        signpost_consensus::SNAPSHOTS_BUILT_TOTAL,
+        "Snapshots built by this node.",
+    ),
+    (
+        signpost_consensus::SNAPSHOTS_INSTALLED_TOTAL,
+        "Snapshots installed on this node from a leader.",
+    ),
+    (
+        signpost_identity::HANDSHAKES_REFUSED,
+        "Connections closed before carrying a request, by reason.",
+    ),
+];
 
 const GAUGES: &[(&str, &str)] = &[
     ("signpost_raft_term", "Current Raft term."),
@@ -121,6 +193,24 @@ const GAUGES: &[(&str, &str)] = &[
         "signpost_identities_tracked",
         "Client identities with admission state.",
     ),
+    (
+        "signpost_raft_snapshot_index",
+        "Log index covered by this node's latest snapshot.",
+    ),
+    ("signpost_watchers", "Open watchers on this node."),
+    ("signpost_leases", "Leases tracked (by the leader)."),
+    (
+        signpost_identity::CONNECTIONS_OPEN,
+        "Connections holding a slot on this node's listeners.",
+    ),
+    (
+        FOLLOWER_LAG,
+        "On the leader: entries a follower lacks (last log index minus its matched index).",
+    ),
+    (
+        CERT_EXPIRY,
+        "Not-after time of this node's certificate, in seconds since the Unix epoch.",
+    ),
 ];
 
 impl Node {
@@ -130,7 +220,7 @@ impl Node {
         let registry = &state.registry;
         let (history, buffered) = self.watch_hub.bytes();
         let leading = status.leader_id == Some(status.node_id) && status.quorum_lease;
-        let values: [(&str, f64); 16] = [
+        let values: [(&str, f64); 19] = [
             ("signpost_raft_term", status.term as f64),
             ("signpost_raft_is_leader", f64::from(u8::from(leading))),
             ("signpost_raft_commit_index", status.commit_index as f64),
@@ -173,9 +263,26 @@ impl Node {
                 "signpost_identities_tracked",
                 self.admission.identities_tracked() as f64,
             ),
+            ("signpost_raft_snapshot_index", status.snapshot_index as f64),
+            ("signpost_watchers", self.watch_hub.watchers() as f64),
+            ("signpost_leases", self.leases.leases() as f64),
         ];
         for (name, value) in values {
             metrics::gauge!(name).set(value);
+        }
+        // Only the leader knows lags; elsewhere they read 0, so a former leader's last view
+        // does not linger as a false alarm.
+        for member in status.members.iter().filter(|m| m.id != status.node_id) {
+            let lag = match member.matched_index {
+                Some(matched) if leading => status.last_log_index.saturating_sub(matched),
+                None if leading => status.last_log_index,
+                _ => 0,
+            };
+            metrics::gauge!(FOLLOWER_LAG, "follower" => member.id.to_string()).set(lag as f64);
+        }
+        match signpost_identity::certificate_not_after(&self.cert) {
+            Ok(at) => metrics::gauge!(CERT_EXPIRY).set(at as f64),
+            Err(e) => tracing::warn!(error = %e, "cannot read the node certificate's expiry"),
         }
     }
 }
@@ -199,19 +306,50 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
     }
 }
 
+/// What the operators' listener reports on.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The node's consensus handle.
+    pub consensus: Consensus,
+    /// Its change feed.
+    pub watch_hub: WatchHub,
+    /// Its admission control.
+    pub admission: Admission,
+    /// Its lease table.
+    pub leases: LeaseKeeper,
+    /// Its certificate file (for the expiry gauge).
+    pub cert: std::path::PathBuf,
+}
+
+/// Counts changes of the known leader (a new leader, not "no leader" in between).
+async fn count_leader_changes(consensus: Consensus) {
+    let mut status = consensus.watch_status();
+    let mut last = status.borrow_and_update().leader_id;
+    while status.changed().await.is_ok() {
+        let now = status.borrow_and_update().leader_id;
+        if now.is_some() && now != last {
+            if last.is_some() {
+                metrics::counter!(LEADER_CHANGES_TOTAL).increment(1);
+            }
+            last = now;
+        }
+    }
+}
+
 /// Serves the operators' listener on `addr` until `stop` turns true.
 pub async fn serve(
     addr: &str,
-    consensus: Consensus,
-    watch_hub: WatchHub,
-    admission: Admission,
+    parts: Observed,
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, ServerError> {
     let prometheus = install_recorder()?;
+    tokio::spawn(count_leader_changes(parts.consensus.clone()));
     let node = Node {
-        consensus,
-        watch_hub,
-        admission,
+        consensus: parts.consensus,
+        watch_hub: parts.watch_hub,
+        admission: parts.admission,
+        leases: parts.leases,
+        cert: parts.cert,
         prometheus,
     };
     let app = Router::new()

@@ -71,7 +71,7 @@ impl RegistryService {
     ) -> Result<Response<WriteResponse>, Status> {
         let permit = self.admission.proposal(class)?;
         let request = LogRequest {
-            time_ms: signpost_consensus::wall_clock_ms(),
+            time_ms: 0, // stamped by Consensus::propose
             caller: caller.uri(),
             command,
         };
@@ -92,15 +92,8 @@ impl RegistryService {
                 metrics::counter!(crate::observe::WRITES_TOTAL, "result" => "applied").increment(1);
                 Ok(Response::new(WriteResponse { revision }))
             }
-            Outcome::Rejected { reason, detail } => {
-                metrics::counter!(
-                    crate::observe::WRITES_TOTAL,
-                    "result" => "rejected",
-                    "reason" => reason.as_str()
-                )
-                .increment(1);
-                Err(refusal(reason, &detail))
-            }
+            // Counted at the edge, with the refusals decided before the log.
+            Outcome::Rejected { reason, detail } => Err(refusal(reason, &detail)),
         }
     }
 

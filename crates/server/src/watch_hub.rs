@@ -42,7 +42,7 @@ use tonic::Status;
 use crate::error::REASON_METADATA;
 
 /// Metadata key naming the oldest revision still available after a `compacted` refusal.
-pub const COMPACTED_METADATA: &str = "signpost-compacted-revision";
+pub const COMPACTED_METADATA: &str = signpost_proto::wire::COMPACTED_REVISION;
 
 /// Events one read of the history copies at most, between two pacer calls.
 const READ_EVENTS_MAX: usize = 256;
@@ -297,6 +297,13 @@ impl WatchHub {
         (history.oldest_revision, history.last_revision)
     }
 
+    /// Open watchers on this node.
+    pub fn watchers(&self) -> usize {
+        self.config
+            .watchers_max
+            .saturating_sub(self.watchers.available_permits())
+    }
+
     /// Bytes held by the history and by all watcher buffers.
     pub fn bytes(&self) -> (usize, usize) {
         let history = self
@@ -353,7 +360,11 @@ impl WatchHub {
         pace: Pacer,
     ) -> Result<WatchStream, Status> {
         let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
-            crate::error::shed("this node serves its maximum number of watchers", 1_000)
+            crate::error::shed(
+                "watchers",
+                "this node serves its maximum number of watchers",
+                1_000,
+            )
         })?;
         let (oldest, last) = self.bounds();
         let from = if from == 0 { last + 1 } else { from };
