@@ -167,3 +167,23 @@ fn stop_dev(dev: &mut std::process::Child) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn version_names_the_release_and_the_commit_it_was_built_from() {
+    let out = cli_ok(&["--version"], &[]);
+    let line = out.trim();
+    assert!(
+        line.starts_with(&format!("signpost {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{line}"
+    );
+    let commit = line
+        .split("(commit ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .expect("a commit");
+    let hash = commit.trim_end_matches("-modified");
+    assert!(
+        hash == "unknown" || (hash.len() == 12 && hash.chars().all(|c| c.is_ascii_hexdigit())),
+        "{line}"
+    );
+}

@@ -19,9 +19,17 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The version and the commit the binary was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SIGNPOST_COMMIT"),
+    ")"
+);
+
 /// Signpost: a service registry that stays trustworthy when parts of it are not.
 #[derive(Debug, Parser)]
-#[command(name = "signpost", version, about)]
+#[command(name = "signpost", version = VERSION, about)]
 struct Cli {
     /// Log format on stderr: human-readable text, or one JSON object per line for log
     /// shippers.
