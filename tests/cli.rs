@@ -187,3 +187,105 @@ fn version_names_the_release_and_the_commit_it_was_built_from() {
         "{line}"
     );
 }
+
+/// Stops `signpost dev` when dropped, also when a test fails.
+struct DevGuard(std::process::Child);
+
+impl Drop for DevGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            stop_dev(&mut self.0);
+        }
+    }
+}
+
+#[test]
+fn the_drill_kills_and_pauses_the_leader_of_a_dev_cluster_and_finds_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev_dir = dir.path().join("dev");
+    let base = (free_port() / 2).clamp(30_000, 40_000);
+    let _dev = DevGuard(start_dev(&dev_dir, base));
+    let env = [("SIGNPOST_CONFIG", dev_dir.join("client.toml"))];
+    let env: Vec<(&str, &std::path::Path)> = env.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    let cert = dev_dir.join("drill-cert");
+    cli_ok(
+        &[
+            "ca",
+            "issue",
+            "--service",
+            "drill",
+            "--ca-dir",
+            dev_dir.join("ca").to_str().unwrap(),
+            "--out",
+            cert.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let leader_before: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["status", "--json"], &env)).unwrap();
+    let leader_before = leader_before["leader_id"].as_u64().unwrap();
+    let pid_file = dev_dir.join(format!("node{leader_before}/pid"));
+    let pid_before = std::fs::read_to_string(&pid_file).unwrap();
+
+    eprintln!("phase 1: the drill kills, then pauses, the leader while writing and reading");
+    let out = cli_ok(
+        &[
+            "drill",
+            "--target",
+            "dev",
+            "--dir",
+            dev_dir.to_str().unwrap(),
+            "--fault",
+            "kill",
+            "--fault",
+            "pause",
+            "--fault-secs",
+            "2",
+            "--settle-secs",
+            "2",
+            "--service-cert",
+            cert.to_str().unwrap(),
+            "--json",
+        ],
+        &env,
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect("drill json");
+    eprintln!("  {report}");
+    let faults = report["faults"].as_array().unwrap();
+    assert_eq!(faults.len(), 2, "{report}");
+    assert_eq!(faults[0]["fault"], "kill");
+    assert_eq!(faults[0]["node"], leader_before);
+    assert_eq!(faults[1]["fault"], "pause");
+    for fault in faults {
+        assert!(fault["write_outage_ms"].is_u64(), "{fault}");
+        assert!(fault["read_outage_ms"].is_u64(), "{fault}");
+    }
+    assert!(report["acknowledged"].as_u64().unwrap() > 20, "{report}");
+    assert_eq!(report["missing"], serde_json::json!([]), "{report}");
+
+    eprintln!("phase 2: signpost dev restarted the killed node");
+    let pid_after = std::fs::read_to_string(&pid_file).unwrap();
+    assert_ne!(pid_before, pid_after, "the killed node was not restarted");
+
+    eprintln!("phase 3: a partition is refused for a dev cluster, before any fault");
+    let refused = cli(
+        &[
+            "drill",
+            "--target",
+            "dev",
+            "--dir",
+            dev_dir.to_str().unwrap(),
+            "--fault",
+            "partition",
+            "--service-cert",
+            cert.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot partition"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

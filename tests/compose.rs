@@ -99,6 +99,8 @@ impl Compose {
                 cluster.client_dir.path().to_str().unwrap(),
                 "--service",
                 "orders",
+                "--service",
+                "drill",
             ],
         );
         cluster
@@ -123,7 +125,10 @@ impl Compose {
     fn client(&self, only: &[u64], deadline: Duration) -> Client {
         let mut config = ClientConfig::load(&self.client_toml()).expect("client.toml");
         if !only.is_empty() {
-            config.endpoints = only.iter().map(|id| format!("{}:7001", node_ip(*id))).collect();
+            config.endpoints = only
+                .iter()
+                .map(|id| format!("{}:7001", node_ip(*id)))
+                .collect();
         }
         config.deadline_ms = deadline.as_millis() as u64;
         config.timeout_ms = config.timeout_ms.min(config.deadline_ms);
@@ -148,9 +153,7 @@ impl Compose {
                 match c.status_of(&format!("{}:7001", node_ip(*id))).await {
                     // A leader outside `among` is one the asking nodes have not yet noticed
                     // is gone.
-                    Ok(s)
-                        if among.contains(&s.leader_id) && s.role != "leader-without-quorum" =>
-                    {
+                    Ok(s) if among.contains(&s.leader_id) && s.role != "leader-without-quorum" => {
                         seen.insert(s.leader_id);
                     }
                     _ => {
@@ -250,7 +253,10 @@ async fn wait_for_writes_after(acks: &Acks, since: Instant, within: Duration) {
         if acks.lock().unwrap().iter().any(|(at, _)| *at > since) {
             return;
         }
-        assert!(Instant::now() < deadline, "no write acknowledged within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no write acknowledged within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -286,7 +292,9 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
         .expect("resolve from the host");
     assert!(!resolved.instances.is_empty());
 
-    eprintln!("phase 2: docker kill the leader (node {leader}); the others elect one and writes go on");
+    eprintln!(
+        "phase 2: docker kill the leader (node {leader}); the others elect one and writes go on"
+    );
     let killed_at = Instant::now();
     run_ok("docker", &["kill", &cluster.container(leader)]);
     let rest: Vec<u64> = all.iter().copied().filter(|n| *n != leader).collect();
@@ -301,9 +309,14 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
 
     eprintln!("phase 4: the leader (node {second}) is cut off the network: it stops being ready, the majority goes on");
     let cut_at = Instant::now();
-    run_ok("docker", &["network", "disconnect", NETWORK, &cluster.container(second)]);
+    run_ok(
+        "docker",
+        &["network", "disconnect", NETWORK, &cluster.container(second)],
+    );
     let majority: Vec<u64> = all.iter().copied().filter(|n| *n != second).collect();
-    cluster.leader_among(&majority, Duration::from_secs(30)).await;
+    cluster
+        .leader_among(&majority, Duration::from_secs(30))
+        .await;
     let cut_elected = cut_at.elapsed();
     wait_for_writes_after(&acks, Instant::now(), Duration::from_secs(20)).await;
     let cut_outage = outage(&acks, cut_at, Instant::now());
@@ -360,8 +373,17 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
     );
 
     eprintln!("phase 7: every acknowledged write is on every node");
-    let acked: BTreeSet<String> = acks.lock().unwrap().iter().map(|(_, n)| n.clone()).collect();
-    assert!(acked.len() > 50, "the writer made progress: {}", acked.len());
+    let acked: BTreeSet<String> = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n.clone())
+        .collect();
+    assert!(
+        acked.len() > 50,
+        "the writer made progress: {}",
+        acked.len()
+    );
     for id in all {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -369,7 +391,12 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
                 .client(&[id], Duration::from_secs(3))
                 .resolve("orders", true)
                 .await
-                .map(|r| r.instances.into_iter().map(|i| i.payload.instance).collect())
+                .map(|r| {
+                    r.instances
+                        .into_iter()
+                        .map(|i| i.payload.instance)
+                        .collect()
+                })
                 .unwrap_or_default();
             let lost: Vec<&String> = acked.difference(&have).collect();
             if lost.is_empty() {
@@ -385,4 +412,42 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+
+    eprintln!("phase 8: the failover drill runs against the compose cluster");
+    let out = cli_ok(
+        &[
+            "drill",
+            "--target",
+            "compose",
+            "--compose-file",
+            deploy_dir().join("compose.yaml").to_str().unwrap(),
+            "--fault",
+            "kill",
+            "--fault",
+            "partition",
+            "--fault",
+            "pause",
+            "--fault-secs",
+            "2",
+            "--settle-secs",
+            "3",
+            "--service-cert",
+            cluster
+                .client_dir
+                .path()
+                .join("drill-cert")
+                .to_str()
+                .unwrap(),
+            "--json",
+        ],
+        &env,
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect("drill json");
+    eprintln!("  drill: {report}");
+    assert_eq!(
+        report["faults"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    assert_eq!(report["missing"], serde_json::json!([]), "{report}");
 }

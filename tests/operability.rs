@@ -407,8 +407,8 @@ async fn the_metrics_listener_serves_prometheus_text_healthz_and_readyz() {
     assert_eq!(sample(&follower_page, "signpost_raft_is_leader"), Some(0.0));
 
     eprintln!("phase 2: the node logs JSON lines; the refusal's line says who, what and why");
-    let log = std::fs::read_to_string(cluster.root().join(format!("node{leader}/server.log")))
-        .unwrap();
+    let log =
+        std::fs::read_to_string(cluster.root().join(format!("node{leader}/server.log"))).unwrap();
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

@@ -19,8 +19,7 @@ fn main() {
     // Rebuild when HEAD moves: HEAD itself, and the branch it points at.
     for path in [
         git(&["rev-parse", "--git-path", "HEAD"]),
-        git(&["symbolic-ref", "-q", "HEAD"])
-            .and_then(|r| git(&["rev-parse", "--git-path", &r])),
+        git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])),
         git(&["rev-parse", "--git-path", "index"]),
     ]
     .into_iter()

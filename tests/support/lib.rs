@@ -510,7 +510,11 @@ impl TestCluster {
             .append(true)
             .open(nd.join("server.log"))
             .unwrap();
-        let format = if self.options.json_logs { "json" } else { "text" };
+        let format = if self.options.json_logs {
+            "json"
+        } else {
+            "text"
+        };
         let child = Command::new(signpost_bin())
             .args(["--log-format", format])
             .arg("server")

@@ -161,6 +161,35 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
     Ok(client)
 }
 
+/// Restarts of one node after which `signpost dev` gives up on it (a node that keeps dying
+/// has a problem a restart will not fix: see its log).
+const RESTARTS_MAX: u32 = 100;
+/// Pause before a node that exited is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Starts node `id` of the dev cluster in `dir`, appending to its log, and records its process
+/// id in `node<id>/pid` (for failover drills: `kill -9`, `kill -STOP`).
+fn spawn_node(exe: &Path, dir: &Path, id: u64) -> anyhow::Result<Child> {
+    let nd = node_dir(dir, id);
+    // Appended, not truncated: what happened before a restart is what an operator looks for.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(nd.join("server.log"))
+        .with_context(|| format!("opening {}/server.log", nd.display()))?;
+    let child = std::process::Command::new(exe)
+        .arg("server")
+        .arg("--config")
+        .arg(nd.join("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("log file")?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting node {id}"))?;
+    write_file(&nd.join("pid"), &format!("{}\n", child.id()))?;
+    Ok(child)
+}
+
 struct Children(Vec<(u64, Child)>);
 
 impl Children {
@@ -205,23 +234,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the signpost binary")?;
     let mut children = Children(Vec::new());
     for id in 1..=args.nodes {
-        let nd = node_dir(&dir, id);
-        // Appended, not truncated: what happened before a restart is what an operator looks for.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(nd.join("server.log"))
-            .with_context(|| format!("opening {}/server.log", nd.display()))?;
-        let child = std::process::Command::new(&exe)
-            .arg("server")
-            .arg("--config")
-            .arg(nd.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("log file")?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting node {id}"))?;
-        children.0.push((id, child));
+        children.0.push((id, spawn_node(&exe, &dir, id)?));
     }
     let client_toml = dir.join("client.toml");
     write_file(
@@ -267,18 +280,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!();
     println!("  export SIGNPOST_CONFIG={cfg}");
     println!("  signpost status");
-    println!("  signpost keygen --out {}/payments.key", dir.display());
     println!(
-        "  signpost bind payments --pubkey {}/payments.key.pub",
-        dir.display()
+        "  signpost service add payments --out {d}/payments --ca-dir {d}/ca",
+        d = dir.display()
     );
     println!(
-        "  signpost ca issue --service payments --ca-dir {}/ca --out {}/payments-cert",
-        dir.display(),
-        dir.display()
-    );
-    println!(
-        "  signpost register payments --instance p1 --endpoint 127.0.0.1:9000 --key {d}/payments.key --cert {d}/payments-cert.crt --cert-key {d}/payments-cert.key",
+        "  signpost register payments --instance p1 --endpoint 127.0.0.1:9000 --config {d}/payments/client.toml --key {d}/payments/payments.key",
         d = dir.display()
     );
     println!("  signpost resolve payments");
@@ -291,19 +298,35 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut restarts: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = poll.tick() => {
+                // Like a supervisor's restart policy: a node that dies (kill -9 in a failover
+                // drill, a crash) comes back with its data after a pause.
                 for (id, child) in &mut children.0 {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        eprintln!("node {id} exited ({status}); see {}/server.log", node_dir(&dir, *id).display());
+                    let Ok(Some(status)) = child.try_wait() else { continue };
+                    let log = node_dir(&dir, *id).join("server.log");
+                    let count = restarts.entry(*id).or_insert(0u32);
+                    if *count >= RESTARTS_MAX {
+                        continue;
                     }
+                    *count += 1;
+                    eprintln!(
+                        "node {id} exited ({status}); restarting it in {RESTART_DELAY:?} (see {})",
+                        log.display()
+                    );
+                    tokio::time::sleep(RESTART_DELAY).await;
+                    *child = spawn_node(&exe, &dir, *id)?;
                 }
-                children.0.retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
-                if children.0.is_empty() {
-                    bail!("every node has exited");
+                let all_gave_up = children.0.iter_mut().all(|(id, c)| {
+                    matches!(c.try_wait(), Ok(Some(_)))
+                        && restarts.get(id).is_some_and(|n| *n >= RESTARTS_MAX)
+                });
+                if all_gave_up {
+                    bail!("every node kept exiting; see {}/node*/server.log", dir.display());
                 }
             }
         }

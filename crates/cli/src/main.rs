@@ -11,6 +11,7 @@ mod bench;
 mod ca;
 mod commands;
 mod dev;
+mod drill;
 mod maintenance;
 mod output;
 
@@ -113,6 +114,9 @@ enum Command {
     /// Prepare a new node's data directory from a backup (run on each new member before it
     /// first starts).
     Restore(maintenance::RestoreArgs),
+    /// Failover drill: write and read while killing, pausing or partitioning the leader, then
+    /// print each fault's outage and check every acknowledged write is on every node.
+    Drill(drill::DrillArgs),
     /// Admin: onboard a service (key, binding, certificate, client config).
     Service {
         #[command(subcommand)]
@@ -179,6 +183,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Backup(args) => maintenance::backup(args).await,
         Command::Restore(args) => maintenance::restore(args),
         Command::Service { command } => maintenance::service(command).await,
+        Command::Drill(args) => drill::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -1003,6 +1003,36 @@ impl Client {
         }
     }
 
+    /// What node `addr` itself holds for `service` (a stale read of its own state, verified
+    /// like any answer): for checking that every node converged.
+    pub async fn resolve_on(&self, addr: &str, service: &str) -> Result<Resolved, ClientError> {
+        let mut client = self
+            .registry(addr)
+            .map_err(|s| ClientError::from_status(&s))?;
+        let request = ResolveRequest {
+            service: service.to_string(),
+            stale: true,
+        };
+        let response = tokio::time::timeout(self.timeout, client.resolve(request))
+            .await
+            .map_err(|_| ClientError::Unavailable(format!("{addr} did not answer in time")))?
+            .map_err(|s| ClientError::from_status(&s))?
+            .into_inner();
+        let admins = self.current_admin_set(&response.admin_chain)?;
+        let resolved = self.verify(
+            response.service.unwrap_or_default(),
+            &admins,
+            response.revision,
+        )?;
+        if resolved.service != service {
+            return Err(ClientError::Verification(format!(
+                "{addr} answered for {} instead of {service}",
+                resolved.service
+            )));
+        }
+        Ok(resolved)
+    }
+
     /// Status of one node (by client address).
     pub async fn status_of(&self, addr: &str) -> Result<StatusResponse, ClientError> {
         let channel = self
