@@ -14,6 +14,12 @@ command -v c++ >/dev/null 2>&1 || need_pkgs+=(build-essential)
 command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
 # The metrics test checks the /metrics page with promtool (Debian's prometheus package).
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+# The compose failover test builds the image (debootstrap) and runs it with Docker and compose.
+command -v docker >/dev/null 2>&1 || need_pkgs+=(docker.io)
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+  need_pkgs+=(docker-compose)
+fi
+command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 # The deploy test checks the systemd unit with systemd-analyze.
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 # The health and reflection test runs Python's grpcio client in a venv of its own.
