@@ -349,28 +349,68 @@ fn listen_ip(addr: &str) -> Option<std::net::IpAddr> {
 
 /// Keeps `allow` equal to the addresses of the members' Raft listeners (names resolved), and
 /// fills it once before returning so the listener never starts empty.
-async fn follow_members(consensus: &Consensus, allow: SourceAllowlist) {
-    async fn resolve(addrs: &[String]) -> Vec<std::net::IpAddr> {
-        let mut ips = Vec::new();
-        for addr in addrs {
-            match tokio::net::lookup_host(addr.as_str()).await {
-                Ok(found) => ips.extend(found.map(|a| a.ip())),
-                Err(e) => {
-                    tracing::warn!(%addr, error = %e, "cannot resolve a member's Raft address")
-                }
+/// How often members' Raft addresses are resolved again: a name (a Kubernetes pod's) may come
+/// back with another address after a reschedule, and peers must admit it without a restart.
+const MEMBER_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The addresses to admit, given the last lookups: each member address contributes what it
+/// resolved to now, or, when its lookup failed, what it resolved to last (a DNS hiccup must
+/// not lock a healthy peer out). Addresses no longer members are forgotten.
+fn admitted_ips(
+    known: &mut BTreeMap<String, Vec<std::net::IpAddr>>,
+    lookups: Vec<(String, Result<Vec<std::net::IpAddr>, String>)>,
+) -> Vec<std::net::IpAddr> {
+    let current: std::collections::BTreeSet<&String> = lookups.iter().map(|(a, _)| a).collect();
+    known.retain(|addr, _| current.contains(addr));
+    for (addr, result) in &lookups {
+        match result {
+            Ok(ips) => {
+                known.insert(addr.clone(), ips.clone());
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot resolve a member's Raft address; keeping its last addresses");
             }
         }
-        ips
     }
+    let mut ips: Vec<std::net::IpAddr> = known.values().flatten().copied().collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
+}
+
+async fn lookup_all(addrs: &[String]) -> Vec<(String, Result<Vec<std::net::IpAddr>, String>)> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let result = tokio::net::lookup_host(addr.as_str())
+            .await
+            .map(|found| found.map(|a| a.ip()).collect())
+            .map_err(|e| e.to_string());
+        out.push((addr.clone(), result));
+    }
+    out
+}
+
+async fn follow_members(consensus: &Consensus, allow: SourceAllowlist) {
     let mut members = consensus.watch_membership();
+    let mut known = BTreeMap::new();
     let first = members.borrow_and_update().clone();
-    allow.set(resolve(&first).await);
+    let mut admitted = admitted_ips(&mut known, lookup_all(&first).await);
+    allow.set(admitted.clone());
     tokio::spawn(async move {
-        while members.changed().await.is_ok() {
+        let mut tick = tokio::time::interval(MEMBER_RESOLVE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = members.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
             let addrs = members.borrow_and_update().clone();
-            let ips = resolve(&addrs).await;
-            tracing::info!(?addrs, "raft listener admits the members' addresses");
-            allow.set(ips);
+            let now = admitted_ips(&mut known, lookup_all(&addrs).await);
+            if now != admitted {
+                tracing::info!(?addrs, ips = ?now, "raft listener admits the members' addresses");
+                allow.set(now.clone());
+                admitted = now;
+            }
         }
     });
 }
@@ -463,5 +503,55 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn member_addresses_follow_their_names_and_survive_a_failed_lookup() {
+        let mut known = BTreeMap::new();
+        let a = "signpost-0.peer:7002".to_string();
+        let b = "signpost-1.peer:7002".to_string();
+
+        eprintln!("phase 1: both names resolve");
+        let ips = admitted_ips(
+            &mut known,
+            vec![
+                (a.clone(), Ok(vec![ip("10.0.0.1")])),
+                (b.clone(), Ok(vec![ip("10.0.0.2")])),
+            ],
+        );
+        assert_eq!(ips, vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+
+        eprintln!("phase 2: a rescheduled pod comes back with another address");
+        let ips = admitted_ips(
+            &mut known,
+            vec![
+                (a.clone(), Ok(vec![ip("10.0.0.9")])),
+                (b.clone(), Ok(vec![ip("10.0.0.2")])),
+            ],
+        );
+        assert_eq!(ips, vec![ip("10.0.0.2"), ip("10.0.0.9")]);
+
+        eprintln!("phase 3: a failed lookup keeps the last addresses");
+        let ips = admitted_ips(
+            &mut known,
+            vec![
+                (a.clone(), Err("timeout".into())),
+                (b.clone(), Ok(vec![ip("10.0.0.2")])),
+            ],
+        );
+        assert_eq!(ips, vec![ip("10.0.0.2"), ip("10.0.0.9")]);
+
+        eprintln!("phase 4: a member that left is forgotten");
+        let ips = admitted_ips(&mut known, vec![(b, Ok(vec![ip("10.0.0.2")]))]);
+        assert_eq!(ips, vec![ip("10.0.0.2")]);
     }
 }
