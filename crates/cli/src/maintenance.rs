@@ -9,7 +9,6 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use signpost_client::{ClientConfig, ClientTls};
 use signpost_consensus::backup::{Backup, BACKUP_BYTES_MAX};
-use signpost_consensus::NodeAddr;
 use signpost_identity::{Ca, Identity, IssueOptions};
 use signpost_proto::v1::BindingPayload;
 
@@ -221,19 +220,7 @@ pub(crate) fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let backup = Backup::from_bytes(&bytes)
         .with_context(|| format!("{} is not a usable backup", args.file.display()))?;
-    let members = config
-        .members
-        .iter()
-        .map(|m| {
-            (
-                m.id,
-                NodeAddr {
-                    raft_addr: m.raft_addr.clone(),
-                    client_addr: m.client_addr.clone(),
-                },
-            )
-        })
-        .collect();
+    let members = config.member_addrs();
     backup
         .restore(&config.data_dir, &members, &config.genesis_admin_set()?)
         .with_context(|| format!("restoring {}", args.file.display()))?;

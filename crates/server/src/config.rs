@@ -310,6 +310,23 @@ impl Config {
         }
     }
 
+    /// The configured members as consensus addresses (the initial cluster, or the running
+    /// cluster a joining node is added to).
+    pub fn member_addrs(&self) -> std::collections::BTreeMap<u64, signpost_consensus::NodeAddr> {
+        self.members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    signpost_consensus::NodeAddr {
+                        raft_addr: m.raft_addr.clone(),
+                        client_addr: m.client_addr.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// The genesis admin set `[bootstrap]` describes: what this node's registry must start
     /// from, whether it proposes the genesis entry or receives it.
     pub fn genesis_admin_set(&self) -> Result<signpost_record::AdminSet, ServerError> {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use signpost_consensus::{Consensus, ConsensusConfig, NodeAddr};
+use signpost_consensus::{Consensus, ConsensusConfig};
 use signpost_identity::{PeerRule, SourceAllowlist, TlsFiles, TlsIncoming, TlsSettings, Trust};
 use signpost_proto::v1::cluster_server::ClusterServer;
 use signpost_proto::v1::registry_server::RegistryServer;
@@ -54,19 +54,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         signpost_identity::server_config_for_peers(&files, &trust, &settings, PeerRule::AnyNode)?;
     let peer_tls = signpost_identity::client_config(&files, &trust, &settings, PeerRule::AnyNode)?;
 
-    let members: BTreeMap<u64, NodeAddr> = config
-        .members
-        .iter()
-        .map(|m| {
-            (
-                m.id,
-                NodeAddr {
-                    raft_addr: m.raft_addr.clone(),
-                    client_addr: m.client_addr.clone(),
-                },
-            )
-        })
-        .collect();
+    let members = config.member_addrs();
     let mut consensus_config = ConsensusConfig::new(
         config.node_id,
         config.data_dir.clone(),
