@@ -289,3 +289,68 @@ fn the_drill_kills_and_pauses_the_leader_of_a_dev_cluster_and_finds_every_write(
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[test]
+fn bench_and_dev_refuse_bad_options_with_a_clear_error_before_doing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let said = |out: &std::process::Output| {
+        assert!(!out.status.success(), "a bad option was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    eprintln!("phase 1: an etcd bench without endpoints, or without its certificates");
+    let out = cli(&["bench", "--target", "etcd", "--duration", "1"], &[]);
+    assert!(said(&out).contains("--endpoints"), "{out:?}");
+    let out = cli(
+        &[
+            "bench",
+            "--target",
+            "etcd",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--duration",
+            "1",
+        ],
+        &[],
+    );
+    assert!(said(&out).contains("--etcd-ca"), "{out:?}");
+
+    eprintln!("phase 2: --lease is an etcd notion; a Signpost record always has a TTL");
+    let out = cli(&["bench", "--lease", "--duration", "1"], &[]);
+    assert!(
+        said(&out).contains("--lease is for --target etcd"),
+        "{out:?}"
+    );
+
+    eprintln!("phase 3: a limits file with a typo is refused, and no node is started");
+    let limits = dir.path().join("limits.toml");
+    std::fs::write(&limits, "writes_per_identity_per_second = 5\n").unwrap();
+    let dev_dir = dir.path().join("dev");
+    let out = cli(
+        &[
+            "dev",
+            "--dir",
+            dev_dir.to_str().unwrap(),
+            "--limits",
+            limits.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = said(&out);
+    assert!(err.contains("not a limits table"), "{err}");
+    assert!(
+        err.contains("writes_per_identity_per_second"),
+        "names the bad key: {err}"
+    );
+    assert!(!dev_dir.join("node1/pid").exists(), "a node was started");
+
+    eprintln!("phase 4: the shipped throughput limits file is one dev accepts");
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/limits-throughput.toml");
+    let parsed: signpost_server::config::LimitsConfig =
+        toml::from_str(&std::fs::read_to_string(shipped).unwrap()).expect("valid limits");
+    assert!(
+        parsed.writes_per_identity_per_sec
+            > signpost_server::config::LimitsConfig::default().writes_per_identity_per_sec
+    );
+}

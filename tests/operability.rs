@@ -682,3 +682,54 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         "the refusal names the broken alert and the parse error:\n{said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_linearizable_reads_share_leadership_confirmations_and_see_prior_writes() {
+    const READS: usize = 64;
+    let cluster = TestCluster::start(ClusterOptions {
+        metrics: true,
+        ..Default::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+
+    eprintln!("phase 1: a write is acknowledged");
+    payments
+        .register(signpost_tests::signed_record(
+            &key, "payments", "p1", 1, 443,
+        ))
+        .await
+        .unwrap();
+
+    eprintln!("phase 2: {READS} linearizable resolves at once, multiplexed on one connection");
+    let admin = cluster.root().join("admin-cert");
+    let connection = signpost_tests::raw_registry(&cluster, &admin, leader);
+    let reads = (0..READS).map(|_| {
+        let mut client = connection.clone();
+        async move {
+            client
+                .resolve(signpost_proto::v1::ResolveRequest {
+                    service: "payments".into(),
+                    stale: false,
+                })
+                .await
+        }
+    });
+    let answers = futures::future::join_all(reads).await;
+    for answer in answers {
+        let answer = answer.expect("a linearizable resolve").into_inner();
+        let records = answer.service.map(|s| s.records.len()).unwrap_or(0);
+        assert_eq!(records, 1, "every read sees the acknowledged write");
+    }
+
+    eprintln!("phase 3: fewer confirmations than reads, and every read was served by one");
+    let (_, page) = http_get(&cluster.metrics_addr(leader), "/metrics");
+    let served = sample(&page, "signpost_raft_read_batch_size_sum").expect("batch sizes");
+    let rounds = sample(&page, "signpost_raft_read_batch_size_count").expect("batch count");
+    assert!(served >= READS as f64, "{served} reads confirmed: {page}");
+    assert!(
+        rounds < served,
+        "{rounds} confirmations for {served} reads: none was shared"
+    );
+}

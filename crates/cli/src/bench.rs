@@ -6,6 +6,15 @@
 //! its own (`service/flood-1..8`, `reader/flood-r1..8`, or no certificate at all), and reports
 //! how much of the unflooded throughput the legitimate clients kept.
 //!
+//! With `--target etcd --endpoints ...` the same closed- or open-loop clients send etcd `Put`
+//! (with `--lease`, attached to a lease) for `register` and `Range` (serializable with
+//! `--stale`) for `resolve`, with values of the size of a signed record, so one generator
+//! measures both systems (`benches/compare-etcd.sh`).
+//!
+//! The legitimate clients send pre-signed requests over plain gRPC, one connection each, and
+//! do not verify answers: the bench measures the cluster, not the client library, and does the
+//! same work per request for both targets. Latencies go into HDR histograms.
+//!
 //! Everything is made before the clock starts (certificates, bindings, signatures) and
 //! everything is bounded: the duration, the number of clients, the flood's connections and
 //! the number of pre-signed records.
@@ -18,9 +27,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use signpost_client::{Client, ClientConfig};
 use signpost_identity::{Ca, Identity, IssueOptions, PeerRule, TlsFiles, TlsSettings, Trust};
+use signpost_proto::etcd;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
     BindingPayload, Endpoint, Envelope, ListRequest, RecordPayload, RegisterRequest,
@@ -36,6 +47,8 @@ use crate::ClientOpts;
 const CLIENTS_MAX: usize = 1024;
 /// Longest phase.
 const DURATION_MAX_SECS: u64 = 300;
+/// Most instances per register client (--instances).
+const INSTANCES_MAX: usize = 100_000;
 /// Most flood tasks (each with its own connection).
 const FLOOD_CONNECTIONS_MAX: usize = 512;
 /// Flood identities per kind.
@@ -54,8 +67,6 @@ const WATCH_STREAMS: usize = 2_000;
 const WATCH_STREAMS_PER_CONNECTION: usize = 200;
 /// Time-to-live of bench records: long enough to outlive any run.
 const RECORD_TTL_SECS: u32 = 3_600;
-/// Latency samples kept per phase (memory bound); beyond it samples are dropped.
-const LATENCY_SAMPLES_MAX: usize = 2_000_000;
 
 /// What the legitimate clients do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -93,11 +104,47 @@ impl FloodKind {
     }
 }
 
+/// The system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Target {
+    /// A Signpost cluster (the client config's endpoints).
+    Signpost,
+    /// An etcd v3 cluster (`--endpoints`, `--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    Etcd,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
+    /// The system under test.
+    #[arg(long, value_enum, default_value = "signpost")]
+    target: Target,
+    /// etcd client URLs' host:port, comma-separated (--target etcd).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// CA certificate (PEM) etcd's server certificates chain to (--target etcd).
+    #[arg(long = "etcd-ca")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd (--target etcd).
+    #[arg(long = "etcd-cert")]
+    etcd_cert: Option<PathBuf>,
+    /// Key (PEM) of --etcd-cert.
+    #[arg(long = "etcd-key")]
+    etcd_key: Option<PathBuf>,
+    /// Attach each etcd client's puts to a lease of its own, granted before the clock starts,
+    /// as a registration with a time-to-live is (--target etcd, register).
+    #[arg(long)]
+    lease: bool,
+    /// Resolve from the node asked (Signpost stale resolve, etcd serializable Range) instead
+    /// of linearizably.
+    #[arg(long)]
+    stale: bool,
     /// Legitimate workload.
     #[arg(long, value_enum, default_value = "register")]
     workload: Workload,
+    /// Instances each register client cycles through (i0, i1, ...): 1 renews one instance;
+    /// more fills the registry (clients × instances in all), for scale measurements.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Legitimate client tasks (1..=1024), each its own service identity.
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -131,9 +178,16 @@ pub(crate) struct BenchArgs {
 struct Phase {
     ok: u64,
     errors: u64,
+    errors_by_code: BTreeMap<String, u64>,
     elapsed: Duration,
-    latencies_us: Vec<u64>,
+    latencies_us: Histogram<u64>,
     first_error: Option<String>,
+}
+
+/// Latencies from 1 µs to 60 s at three significant digits: 0.1% error, a few hundred KiB.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|e| panic!("constant histogram bounds are valid: {e}"))
 }
 
 impl Phase {
@@ -145,10 +199,11 @@ impl Phase {
         if self.latencies_us.is_empty() {
             return 0.0;
         }
-        let mut sorted = self.latencies_us.clone();
-        sorted.sort_unstable();
-        let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-        sorted[rank.min(sorted.len() - 1)] as f64 / 1000.0
+        self.latencies_us.value_at_quantile(p / 100.0) as f64 / 1000.0
+    }
+
+    fn max_ms(&self) -> f64 {
+        self.latencies_us.max() as f64 / 1000.0
     }
 }
 
@@ -218,11 +273,26 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(1..=DURATION_MAX_SECS).contains(&args.duration) {
         bail!("--duration must be in 1..={DURATION_MAX_SECS} seconds");
     }
+    if !(1..=INSTANCES_MAX).contains(&args.instances) {
+        bail!("--instances must be in 1..={INSTANCES_MAX}");
+    }
     if !(1..=FLOOD_CONNECTIONS_MAX).contains(&args.flood_connections) {
         bail!("--flood-connections must be in 1..={FLOOD_CONNECTIONS_MAX}");
     }
-    let setup = prepare(&args)?;
     let duration = Duration::from_secs(args.duration);
+    if args.target == Target::Etcd {
+        if args.flood.is_some() {
+            bail!("--flood measures Signpost's admission control; it has no etcd form");
+        }
+        let legit = Legit::prepare_etcd(&args).await?;
+        let measured = legit.run_phase("etcd", duration, 0).await;
+        report(&args, None, &measured, None);
+        return Ok(());
+    }
+    if args.lease {
+        bail!("--lease is for --target etcd: every Signpost registration has a time-to-live");
+    }
+    let setup = prepare(&args)?;
     if args.flood_only {
         let Some(kind) = args.flood else {
             bail!("--flood-only needs --flood KIND");
@@ -341,6 +411,20 @@ impl Setup {
     }
 }
 
+/// Records pre-signed per client and phase: enough for the run, within the memory bounds.
+fn records_per_client(args: &BenchArgs, phases: usize) -> usize {
+    let per_client = if args.rate > 0 {
+        // The paced workload needs exactly duration × rate, plus slack.
+        args.duration as usize * args.rate as usize * 11 / 10 + 10
+    } else {
+        // Closed loop: more than any cluster on one machine answers (about 25,000/s in all).
+        args.duration as usize * 25_000 / args.clients
+    };
+    per_client
+        .clamp(1, SIGNED_PER_CLIENT_MAX)
+        .min(SIGNED_TOTAL_MAX / (args.clients * phases))
+}
+
 fn record(
     key: &SigningKey,
     service: &str,
@@ -365,46 +449,133 @@ fn record(
     signpost_record::sign_record(key, &payload)
 }
 
-/// The legitimate clients: per task a client, a service and its pre-signed records.
+/// The legitimate clients: per task a connection and what it sends.
 struct Legit {
     workload: Workload,
     rate: u32,
-    tasks: Vec<LegitTask>,
+    tasks: Vec<Arc<LegitTask>>,
 }
 
-struct LegitTask {
-    client: Arc<Client>,
-    service: String,
-    // Per phase, the records the task sends in order (register workload).
-    signed: Vec<Vec<Envelope>>,
+enum LegitTask {
+    Signpost {
+        // Writes and linearizable reads go to the leader (found before the clock starts;
+        // refusals during the run are counted, not followed); stale reads to this task's node.
+        client: RegistryClient<Channel>,
+        service: String,
+        stale: bool,
+        // Per phase, the records the task sends in order (register workload).
+        signed: Vec<Vec<Envelope>>,
+    },
+    Etcd {
+        kv: etcd::kv_client::KvClient<Channel>,
+        key: Vec<u8>,
+        // A signed record's bytes: etcd stores values of the size Signpost stores.
+        value: Vec<u8>,
+        lease: i64,
+        serializable: bool,
+    },
+}
+
+/// Outcome of one operation: the gRPC code's name and the message on failure.
+type OpResult = Result<(), (&'static str, String)>;
+
+fn op_error(status: tonic::Status) -> (&'static str, String) {
+    (
+        signpost_client::code_name(status.code()),
+        status.message().to_string(),
+    )
+}
+
+impl LegitTask {
+    /// Operation `n` of `phase`; `None` when the task has run out of pre-signed records.
+    async fn op(&self, workload: Workload, phase: usize, n: usize) -> Option<OpResult> {
+        let result = match (self, workload) {
+            (LegitTask::Signpost { client, signed, .. }, Workload::Register) => {
+                let envelope = signed.get(phase)?.get(n)?.clone();
+                client
+                    .clone()
+                    .register(RegisterRequest {
+                        envelope: Some(envelope),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+            (
+                LegitTask::Signpost {
+                    client,
+                    service,
+                    stale,
+                    ..
+                },
+                Workload::Resolve,
+            ) => client
+                .clone()
+                .resolve(ResolveRequest {
+                    service: service.clone(),
+                    stale: *stale,
+                })
+                .await
+                .map(|_| ()),
+            (
+                LegitTask::Etcd {
+                    kv,
+                    key,
+                    value,
+                    lease,
+                    ..
+                },
+                Workload::Register,
+            ) => kv
+                .clone()
+                .put(etcd::PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    lease: *lease,
+                })
+                .await
+                .map(|_| ()),
+            (
+                LegitTask::Etcd {
+                    kv,
+                    key,
+                    serializable,
+                    ..
+                },
+                Workload::Resolve,
+            ) => kv
+                .clone()
+                .range(etcd::RangeRequest {
+                    key: key.clone(),
+                    serializable: *serializable,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+        };
+        Some(result.map_err(op_error))
+    }
 }
 
 impl Legit {
     async fn prepare(setup: &Setup, args: &BenchArgs) -> anyhow::Result<Legit> {
         let phases = if args.flood.is_some() { 2 } else { 1 };
-        let per_client = if args.rate > 0 {
-            // The paced workload needs exactly duration × rate, plus slack.
-            args.duration as usize * args.rate as usize * 11 / 10 + 10
-        } else {
-            args.duration as usize * 2_000 / args.clients
-        };
-        let per_client = per_client
-            .clamp(1, SIGNED_PER_CLIENT_MAX)
-            .min(SIGNED_TOTAL_MAX / (args.clients * phases));
+        let per_client = records_per_client(args, phases);
         let progress = bar(
             args.clients as u64,
             "preparing clients (certificates, keys, signatures)",
         );
+        let leader = setup.leader_addr().await?;
+        let endpoints = &setup.config.endpoints;
         let mut tasks = Vec::with_capacity(args.clients);
         let base = now_ms() * 1_000;
         for i in 0..args.clients {
             let service = format!("bench-{i}");
             let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
             let key = setup.bind_new_key(&service).await?;
-            let client = Arc::new(Client::connect(&setup.config_as(&prefix))?);
             let td = &setup.config.trust_domain;
             // The instance exists before the clock starts, so resolves find it and
             // registrations are renewals.
+            let client = Client::connect(&setup.config_as(&prefix))?;
             client
                 .register(record(&key, &service, "i0", base, td))
                 .await
@@ -415,18 +586,111 @@ impl Legit {
                         (0..per_client)
                             .map(|n| {
                                 let seq = base + 1 + (phase * per_client + n) as u64;
-                                record(&key, &service, "i0", seq, td)
+                                let instance = format!("i{}", n % args.instances);
+                                record(&key, &service, &instance, seq, td)
                             })
                             .collect()
                     })
                     .collect(),
                 Workload::Resolve => Vec::new(),
             };
-            tasks.push(LegitTask {
-                client,
+            let addr = if args.stale && args.workload == Workload::Resolve {
+                &endpoints[i % endpoints.len()]
+            } else {
+                &leader
+            };
+            // Connect now, one client at a time: handshakes are not part of the measurement,
+            // and 32 at once would meet the per-source handshake cap (8 by default).
+            let mut raw = setup.raw(&prefix, addr)?;
+            raw.resolve(ResolveRequest {
+                service: service.clone(),
+                stale: true,
+            })
+            .await
+            .with_context(|| format!("connecting {service} to {addr}"))?;
+            tasks.push(Arc::new(LegitTask::Signpost {
+                client: raw,
                 service,
+                stale: args.stale,
                 signed,
-            });
+            }));
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        Ok(Legit {
+            workload: args.workload,
+            rate: args.rate,
+            tasks,
+        })
+    }
+
+    async fn prepare_etcd(args: &BenchArgs) -> anyhow::Result<Legit> {
+        if args.endpoints.is_empty() {
+            bail!("--target etcd needs --endpoints host:port[,host:port...]");
+        }
+        let read = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+            let path = path
+                .as_ref()
+                .with_context(|| format!("--target etcd needs {flag}"))?;
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(
+                "--etcd-ca",
+                &args.etcd_ca,
+            )?))
+            .identity(tonic::transport::Identity::from_pem(
+                read("--etcd-cert", &args.etcd_cert)?,
+                read("--etcd-key", &args.etcd_key)?,
+            ));
+        // A value of the size of what a Signpost registration stores: a signed record.
+        let value = {
+            let key = signpost_record::generate_signing_key();
+            prost::Message::encode_to_vec(&record(&key, "bench-0", "i0", 1, "signpost.local"))
+        };
+        let progress = bar(args.clients as u64, "preparing etcd clients");
+        let mut tasks = Vec::with_capacity(args.clients);
+        for i in 0..args.clients {
+            let addr = &args.endpoints[i % args.endpoints.len()];
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                .with_context(|| format!("etcd endpoint {addr}"))?
+                .tls_config(tls.clone())
+                .context("etcd TLS configuration")?
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .with_context(|| format!("connecting to etcd at {addr}"))?;
+            let lease = if args.lease {
+                etcd::lease_client::LeaseClient::new(channel.clone())
+                    .lease_grant(etcd::LeaseGrantRequest {
+                        ttl: i64::from(RECORD_TTL_SECS),
+                        id: 0,
+                    })
+                    .await
+                    .with_context(|| format!("granting a lease at {addr}"))?
+                    .into_inner()
+                    .id
+            } else {
+                0
+            };
+            let key = format!("/signpost-bench/bench-{i}/i0").into_bytes();
+            let mut kv = etcd::kv_client::KvClient::new(channel);
+            // The key exists before the clock starts, as the Signpost instance does.
+            kv.put(etcd::PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                lease,
+            })
+            .await
+            .with_context(|| format!("putting {} at {addr}", String::from_utf8_lossy(&key)))?;
+            tasks.push(Arc::new(LegitTask::Etcd {
+                kv,
+                key,
+                value: value.clone(),
+                lease,
+                serializable: args.stale,
+            }));
             progress.inc(1);
         }
         progress.finish_and_clear();
@@ -444,9 +708,7 @@ impl Legit {
         let deadline = started + duration;
         let mut handles = Vec::new();
         for task in &self.tasks {
-            let client = Arc::clone(&task.client);
-            let service = task.service.clone();
-            let signed = task.signed.get(phase).cloned().unwrap_or_default();
+            let task = Arc::clone(task);
             let workload = self.workload;
             let ok = Arc::clone(&ok);
             let mut pace = (self.rate > 0).then(|| {
@@ -457,8 +719,8 @@ impl Legit {
                 interval
             });
             handles.push(tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut errors = 0u64;
+                let mut latencies = histogram();
+                let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
                 let mut first_error = None;
                 let mut n = 0usize;
                 while Instant::now() < deadline {
@@ -469,25 +731,19 @@ impl Legit {
                         }
                     }
                     let t0 = Instant::now();
-                    let result = match workload {
-                        Workload::Register => match signed.get(n) {
-                            Some(envelope) => client.register(envelope.clone()).await.map(|_| ()),
-                            // Out of pre-signed records: the bound on this phase's work.
-                            None => break,
-                        },
-                        Workload::Resolve => client.resolve(&service, false).await.map(|_| ()),
+                    // Out of pre-signed records: the bound on this phase's work.
+                    let Some(result) = task.op(workload, phase, n).await else {
+                        break;
                     };
                     n += 1;
                     match result {
                         Ok(()) => {
                             ok.fetch_add(1, Ordering::Relaxed);
-                            if latencies.len() < LATENCY_SAMPLES_MAX {
-                                latencies.push(t0.elapsed().as_micros() as u64);
-                            }
+                            latencies.saturating_record(t0.elapsed().as_micros() as u64);
                         }
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| e.to_string());
+                        Err((code, message)) => {
+                            *errors.entry(code).or_default() += 1;
+                            first_error.get_or_insert_with(|| format!("{code}: {message}"));
                         }
                     }
                 }
@@ -508,19 +764,31 @@ impl Legit {
         let mut phase_result = Phase {
             ok: 0,
             errors: 0,
+            errors_by_code: BTreeMap::new(),
             elapsed: Duration::ZERO,
-            latencies_us: Vec::new(),
+            latencies_us: histogram(),
             first_error: None,
         };
         for handle in handles {
             if let Ok((latencies, errors, first_error)) = handle.await {
-                phase_result.latencies_us.extend(latencies);
-                phase_result.errors += errors;
+                // Same bounds on both sides, so adding cannot fail.
+                let _ = phase_result.latencies_us.add(&latencies);
+                for (code, count) in errors {
+                    phase_result.errors += count;
+                    *phase_result
+                        .errors_by_code
+                        .entry(code.to_string())
+                        .or_default() += count;
+                }
                 if phase_result.first_error.is_none() {
                     phase_result.first_error = first_error;
                 }
             } else {
                 phase_result.errors += 1;
+                *phase_result
+                    .errors_by_code
+                    .entry("TASK_FAILED".into())
+                    .or_default() += 1;
             }
         }
         phase_result.elapsed = started.elapsed();
@@ -821,16 +1089,27 @@ fn report(
         Workload::Register => "register",
         Workload::Resolve => "resolve",
     };
+    let target = match args.target {
+        Target::Signpost => "signpost",
+        Target::Etcd => "etcd",
+    };
     let mut value = json!({
+        "target": target,
+        "lease": args.lease,
+        "stale": args.stale,
         "workload": workload,
         "clients": args.clients,
         "rate_per_client": args.rate,
+        "instances_per_client": args.instances,
         "duration_s": args.duration,
         "throughput_ops_s": round2(measured.throughput()),
         "p50_ms": round2(measured.percentile_ms(50.0)),
+        "p90_ms": round2(measured.percentile_ms(90.0)),
         "p99_ms": round2(measured.percentile_ms(99.0)),
+        "max_ms": round2(measured.max_ms()),
         "ok": measured.ok,
         "errors": measured.errors,
+        "errors_by_code": measured.errors_by_code,
         "first_error": measured.first_error,
     });
     if let (Some(base), Some((kind, stats))) = (unflooded, flood) {
@@ -849,24 +1128,29 @@ fn report(
         return;
     }
     println!(
-        "{:<16} {:>12} {:>9} {:>9} {:>9} {:>7}",
-        "phase", "ops/s", "p50 ms", "p99 ms", "ok", "errors"
+        "{:<16} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "phase", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ok", "errors"
     );
     let row = |name: &str, p: &Phase| {
         println!(
-            "{:<16} {:>12.1} {:>9.2} {:>9.2} {:>9} {:>7}",
+            "{:<16} {:>12.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>7}",
             name,
             p.throughput(),
             p.percentile_ms(50.0),
+            p.percentile_ms(90.0),
             p.percentile_ms(99.0),
+            p.max_ms(),
             p.ok,
             p.errors
         );
+        for (code, count) in &p.errors_by_code {
+            println!("{:<16}   {code}: {count}", "");
+        }
     };
     if let Some(base) = unflooded {
         row("unflooded", base);
     }
-    let name = flood.map(|(k, _)| k.name()).unwrap_or("unflooded");
+    let name = flood.map(|(k, _)| k.name()).unwrap_or(target);
     row(name, measured);
     if let (Some(base), Some((kind, stats))) = (unflooded, flood) {
         println!(

@@ -38,6 +38,22 @@ pub(crate) struct DevArgs {
     /// Client listeners use BASE+i, Raft listeners BASE+100+i, metrics listeners BASE+200+i.
     #[arg(long = "base-port", default_value_t = 7400)]
     base_port: u16,
+    /// A TOML file with keys of a node config's `[limits]` table, at its top level, for every
+    /// node instead of the defaults (benches/limits-throughput.toml raises the per-identity
+    /// rates for throughput runs).
+    #[arg(long)]
+    limits: Option<PathBuf>,
+}
+
+/// The nodes' limits: the defaults, or `--limits FILE` (unknown keys are refused, so a typo
+/// cannot silently leave a default in place).
+fn limits(args: &DevArgs) -> anyhow::Result<LimitsConfig> {
+    let Some(path) = &args.limits else {
+        return Ok(LimitsConfig::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}: not a limits table", path.display()))
 }
 
 fn node_dir(dir: &Path, id: u64) -> PathBuf {
@@ -79,6 +95,7 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
         &dir.join("admin-cert"),
     )?;
 
+    let limits = limits(args)?;
     let members: Vec<MemberConfig> = (1..=args.nodes)
         .map(|id| MemberConfig {
             id,
@@ -126,7 +143,7 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
                 state_bytes_max: 256 * 1024 * 1024,
             },
             raft: RaftConfig::default(),
-            limits: LimitsConfig::default(),
+            limits: limits.clone(),
             watch: WatchConfig::default(),
             metrics_addr: Some(format!(
                 "127.0.0.1:{}",

@@ -15,7 +15,9 @@ use crate::election::{ElectionDriver, ElectionTiming, Liveness};
 use crate::error::ConsensusError;
 use crate::log_store::LogStore;
 use crate::network::Network;
+use crate::propose_batch::ProposalBatcher;
 use crate::raft_service::RaftService;
+use crate::read_batch::ReadBatcher;
 use crate::state_machine::{Applied, SharedState, StateMachine};
 use crate::type_config::{NodeAddr, TypeConfig};
 
@@ -142,6 +144,10 @@ pub struct Consensus {
     liveness: Arc<Liveness>,
     // The network openraft uses; leadership transfer reuses its connections.
     network: Network,
+    // Linearizable reads share leadership confirmations.
+    reads: ReadBatcher,
+    // Concurrent proposals share log entries (group commit).
+    proposals: ProposalBatcher,
     config: Arc<ConsensusConfig>,
 }
 
@@ -230,12 +236,19 @@ impl Consensus {
             node_id: config.node_id,
         }
         .spawn();
+        let reads = ReadBatcher::spawn(raft.clone(), {
+            let state_machine = state_machine.clone();
+            move || state_machine.read().revision()
+        });
+        let proposals = ProposalBatcher::spawn(raft.clone());
         Ok(Consensus {
             raft,
             state_machine,
             log_store,
             liveness,
             network,
+            reads,
+            proposals,
             config: Arc::new(config),
         })
     }
@@ -478,48 +491,21 @@ impl Consensus {
     /// Replicates `request` and returns the outcome of applying it (computed by this node, the
     /// leader) together with the log index it was applied at.
     ///
-    /// The entry time (`time_ms`) is stamped here, from this leader's clock, whatever the
-    /// caller put there: the one place the registry's notion of "now" comes from.
-    pub async fn propose(&self, mut request: Request) -> Result<(u64, Outcome), ConsensusError> {
+    /// Concurrent proposals share one log entry (`crate::propose_batch`, group commit). The
+    /// entry time (`time_ms`) is stamped there, once per entry, from this leader's clock,
+    /// whatever the caller put there: the one place the registry's notion of "now" comes from.
+    pub async fn propose(&self, request: Request) -> Result<(u64, Outcome), ConsensusError> {
         self.check_leader_lease()?;
-        request.time_ms = crate::wall_clock_ms();
-        let started = std::time::Instant::now();
-        match self.raft.client_write(request).await {
-            Ok(response) => {
-                metrics::histogram!(crate::PROPOSAL_DURATION)
-                    .record(started.elapsed().as_secs_f64());
-                Ok((response.log_id.index, response.data))
-            }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ConsensusError::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node),
-                })
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ConsensusError::Invalid(e.to_string()))
-            }
-            Err(RaftError::Fatal(e)) => Err(ConsensusError::Unavailable(e.to_string())),
-        }
+        self.proposals.propose(request).await
     }
 
     /// Read index: confirms leadership with a quorum and waits until this node has applied
     /// everything committed before the call. Reads made after it are linearizable. Returns the
-    /// revision the reads will reflect (at least).
+    /// revision the reads will reflect (at least). Concurrent calls share one confirmation
+    /// that started after each of them (see [`crate::read_batch`]).
     pub async fn read_barrier(&self) -> Result<u64, ConsensusError> {
         self.check_leader_lease()?;
-        match self.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(log_id
-                .map(|l| l.index)
-                .unwrap_or(0)
-                .max(self.state().revision())),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(ConsensusError::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node),
-                })
-            }
-            Err(RaftError::APIError(e)) => Err(ConsensusError::Unavailable(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(ConsensusError::Unavailable(e.to_string())),
-        }
+        self.reads.barrier().await
     }
 
     /// The local state (may lag the leader unless a [`Consensus::read_barrier`] preceded it).
@@ -541,6 +527,11 @@ impl Consensus {
             return None;
         }
         Some((leader, member_addr(&self.raft, leader)?))
+    }
+
+    /// Signatures this node verified at admission, reused once each by its apply.
+    pub fn verified_signatures(&self) -> &signpost_record::VerifiedSignatures {
+        self.state_machine.verified_signatures()
     }
 
     /// Whether this node should receive client traffic, or why not: it must be a member, hear

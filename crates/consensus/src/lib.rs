@@ -31,7 +31,9 @@ mod election;
 mod error;
 mod log_store;
 mod network;
+mod propose_batch;
 mod raft_service;
+mod read_batch;
 mod state_machine;
 mod type_config;
 
@@ -41,6 +43,10 @@ pub const SNAPSHOTS_BUILT_TOTAL: &str = "signpost_raft_snapshots_built_total";
 pub const SNAPSHOTS_INSTALLED_TOTAL: &str = "signpost_raft_snapshots_installed_total";
 /// Histogram of the time from proposing a write to its apply on this (leading) node.
 pub const PROPOSAL_DURATION: &str = "signpost_raft_proposal_duration_seconds";
+/// Histogram of the requests one log entry carried (group commit of proposals).
+pub const PROPOSAL_BATCH_SIZE: &str = "signpost_raft_proposal_batch_size";
+/// Histogram of the linearizable reads one leadership confirmation served.
+pub const READ_BATCH_SIZE: &str = "signpost_raft_read_batch_size";
 
 pub use consensus::{
     Consensus, ConsensusConfig, MemberStatus, NodeStatus, DEFAULT_ELECTION_TIMEOUT_MAX_MS,

@@ -150,12 +150,16 @@ impl LogStore {
         key: &'static str,
         value: &T,
         subject: ErrorSubject<u64>,
+        synced: bool,
     ) -> Result<(), StorageError<u64>> {
         let bytes = codec::encode(value, RAFT_MESSAGE_BYTES_MAX)
             .map_err(|e| io_error(subject.clone(), ErrorVerb::Write, &e))?;
-        self.store
-            .raft_put(key, &bytes)
-            .map_err(|e| io_error(subject, ErrorVerb::Write, &e))
+        let written = if synced {
+            self.store.raft_put(key, &bytes)
+        } else {
+            self.store.raft_put_unsynced(key, &bytes)
+        };
+        written.map_err(|e| io_error(subject, ErrorVerb::Write, &e))
     }
 
     fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry<TypeConfig>, StorageError<u64>> {
@@ -245,7 +249,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        self.write_meta(KEY_VOTE, vote, ErrorSubject::Vote)
+        // A vote must outlive a power loss: granting two votes in one term breaks Raft.
+        self.write_meta(KEY_VOTE, vote, ErrorSubject::Vote, true)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
@@ -256,7 +261,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<u64>>,
     ) -> Result<(), StorageError<u64>> {
-        self.write_meta(KEY_COMMITTED, &committed, ErrorSubject::Store)?;
+        // Unsynced: openraft calls this on its own task for every commit advance, and an fsync
+        // here stalled the leader once per batch. A committed index lost with power only means
+        // applying less at start-up; the leader tells this node the rest.
+        self.write_meta(KEY_COMMITTED, &committed, ErrorSubject::Store, false)?;
         let index = committed.map(|l| l.index).unwrap_or(0);
         self.committed.store(index, Ordering::Relaxed);
         // The committed index is on disk (synced) in RocksDB; the watermark outside it lags by

@@ -23,7 +23,8 @@ openraft::declare_raft_types!(
     /// Signpost's openraft type configuration.
     pub TypeConfig:
         D = signpost_state::Request,
-        R = signpost_state::Outcome,
+        // One outcome per request of the entry: one, or one per request of a Command::Batch.
+        R = Vec<signpost_state::Outcome>,
         NodeId = u64,
         Node = NodeAddr,
 );

@@ -282,7 +282,7 @@ async fn propose(router: &Arc<Router>, command: Command) -> Option<Outcome> {
             let result =
                 tokio::time::timeout(Duration::from_secs(2), raft.client_write(request)).await;
             if let Ok(Ok(response)) = result {
-                return Some(response.data);
+                return response.data.into_iter().next();
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -399,13 +399,29 @@ async fn run_seed(seed: u64, root: &Path) -> Result<(usize, usize), String> {
         }
         let instance = format!("i{}", i % 5);
         let sequence = i as u64 + 1;
-        let outcome = propose(
-            &router,
-            Command::Register {
-                envelope: signed_record(&key, &instance, sequence),
-            },
-        )
-        .await;
+        let register = Command::Register {
+            envelope: signed_record(&key, &instance, sequence),
+        };
+        // Every fourth write shares its entry with another, as the leader's group commit
+        // does: a batch must apply the same on every node, through crashes and snapshots.
+        let command = if i % 4 == 3 {
+            let request = |command| Request {
+                time_ms: signpost_consensus::wall_clock_ms(),
+                caller: "spiffe://sim/service/sim".into(),
+                command,
+            };
+            Command::Batch {
+                requests: vec![
+                    request(register),
+                    request(Command::Register {
+                        envelope: signed_record(&key, &format!("b{}", i % 5), sequence),
+                    }),
+                ],
+            }
+        } else {
+            register
+        };
+        let outcome = propose(&router, command).await;
         if let Some(Outcome::Applied { .. }) = outcome {
             acknowledged.insert((instance, sequence));
         }

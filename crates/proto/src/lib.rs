@@ -5,6 +5,12 @@ pub mod v1 {
     tonic::include_proto!("signpost.v1");
 }
 
+/// A wire-compatible subset of etcd's v3 API (KV, Lease, Maintenance), client side only, for
+/// measuring etcd with the same load generator (`signpost bench --target etcd`).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// The encoded `FileDescriptorSet` of the client-facing `signpost.v1` API (Registry, Cluster and
 /// the records they carry; not Raft), served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

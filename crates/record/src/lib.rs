@@ -88,6 +88,7 @@ mod reason;
 mod sign;
 mod validate;
 mod verified;
+mod verified_cache;
 mod verify;
 
 pub use admin_set::{admin_sets_of_chain, open_admin_set, verify_admin_chain, AdminSet};
@@ -107,10 +108,14 @@ pub use sign::{
 };
 pub use validate::{validate_deregister_payload, validate_record_payload};
 pub use verified::{
-    open_binding, open_deregister, open_record, Verified, VerifiedBinding, VerifiedDeregister,
-    VerifiedRecord,
+    open_binding, open_deregister, open_deregister_with, open_record, open_record_with,
+    SignatureCheck, Verified, VerifiedBinding, VerifiedDeregister, VerifiedRecord,
 };
-pub use verify::{decode_envelope, decode_multi_envelope, parse_public_key, verify_envelope};
+pub use verified_cache::{VerifiedSignatures, VERIFIED_SIGNATURES_DEFAULT};
+pub use verify::{
+    decode_envelope, decode_multi_envelope, parse_public_key, verify_envelope,
+    verify_envelope_cached,
+};
 
 /// The ed25519 types this crate's API speaks, re-exported so callers use the same version.
 pub use ed25519_dalek::{SigningKey, VerifyingKey};

@@ -7,7 +7,8 @@ use crate::limits::PUBLIC_KEY_BYTES;
 use crate::payload_kind::PayloadKind;
 use crate::reason::Reason;
 use crate::validate::{validate_deregister_payload, validate_record_payload};
-use crate::verify::verify_envelope;
+use crate::verified_cache::VerifiedSignatures;
+use crate::verify::{verify_envelope, verify_envelope_cached};
 
 /// A payload whose signature verified and whose every field passed validation.
 ///
@@ -30,24 +31,75 @@ pub type VerifiedBinding = Verified<Binding>;
 
 /// Verifies `envelope` as a record, then decodes and validates the payload.
 pub fn open_record(envelope: &Envelope) -> Result<VerifiedRecord, RecordError> {
-    let key = verify_envelope(PayloadKind::Record, envelope)?;
-    let payload: RecordPayload = decode_payload(PayloadKind::Record, &envelope.payload)?;
-    validate_record_payload(&payload)?;
-    Ok(Verified {
-        payload,
-        key: key.to_bytes(),
-    })
+    let key = verify_envelope(PayloadKind::Record, envelope)?.to_bytes();
+    finish_record(envelope, key)
 }
 
 /// Verifies `envelope` as a deregistration, then decodes and validates the payload.
 pub fn open_deregister(envelope: &Envelope) -> Result<VerifiedDeregister, RecordError> {
-    let key = verify_envelope(PayloadKind::Deregister, envelope)?;
+    let key = verify_envelope(PayloadKind::Deregister, envelope)?.to_bytes();
+    finish_deregister(envelope, key)
+}
+
+/// How an `open_*_with` call uses the node's [`VerifiedSignatures`].
+#[derive(Debug, Clone, Copy)]
+pub enum SignatureCheck<'a> {
+    /// Verify, and remember a success for a later [`SignatureCheck::Reuse`] (admission).
+    Remember(&'a VerifiedSignatures),
+    /// Skip verification if this node remembered these exact bytes as verified, consuming the
+    /// memory; verify otherwise (apply).
+    Reuse(&'a VerifiedSignatures),
+    /// Always verify.
+    Always,
+}
+
+fn check(
+    kind: PayloadKind,
+    envelope: &Envelope,
+    mode: SignatureCheck<'_>,
+) -> Result<[u8; PUBLIC_KEY_BYTES], RecordError> {
+    match mode {
+        SignatureCheck::Remember(cache) => verify_envelope_cached(kind, envelope, cache, true),
+        SignatureCheck::Reuse(cache) => verify_envelope_cached(kind, envelope, cache, false),
+        SignatureCheck::Always => Ok(verify_envelope(kind, envelope)?.to_bytes()),
+    }
+}
+
+/// [`open_record`] that may reuse or remember this node's earlier verification of the same
+/// bytes (see [`VerifiedSignatures`]); the result is the same either way.
+pub fn open_record_with(
+    envelope: &Envelope,
+    mode: SignatureCheck<'_>,
+) -> Result<VerifiedRecord, RecordError> {
+    let key = check(PayloadKind::Record, envelope, mode)?;
+    finish_record(envelope, key)
+}
+
+/// [`open_deregister`] that may reuse or remember this node's earlier verification.
+pub fn open_deregister_with(
+    envelope: &Envelope,
+    mode: SignatureCheck<'_>,
+) -> Result<VerifiedDeregister, RecordError> {
+    let key = check(PayloadKind::Deregister, envelope, mode)?;
+    finish_deregister(envelope, key)
+}
+
+fn finish_record(
+    envelope: &Envelope,
+    key: [u8; PUBLIC_KEY_BYTES],
+) -> Result<VerifiedRecord, RecordError> {
+    let payload: RecordPayload = decode_payload(PayloadKind::Record, &envelope.payload)?;
+    validate_record_payload(&payload)?;
+    Ok(Verified { payload, key })
+}
+
+fn finish_deregister(
+    envelope: &Envelope,
+    key: [u8; PUBLIC_KEY_BYTES],
+) -> Result<VerifiedDeregister, RecordError> {
     let payload: DeregisterPayload = decode_payload(PayloadKind::Deregister, &envelope.payload)?;
     validate_deregister_payload(&payload)?;
-    Ok(Verified {
-        payload,
-        key: key.to_bytes(),
-    })
+    Ok(Verified { payload, key })
 }
 
 /// Verifies `envelope` as a binding, then decodes and validates the payload. Whether the signer

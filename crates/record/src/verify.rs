@@ -6,6 +6,7 @@ use crate::error::{reject, RecordError};
 use crate::limits::{ENVELOPE_BYTES_MAX, PAYLOAD_BYTES_MAX, PUBLIC_KEY_BYTES, SIGNATURE_BYTES};
 use crate::payload_kind::PayloadKind;
 use crate::reason::Reason;
+use crate::verified_cache::VerifiedSignatures;
 
 /// Decodes an [`Envelope`], refusing oversized input before spending any work on it.
 pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, RecordError> {
@@ -40,6 +41,37 @@ pub fn verify_envelope(
     let signature = parse_signature(&envelope.signature)?;
     verify_signature(kind, &envelope.payload, &key, &signature)?;
     Ok(key)
+}
+
+/// [`verify_envelope`] with a node's [`VerifiedSignatures`]: a signature this node verified
+/// before (and remembered) is not verified again; one it verifies now is remembered when
+/// `remember` is set (the admission check) and not otherwise (apply, which consumes). Returns
+/// the raw key, whose point a successful verification has already proven valid.
+pub fn verify_envelope_cached(
+    kind: PayloadKind,
+    envelope: &Envelope,
+    cache: &VerifiedSignatures,
+    remember: bool,
+) -> Result<[u8; PUBLIC_KEY_BYTES], RecordError> {
+    check_envelope_bytes(envelope.encoded_len())?;
+    check_payload_bytes(envelope.payload.len())?;
+    let raw_key = key_bytes(&envelope.key_id)?;
+    let raw_signature: [u8; SIGNATURE_BYTES] = parse_signature(&envelope.signature)?.to_bytes();
+    let digest = VerifiedSignatures::digest(kind, &raw_key, &raw_signature, &envelope.payload);
+    if !remember && cache.take(&digest) {
+        return Ok(raw_key);
+    }
+    let key = parse_public_key(&raw_key)?;
+    verify_signature(
+        kind,
+        &envelope.payload,
+        &key,
+        &Signature::from_bytes(&raw_signature),
+    )?;
+    if remember {
+        cache.remember(digest);
+    }
+    Ok(raw_key)
 }
 
 /// Parses a raw 32-byte ed25519 public key, refusing wrong lengths and invalid curve points.

@@ -175,6 +175,57 @@ fn tampered_payload_is_a_bad_signature() {
 }
 
 #[test]
+fn a_signature_verified_at_admission_is_reused_once_at_apply_and_never_for_other_bytes() {
+    let k = key(1);
+    let envelope = sign_record(&k, &record("payments", "p1"));
+    let cache = VerifiedSignatures::new(16);
+
+    eprintln!("phase: admission verifies and remembers");
+    let admitted = open_record_with(&envelope, SignatureCheck::Remember(&cache)).unwrap();
+    assert_eq!(cache.len(), 1);
+
+    eprintln!("phase: apply of the same bytes reuses it, with the same result");
+    let applied = open_record_with(&envelope, SignatureCheck::Reuse(&cache)).unwrap();
+    assert_eq!(applied, admitted);
+    assert_eq!(applied, open_record(&envelope).unwrap());
+    assert!(cache.is_empty(), "the reuse consumed the memory");
+
+    eprintln!("phase: other bytes (a tampered payload, a flipped signature) are verified");
+    open_record_with(&envelope, SignatureCheck::Remember(&cache)).unwrap();
+    let mut tampered = envelope.clone();
+    tampered.payload[0] ^= 0x01;
+    assert_eq!(
+        reason_of(open_record_with(&tampered, SignatureCheck::Reuse(&cache))),
+        Reason::BadSignature
+    );
+    let mut flipped = envelope.clone();
+    flipped.signature[0] ^= 0x01;
+    assert_eq!(
+        reason_of(open_record_with(&flipped, SignatureCheck::Reuse(&cache))),
+        Reason::BadSignature
+    );
+
+    eprintln!("phase: a refused signature is never remembered");
+    let cache = VerifiedSignatures::new(16);
+    assert_eq!(
+        reason_of(open_record_with(&flipped, SignatureCheck::Remember(&cache))),
+        Reason::BadSignature
+    );
+    assert!(cache.is_empty());
+
+    eprintln!("phase: a record's signature does not stand for a deregistration");
+    let cache = VerifiedSignatures::new(16);
+    open_record_with(&envelope, SignatureCheck::Remember(&cache)).unwrap();
+    assert_eq!(
+        reason_of(open_deregister_with(
+            &envelope,
+            SignatureCheck::Reuse(&cache)
+        )),
+        Reason::BadSignature
+    );
+}
+
+#[test]
 fn signature_with_another_key_id_is_a_bad_signature() {
     let signer = key(1);
     let other = key(2);

@@ -104,6 +104,16 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time from proposing a write to its apply on this (leading) node."
     );
+    metrics::describe_histogram!(
+        signpost_consensus::PROPOSAL_BATCH_SIZE,
+        metrics::Unit::Count,
+        "Requests one log entry carried (proposals that arrived together share one entry and one fsync)."
+    );
+    metrics::describe_histogram!(
+        signpost_consensus::READ_BATCH_SIZE,
+        metrics::Unit::Count,
+        "Linearizable reads served by one leadership confirmation (read index round)."
+    );
 }
 
 const COUNTERS: &[(&str, &str)] = &[

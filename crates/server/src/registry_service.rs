@@ -240,8 +240,12 @@ impl Registry for RegistryService {
         let caller = self.caller(&request)?;
         let _admitted = self.admission.admit(&caller, Op::Write)?;
         let envelope = required(request.into_inner().envelope)?;
-        // Cheap rejection before the log: garbage never costs a Raft round.
-        let verified = precheck(record::open_record(&envelope))?;
+        // Cheap rejection before the log: garbage never costs a Raft round. A success is
+        // remembered, so this node's apply of the same bytes does not verify them again.
+        let verified = precheck(record::open_record_with(
+            &envelope,
+            record::SignatureCheck::Remember(self.consensus.verified_signatures()),
+        ))?;
         caller.check_register(&verified.payload.service)?;
         self.precheck_against_state(&verified)?;
         let p = &verified.payload;
@@ -263,7 +267,10 @@ impl Registry for RegistryService {
         let caller = self.caller(&request)?;
         let _admitted = self.admission.admit(&caller, Op::Write)?;
         let envelope = required(request.into_inner().envelope)?;
-        let verified = precheck(record::open_deregister(&envelope))?;
+        let verified = precheck(record::open_deregister_with(
+            &envelope,
+            record::SignatureCheck::Remember(self.consensus.verified_signatures()),
+        ))?;
         caller.check_deregister(&verified.payload.service)?;
         self.propose(
             &caller,

@@ -71,6 +71,14 @@ pub enum Command {
     },
     /// Does nothing but advance time (tombstones due by `time_ms` are dropped).
     Noop,
+    /// Several requests in one log entry, put together by the leader so that one log write
+    /// (one fsync on each node) carries them all. [`crate::Registry::apply_entry`] applies them
+    /// in order at the entry's revision, each with its own outcome, as if each were an entry
+    /// of its own; a genesis or a batch inside a batch is refused as malformed.
+    Batch {
+        /// The requests, in the order they are applied.
+        requests: Vec<Request>,
+    },
 }
 
 /// Limits of one registry, fixed at genesis.

@@ -9,9 +9,14 @@
 //! | `state` | the registry's key/value pairs | the state machine |
 //! | `machine` | last applied log id, membership, current snapshot | the state machine |
 //!
-//! Every write that is acknowledged to Raft is a synced write (`WriteOptions::set_sync`), so an
-//! acknowledged entry survives `kill -9` and power loss. A state-machine batch carries the state
-//! changes and the last-applied id together, so the two can never disagree after a crash.
+//! Every write that Raft counts on is a synced write (`WriteOptions::set_sync`): log appends,
+//! truncations, purges, votes, snapshots. So an acknowledged entry survives `kill -9` and power
+//! loss. State-machine batches and the committed index are not synced of their own (see
+//! [`Store::state_apply`]): the log they are derived from is, and every column family shares
+//! one write-ahead log, so the next synced write makes them durable too, in order. After a
+//! power loss the state may lag the log, never lead it, and Raft applies the difference again,
+//! as etcd does with its backend. A state-machine batch carries the state changes and the
+//! last-applied id together, so the two can never disagree after a crash.
 //!
 //! This crate knows nothing of openraft or of the registry: values are opaque bytes, which keeps
 //! RocksDB and openraft each inside one crate.
@@ -24,6 +29,7 @@
 )]
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
@@ -95,6 +101,9 @@ pub type StateChange = (Vec<u8>, Option<Vec<u8>>);
 pub struct Store {
     db: DB,
     path: PathBuf,
+    // Synced writes (each one fsync of the write-ahead log) since open, for metrics and for the
+    // tests that hold the write path to its fsync budget.
+    syncs: AtomicU64,
 }
 
 impl Store {
@@ -121,7 +130,13 @@ impl Store {
         Ok(Store {
             db,
             path: dir.to_path_buf(),
+            syncs: AtomicU64::new(0),
         })
+    }
+
+    /// Synced writes (fsyncs of the write-ahead log) this store made since it was opened.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// The directory this store lives in.
@@ -145,7 +160,18 @@ impl Store {
     fn write_synced(&self, batch: WriteBatch) -> Result<()> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))
+        self.db.write_opt(batch, &opts).map_err(|e| self.rocks(e))?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes through the write-ahead log without waiting for the disk. The write reaches the
+    /// operating system before this returns, so it survives the process being killed; it
+    /// survives power loss once any later synced write returns (one log, written in order).
+    fn write_unsynced(&self, batch: WriteBatch) -> Result<()> {
+        self.db
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(|e| self.rocks(e))
     }
 
     fn check_len(value: &[u8]) -> Result<()> {
@@ -245,6 +271,15 @@ impl Store {
         self.write_synced(batch)
     }
 
+    /// Writes a Raft metadata value that may be lost with power (the committed index: losing
+    /// it only means applying again from the log), durable with the next synced write.
+    pub fn raft_put_unsynced(&self, key: &str, value: &[u8]) -> Result<()> {
+        Self::check_len(value)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RAFT)?, key.as_bytes(), value);
+        self.write_unsynced(batch)
+    }
+
     // ----- State machine --------------------------------------------------------------------
 
     /// Reads a state-machine metadata value (last applied, membership, snapshot).
@@ -259,6 +294,24 @@ impl Store {
 
     /// Applies state changes and machine metadata in one synced, atomic batch.
     pub fn state_commit(&self, changes: &[StateChange], machine: &[(&str, &[u8])]) -> Result<()> {
+        let batch = self.state_batch(changes, machine)?;
+        self.write_synced(batch)
+    }
+
+    /// Applies state changes and machine metadata (which must include the last-applied id) in
+    /// one atomic batch, without an fsync of its own: the caller's log holds what produced it,
+    /// durably, and re-applies it after a power loss. This is what keeps apply at no fsync per
+    /// batch while the log pays one.
+    pub fn state_apply(&self, changes: &[StateChange], machine: &[(&str, &[u8])]) -> Result<()> {
+        let batch = self.state_batch(changes, machine)?;
+        self.write_unsynced(batch)
+    }
+
+    fn state_batch(
+        &self,
+        changes: &[StateChange],
+        machine: &[(&str, &[u8])],
+    ) -> Result<WriteBatch> {
         let state = self.cf(CF_STATE)?;
         let meta = self.cf(CF_MACHINE)?;
         let mut batch = WriteBatch::default();
@@ -275,7 +328,7 @@ impl Store {
             Self::check_len(value)?;
             batch.put_cf(meta, key.as_bytes(), value);
         }
-        self.write_synced(batch)
+        Ok(batch)
     }
 
     /// Every pair of the `state` family in key order.
@@ -489,6 +542,42 @@ mod tests {
         assert_eq!(
             store.state_scan().unwrap(),
             vec![(b"z".to_vec(), b"9".to_vec())]
+        );
+    }
+
+    #[test]
+    fn only_log_writes_pay_an_fsync_and_an_unsynced_apply_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // Phase 1: applying state and saving the committed index cost no fsync.
+            store
+                .state_apply(
+                    &[(b"k".to_vec(), Some(b"v".to_vec()))],
+                    &[("applied", b"7")],
+                )
+                .unwrap();
+            store.raft_put_unsynced("committed", b"c7").unwrap();
+            assert_eq!(store.syncs(), 0, "apply and commit must not fsync");
+            // Phase 2: a log append pays exactly one, which also covers what came before it.
+            store.log_append(&entries(1..=3)).unwrap();
+            assert_eq!(store.syncs(), 1);
+            store.state_commit(&[], &[("snapshot", b"s")]).unwrap();
+            assert_eq!(store.syncs(), 2, "snapshots and other metadata stay synced");
+        }
+        // Phase 3: a reopen (as after kill -9) sees the unsynced writes.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.state_scan().unwrap(),
+            vec![(b"k".to_vec(), b"v".to_vec())]
+        );
+        assert_eq!(
+            store.machine_get("applied").unwrap().as_deref(),
+            Some(&b"7"[..])
+        );
+        assert_eq!(
+            store.raft_get("committed").unwrap().as_deref(),
+            Some(&b"c7"[..])
         );
     }
 

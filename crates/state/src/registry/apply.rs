@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 use signpost_record::{
-    decode_envelope, decode_multi_envelope, open_admin_set, open_binding, open_deregister,
-    open_record, AdminSet, Reason, RecordError, ADMIN_CHAIN_ENTRIES_MAX, PUBLIC_KEY_BYTES,
+    decode_envelope, decode_multi_envelope, open_admin_set, open_binding, open_deregister_with,
+    open_record_with, AdminSet, Reason, RecordError, SignatureCheck, VerifiedSignatures,
+    ADMIN_CHAIN_ENTRIES_MAX, PUBLIC_KEY_BYTES,
 };
 
 use super::{Admins, BindingEntry, Registry};
@@ -37,14 +38,15 @@ fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Rejection> 
 }
 
 /// The writes and events of the apply in progress.
-struct Txn {
+struct Txn<'a> {
     revision: u64,
     time_ms: u64,
     changes: Vec<Change>,
     events: Vec<Event>,
+    signatures: SignatureCheck<'a>,
 }
 
-impl Txn {
+impl Txn<'_> {
     fn event(
         &mut self,
         kind: EventKind,
@@ -75,6 +77,47 @@ impl Registry {
     /// Applies one log entry at `revision` (its log index). Reads nothing but its arguments and
     /// the registry, so every replica computes the same [`Applied`].
     pub fn apply(&mut self, revision: u64, request: &Request) -> Applied {
+        self.apply_with(revision, request, None)
+    }
+
+    /// Applies one log entry at `revision`: its request, or each request of a
+    /// [`Command::Batch`] in order, all at that revision. One [`Applied`] per request, in order;
+    /// each request is atomic on its own (a refused one changes nothing, the others apply).
+    pub fn apply_entry(
+        &mut self,
+        revision: u64,
+        request: &Request,
+        verified: Option<&VerifiedSignatures>,
+    ) -> Vec<Applied> {
+        let Command::Batch { requests } = &request.command else {
+            return vec![self.apply_with(revision, request, verified)];
+        };
+        requests
+            .iter()
+            .map(|inner| match inner.command {
+                Command::Batch { .. } | Command::Genesis { .. } => Applied {
+                    outcome: Outcome::Rejected {
+                        reason: Reason::Malformed,
+                        detail: "a batch may not hold a genesis or another batch".into(),
+                    },
+                    changes: Vec::new(),
+                    events: Vec::new(),
+                },
+                _ => self.apply_with(revision, inner, verified),
+            })
+            .collect()
+    }
+
+    /// [`Registry::apply`] that skips verifying a record or deregistration signature this node
+    /// already verified on the same bytes (its admission check, see [`VerifiedSignatures`]).
+    /// The result is the same as `apply`'s: the cache only remembers successes of the same
+    /// pure check.
+    pub fn apply_with(
+        &mut self,
+        revision: u64,
+        request: &Request,
+        verified: Option<&VerifiedSignatures>,
+    ) -> Applied {
         // Time in apply never runs backwards (I3): an entry stamped before the largest time
         // already applied is applied at that time, so a tombstone dropped under one leader's
         // clock stays dropped only for writes that are too old under every later leader.
@@ -83,6 +126,7 @@ impl Registry {
             time_ms: request.time_ms.max(self.clock_ms),
             changes: Vec::new(),
             events: Vec::new(),
+            signatures: verified.map_or(SignatureCheck::Always, SignatureCheck::Reuse),
         };
         let result = match &request.command {
             Command::Genesis {
@@ -102,6 +146,10 @@ impl Registry {
                 sequence,
             } => self.expire(&mut txn, service, instance, *sequence),
             Command::Noop => Ok(()),
+            Command::Batch { .. } => reject(
+                Reason::Malformed,
+                "a batch is applied request by request (Registry::apply_entry), not as one",
+            ),
         };
         match result {
             Ok(()) => {
@@ -133,7 +181,7 @@ impl Registry {
 
     fn genesis_command(
         &mut self,
-        txn: &mut Txn,
+        txn: &mut Txn<'_>,
         admin_keys: &[[u8; PUBLIC_KEY_BYTES]],
         admin_threshold: u32,
         quotas: &Quotas,
@@ -170,9 +218,9 @@ impl Registry {
         Ok(())
     }
 
-    fn register(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+    fn register(&mut self, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), Rejection> {
         let envelope = decode_envelope(bytes)?;
-        let verified = open_record(&envelope)?;
+        let verified = open_record_with(&envelope, txn.signatures)?;
         let payload = &verified.payload;
         let (service, instance) = (payload.service.as_str(), payload.instance.as_str());
         self.authorize(service, &verified.key, txn.time_ms, false)?;
@@ -217,9 +265,9 @@ impl Registry {
         Ok(())
     }
 
-    fn deregister(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+    fn deregister(&mut self, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), Rejection> {
         let envelope = decode_envelope(bytes)?;
-        let verified = open_deregister(&envelope)?;
+        let verified = open_deregister_with(&envelope, txn.signatures)?;
         let payload = &verified.payload;
         let (service, instance) = (payload.service.as_str(), payload.instance.as_str());
         self.authorize(service, &verified.key, txn.time_ms, true)?;
@@ -236,7 +284,7 @@ impl Registry {
         Ok(())
     }
 
-    fn bind(&mut self, txn: &mut Txn, bytes: &[u8]) -> Result<(), Rejection> {
+    fn bind(&mut self, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), Rejection> {
         let Some(admins) = &self.admins else {
             return reject(Reason::NoAdminSet, "bind before genesis");
         };
@@ -291,7 +339,7 @@ impl Registry {
 
     /// Stores a checked binding. Key rotation: records signed by a key the new binding drops
     /// lose their authority now, not when their leases run out.
-    fn install_binding(&mut self, txn: &mut Txn, entry: BindingEntry) {
+    fn install_binding(&mut self, txn: &mut Txn<'_>, entry: BindingEntry) {
         let unbound: Vec<(String, u64, u64)> = self
             .services
             .get(&entry.binding.service)
@@ -309,7 +357,7 @@ impl Registry {
 
     fn rotate_admins(
         &mut self,
-        txn: &mut Txn,
+        txn: &mut Txn<'_>,
         bytes: &[u8],
         rebinds: &[Vec<u8>],
     ) -> Result<(), Rejection> {
@@ -420,7 +468,7 @@ impl Registry {
 
     fn expire(
         &mut self,
-        txn: &mut Txn,
+        txn: &mut Txn<'_>,
         service: &str,
         instance: &str,
         sequence: u64,
@@ -539,7 +587,13 @@ impl Registry {
     }
 
     /// Stores a live record, replacing any previous record or tombstone of the instance.
-    fn put_record(&mut self, txn: &mut Txn, service: &str, instance: &str, record: StoredRecord) {
+    fn put_record(
+        &mut self,
+        txn: &mut Txn<'_>,
+        service: &str,
+        instance: &str,
+        record: StoredRecord,
+    ) {
         self.remove_tombstone(txn, service, instance);
         let old_len = self
             .services
@@ -562,7 +616,7 @@ impl Registry {
     /// replay would already be refused as expired. Emits the Delete event.
     fn bury(
         &mut self,
-        txn: &mut Txn,
+        txn: &mut Txn<'_>,
         service: &str,
         instance: &str,
         sequence: u64,
@@ -604,7 +658,7 @@ impl Registry {
         txn.event(EventKind::Delete, service, instance, None);
     }
 
-    fn remove_tombstone(&mut self, txn: &mut Txn, service: &str, instance: &str) {
+    fn remove_tombstone(&mut self, txn: &mut Txn<'_>, service: &str, instance: &str) {
         let key = (service.to_owned(), instance.to_owned());
         let Some(tombstone) = self.tombstones.remove(&key) else {
             return;
@@ -622,7 +676,7 @@ impl Registry {
         );
     }
 
-    fn put_binding(&mut self, txn: &mut Txn, entry: BindingEntry) {
+    fn put_binding(&mut self, txn: &mut Txn<'_>, entry: BindingEntry) {
         let service = entry.binding.service.clone();
         let old_len = self
             .bindings
@@ -639,7 +693,7 @@ impl Registry {
 
     /// Records the entry's time as the registry's clock if it moved forward. Only applied
     /// entries move it, so a refused entry writes nothing, as ever.
-    fn advance_clock(&mut self, txn: &mut Txn) {
+    fn advance_clock(&mut self, txn: &mut Txn<'_>) {
         if txn.time_ms <= self.clock_ms {
             return;
         }
@@ -654,7 +708,7 @@ impl Registry {
     }
 
     /// Drops the tombstones whose replay window has closed by `txn.time_ms`, oldest first.
-    fn drop_due_tombstones(&mut self, txn: &mut Txn) {
+    fn drop_due_tombstones(&mut self, txn: &mut Txn<'_>) {
         for _ in 0..TOMBSTONE_DROPS_PER_APPLY_MAX {
             let Some((due_ms, service, instance)) = self.tombstones_due.first().cloned() else {
                 return;
@@ -670,7 +724,7 @@ impl Registry {
     /// `old_value_len` is the length of the value being replaced or deleted, if any.
     fn write(
         &mut self,
-        txn: &mut Txn,
+        txn: &mut Txn<'_>,
         key: StorageKey,
         old_value_len: Option<u64>,
         value: Option<Vec<u8>>,

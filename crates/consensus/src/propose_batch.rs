@@ -1,0 +1,237 @@
+//! Group commit for proposals: requests that arrive while earlier ones are being written go
+//! into one log entry together.
+//!
+//! openraft 0.9 appends each `client_write` as its own log write, and the leader waits for that
+//! write's fsync before it handles the next message, so one entry per request meant one leader
+//! fsync per request, in series: the ceiling on write throughput, with the disk mostly idle.
+//! Here at most [`IN_FLIGHT_BATCHES`] entries are in flight; everything that arrives meanwhile
+//! waits and leaves as one [`Command::Batch`] entry (bounded in requests and bytes), so under
+//! load one fsync per node carries many registrations, and a lone request still goes at once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::Raft;
+use signpost_state::{Command, Outcome, Request};
+use tokio::sync::{oneshot, Notify, Semaphore};
+
+use crate::error::ConsensusError;
+use crate::type_config::{NodeAddr, TypeConfig};
+
+/// Entries proposed and not yet applied, at most: one being written while the next fills.
+pub(crate) const IN_FLIGHT_BATCHES: usize = 4;
+/// Requests in one entry, at most.
+pub(crate) const BATCH_REQUESTS_MAX: usize = 512;
+/// Bytes of requests in one entry, at most (far below the Raft message limit).
+pub(crate) const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Requests waiting for an entry, at most. Admission bounds proposals in flight far lower; this
+/// bound keeps the queue finite whatever calls it.
+const QUEUE_MAX: usize = 65_536;
+
+type Answer = Result<(u64, Outcome), ConsensusError>;
+
+struct Pending {
+    request: Request,
+    bytes: usize,
+    tx: oneshot::Sender<Answer>,
+}
+
+/// The proposal batcher of one node. Cloning is cheap; clones share the queue.
+#[derive(Clone)]
+pub(crate) struct ProposalBatcher {
+    queue: Arc<Mutex<VecDeque<Pending>>>,
+    wake: Arc<Notify>,
+}
+
+/// What a request weighs in an entry: its signed bytes and names, plus a fixed overhead.
+fn weight(request: &Request) -> usize {
+    let body = match &request.command {
+        Command::Register { envelope }
+        | Command::Deregister { envelope }
+        | Command::Bind { envelope } => envelope.len(),
+        Command::RotateAdmins { envelope, rebinds } => {
+            envelope.len() + rebinds.iter().map(Vec::len).sum::<usize>()
+        }
+        Command::Expire {
+            service, instance, ..
+        } => service.len() + instance.len(),
+        Command::Genesis { admin_keys, .. } => admin_keys.len() * 32,
+        Command::Noop => 0,
+        Command::Batch { requests } => requests.iter().map(weight).sum(),
+    };
+    body + request.caller.len() + 64
+}
+
+impl ProposalBatcher {
+    /// Starts the batching task over `raft`; it parks while nothing waits.
+    pub(crate) fn spawn(raft: Raft<TypeConfig>) -> ProposalBatcher {
+        let batcher = ProposalBatcher {
+            queue: Arc::new(Mutex::new(VecDeque::new())),
+            wake: Arc::new(Notify::new()),
+        };
+        let queue = Arc::downgrade(&batcher.queue);
+        let wake = Arc::clone(&batcher.wake);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT_BATCHES));
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                loop {
+                    let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                        return;
+                    };
+                    let Some(queue) = queue.upgrade() else {
+                        return;
+                    };
+                    let batch = take_batch(&queue);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let raft = raft.clone();
+                    tokio::spawn(async move {
+                        propose_batch(&raft, batch).await;
+                        drop(slot);
+                    });
+                }
+            }
+        });
+        batcher
+    }
+
+    /// Proposes `request` in the next entry and waits for its outcome.
+    pub(crate) async fn propose(&self, request: Request) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.len() >= QUEUE_MAX {
+                return Err(ConsensusError::Unavailable(
+                    "too many proposals waiting".into(),
+                ));
+            }
+            queue.push_back(Pending {
+                bytes: weight(&request),
+                request,
+                tx,
+            });
+        }
+        self.wake.notify_one();
+        rx.await
+            .unwrap_or_else(|_| Err(ConsensusError::Unavailable("raft stopped".into())))
+    }
+}
+
+/// The longest prefix of the queue that fits one entry (always at least one request). A
+/// genesis travels alone: it may not be part of a batch.
+fn take_batch(queue: &Mutex<VecDeque<Pending>>) -> Vec<Pending> {
+    let mut queue = queue.lock().unwrap_or_else(|p| p.into_inner());
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = queue.front() {
+        let alone = matches!(
+            next.request.command,
+            Command::Genesis { .. } | Command::Batch { .. }
+        );
+        let full = batch.len() >= BATCH_REQUESTS_MAX || bytes + next.bytes > BATCH_BYTES_MAX;
+        if !batch.is_empty() && (alone || full) {
+            break;
+        }
+        bytes += next.bytes;
+        let Some(next) = queue.pop_front() else { break };
+        batch.push(next);
+        if alone {
+            break;
+        }
+    }
+    batch
+}
+
+async fn propose_batch(raft: &Raft<TypeConfig>, mut batch: Vec<Pending>) {
+    // The leader's clock, read once per entry: the only notion of "now" apply has.
+    let time_ms = crate::wall_clock_ms();
+    let started = std::time::Instant::now();
+    metrics::histogram!(crate::PROPOSAL_BATCH_SIZE).record(batch.len() as f64);
+    let entry = if batch.len() == 1 {
+        let mut request = batch[0].request.clone();
+        request.time_ms = time_ms;
+        request
+    } else {
+        Request {
+            time_ms,
+            caller: String::new(),
+            command: Command::Batch {
+                requests: batch
+                    .iter_mut()
+                    .map(|p| {
+                        let mut request = std::mem::replace(
+                            &mut p.request,
+                            Request {
+                                time_ms: 0,
+                                caller: String::new(),
+                                command: Command::Noop,
+                            },
+                        );
+                        request.time_ms = time_ms;
+                        request
+                    })
+                    .collect(),
+            },
+        }
+    };
+    match raft.client_write(entry).await {
+        Ok(response) => {
+            metrics::histogram!(crate::PROPOSAL_DURATION).record(started.elapsed().as_secs_f64());
+            let index = response.log_id.index;
+            let mut outcomes = response.data.into_iter();
+            for pending in batch {
+                let answer = match outcomes.next() {
+                    Some(outcome) => Ok((index, outcome)),
+                    // Apply gives one outcome per request; fewer is a broken invariant, but a
+                    // caller must still get an answer.
+                    None => Err(ConsensusError::Unavailable(format!(
+                        "entry {index} was applied without an outcome for every request"
+                    ))),
+                };
+                let _ = pending.tx.send(answer);
+            }
+        }
+        Err(e) => {
+            let error = Failure::from(e);
+            for pending in batch {
+                // A caller that gave up (its request timed out) is not an error.
+                let _ = pending.tx.send(Err(error.clone().into()));
+            }
+        }
+    }
+}
+
+/// A failed proposal, in a form every request of the batch can be given.
+#[derive(Clone)]
+enum Failure {
+    NotLeader(Option<(u64, NodeAddr)>),
+    Invalid(String),
+    Unavailable(String),
+}
+
+impl From<RaftError<u64, ClientWriteError<u64, NodeAddr>>> for Failure {
+    fn from(e: RaftError<u64, ClientWriteError<u64, NodeAddr>>) -> Failure {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                Failure::NotLeader(f.leader_id.zip(f.leader_node))
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                Failure::Invalid(e.to_string())
+            }
+            RaftError::Fatal(e) => Failure::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<Failure> for ConsensusError {
+    fn from(f: Failure) -> ConsensusError {
+        match f {
+            Failure::NotLeader(leader) => ConsensusError::NotLeader { leader },
+            Failure::Invalid(why) => ConsensusError::Invalid(why),
+            Failure::Unavailable(why) => ConsensusError::Unavailable(why),
+        }
+    }
+}
