@@ -55,6 +55,9 @@ pub struct ConsensusConfig {
     pub snapshot_after_entries: u64,
     /// Log entries kept behind a snapshot (so slightly lagging followers avoid a snapshot).
     pub log_entries_kept: u64,
+    /// Put concurrent proposals into one log entry (`Command::Batch`). Off only while a
+    /// cluster is upgraded from a version that cannot read batch entries.
+    pub batch_proposals: bool,
     /// The genesis admin set this node was configured to bootstrap (`[bootstrap]`): a stored
     /// state or a received snapshot with another genesis belongs to another cluster and is
     /// refused, even on a node that has no state yet.
@@ -83,6 +86,7 @@ impl ConsensusConfig {
             election_timeout_max_ms: DEFAULT_ELECTION_TIMEOUT_MAX_MS,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
+            batch_proposals: true,
             expected_genesis: None,
         }
     }
@@ -240,7 +244,14 @@ impl Consensus {
             let state_machine = state_machine.clone();
             move || state_machine.read().revision()
         });
-        let proposals = ProposalBatcher::spawn(raft.clone());
+        let proposals = ProposalBatcher::spawn(
+            raft.clone(),
+            if config.batch_proposals {
+                crate::propose_batch::BATCH_REQUESTS_MAX
+            } else {
+                1
+            },
+        );
         Ok(Consensus {
             raft,
             state_machine,

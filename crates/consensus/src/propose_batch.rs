@@ -44,6 +44,9 @@ pub(crate) struct ProposalBatcher {
     wake: Arc<Notify>,
 }
 
+/// How many requests one entry may carry: [`BATCH_REQUESTS_MAX`], or 1 while batching is off.
+type BatchLimit = usize;
+
 /// What a request weighs in an entry: its signed bytes and names, plus a fixed overhead.
 fn weight(request: &Request) -> usize {
     let body = match &request.command {
@@ -65,7 +68,8 @@ fn weight(request: &Request) -> usize {
 
 impl ProposalBatcher {
     /// Starts the batching task over `raft`; it parks while nothing waits.
-    pub(crate) fn spawn(raft: Raft<TypeConfig>) -> ProposalBatcher {
+    pub(crate) fn spawn(raft: Raft<TypeConfig>, per_entry: BatchLimit) -> ProposalBatcher {
+        let per_entry = per_entry.clamp(1, BATCH_REQUESTS_MAX);
         let batcher = ProposalBatcher {
             queue: Arc::new(Mutex::new(VecDeque::new())),
             wake: Arc::new(Notify::new()),
@@ -83,7 +87,7 @@ impl ProposalBatcher {
                     let Some(queue) = queue.upgrade() else {
                         return;
                     };
-                    let batch = take_batch(&queue);
+                    let batch = take_batch(&queue, per_entry);
                     if batch.is_empty() {
                         break;
                     }
@@ -122,7 +126,7 @@ impl ProposalBatcher {
 
 /// The longest prefix of the queue that fits one entry (always at least one request). A
 /// genesis travels alone: it may not be part of a batch.
-fn take_batch(queue: &Mutex<VecDeque<Pending>>) -> Vec<Pending> {
+fn take_batch(queue: &Mutex<VecDeque<Pending>>, per_entry: BatchLimit) -> Vec<Pending> {
     let mut queue = queue.lock().unwrap_or_else(|p| p.into_inner());
     let mut batch: Vec<Pending> = Vec::new();
     let mut bytes = 0;
@@ -131,7 +135,7 @@ fn take_batch(queue: &Mutex<VecDeque<Pending>>) -> Vec<Pending> {
             next.request.command,
             Command::Genesis { .. } | Command::Batch { .. }
         );
-        let full = batch.len() >= BATCH_REQUESTS_MAX || bytes + next.bytes > BATCH_BYTES_MAX;
+        let full = batch.len() >= per_entry || bytes + next.bytes > BATCH_BYTES_MAX;
         if !batch.is_empty() && (alone || full) {
             break;
         }
@@ -233,5 +237,85 @@ impl From<Failure> for ConsensusError {
             Failure::Invalid(why) => ConsensusError::Invalid(why),
             Failure::Unavailable(why) => ConsensusError::Unavailable(why),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(command: Command) -> (Pending, oneshot::Receiver<Answer>) {
+        let (tx, rx) = oneshot::channel();
+        let request = Request {
+            time_ms: 0,
+            caller: "spiffe://t/service/s".into(),
+            command,
+        };
+        (
+            Pending {
+                bytes: weight(&request),
+                request,
+                tx,
+            },
+            rx,
+        )
+    }
+
+    fn queue(commands: Vec<Command>) -> Mutex<VecDeque<Pending>> {
+        Mutex::new(commands.into_iter().map(|c| pending(c).0).collect())
+    }
+
+    fn register(bytes: usize) -> Command {
+        Command::Register {
+            envelope: vec![0; bytes],
+        }
+    }
+
+    #[test]
+    fn an_entry_takes_what_waits_up_to_its_request_and_byte_limits() {
+        // Phase 1: everything waiting fits one entry.
+        let q = queue((0..5).map(|_| register(100)).collect());
+        assert_eq!(take_batch(&q, BATCH_REQUESTS_MAX).len(), 5);
+        assert!(take_batch(&q, BATCH_REQUESTS_MAX).is_empty());
+
+        // Phase 2: the request limit (1 while batching is off, for rolling upgrades).
+        let q = queue((0..5).map(|_| register(100)).collect());
+        assert_eq!(take_batch(&q, 1).len(), 1);
+        assert_eq!(take_batch(&q, 3).len(), 3);
+        assert_eq!(take_batch(&q, 3).len(), 1);
+
+        // Phase 3: the byte limit, yet a single oversized request still leaves alone.
+        let big = BATCH_BYTES_MAX / 2;
+        let q = queue(vec![
+            register(big),
+            register(big),
+            register(BATCH_BYTES_MAX),
+        ]);
+        assert_eq!(
+            take_batch(&q, BATCH_REQUESTS_MAX).len(),
+            1,
+            "two halves plus overhead do not fit"
+        );
+        assert_eq!(take_batch(&q, BATCH_REQUESTS_MAX).len(), 1);
+        assert_eq!(take_batch(&q, BATCH_REQUESTS_MAX).len(), 1);
+    }
+
+    #[test]
+    fn a_genesis_travels_alone() {
+        let genesis = || Command::Genesis {
+            admin_keys: vec![[1; 32]],
+            admin_threshold: 1,
+            quotas: Default::default(),
+        };
+        let q = queue(vec![register(10), genesis(), register(10), register(10)]);
+        assert_eq!(
+            take_batch(&q, BATCH_REQUESTS_MAX).len(),
+            1,
+            "stops before the genesis"
+        );
+        let alone = take_batch(&q, BATCH_REQUESTS_MAX);
+        assert_eq!(alone.len(), 1);
+        assert!(matches!(alone[0].request.command, Command::Genesis { .. }));
+        assert_eq!(take_batch(&q, BATCH_REQUESTS_MAX).len(), 2);
     }
 }

@@ -1,7 +1,7 @@
 //! A node's memory of signatures it has already verified, so the leader's admission check and
 //! its apply of the same bytes cost one `verify_strict`, not two.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
@@ -27,9 +27,12 @@ pub struct VerifiedSignatures {
 
 #[derive(Debug, Default)]
 struct Inner {
-    digests: HashSet<[u8; 32]>,
-    // Insertion order, for eviction. May hold digests already consumed; they are skipped.
-    order: VecDeque<[u8; 32]>,
+    // Digest to the generation it was remembered at.
+    digests: HashMap<[u8; 32], u64>,
+    // Insertion order, for eviction. May hold digests already consumed or remembered again
+    // since (an older generation); evicting one of those leaves the live entry alone.
+    order: VecDeque<([u8; 32], u64)>,
+    generation: u64,
 }
 
 impl VerifiedSignatures {
@@ -76,22 +79,25 @@ impl VerifiedSignatures {
 
     pub(crate) fn remember(&self, digest: [u8; 32]) {
         let mut inner = self.lock();
-        if !inner.digests.insert(digest) {
+        if inner.digests.contains_key(&digest) {
             return;
         }
-        inner.order.push_back(digest);
+        inner.generation += 1;
+        let generation = inner.generation;
+        inner.digests.insert(digest, generation);
+        inner.order.push_back((digest, generation));
         while inner.digests.len() > self.capacity || inner.order.len() > 2 * self.capacity {
-            match inner.order.pop_front() {
-                Some(oldest) => {
-                    inner.digests.remove(&oldest);
-                }
-                None => break,
+            let Some((oldest, at)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner.digests.get(&oldest) == Some(&at) {
+                inner.digests.remove(&oldest);
             }
         }
     }
 
     pub(crate) fn take(&self, digest: &[u8; 32]) -> bool {
-        self.lock().digests.remove(digest)
+        self.lock().digests.remove(digest).is_some()
     }
 }
 
@@ -121,6 +127,18 @@ mod tests {
         assert_eq!(cache.len(), 2);
         assert!(!cache.take(&d(1)), "evicted");
         assert!(cache.take(&d(2)) && cache.take(&d(3)));
+    }
+
+    #[test]
+    fn a_digest_remembered_again_after_use_survives_the_eviction_of_its_old_copy() {
+        let cache = VerifiedSignatures::new(1);
+        for _ in 0..10 {
+            cache.remember(d(7));
+            assert!(
+                cache.take(&d(7)),
+                "the live entry was evicted with a stale copy"
+            );
+        }
     }
 
     #[test]

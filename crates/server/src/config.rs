@@ -181,6 +181,11 @@ pub struct RaftConfig {
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot.
     pub log_entries_kept: u64,
+    /// Group commit: concurrent writes share one log entry (and one fsync per node). Set it
+    /// false on every node while upgrading from a version without it (0.1.0 before group
+    /// commit), whose nodes stop with "corrupt raft log" on a batch entry; true once all run
+    /// this version.
+    pub batch_proposals: bool,
 }
 
 impl Default for RaftConfig {
@@ -191,6 +196,7 @@ impl Default for RaftConfig {
             election_timeout_max_ms: signpost_consensus::DEFAULT_ELECTION_TIMEOUT_MAX_MS,
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
+            batch_proposals: true,
         }
     }
 }
