@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Signpost against etcd on this machine, side by side, with one load generator.
 #
-#   benches/compare-etcd.sh [--quick] [--clients N] [--secs S] [--runs R]
+#   benches/compare-etcd.sh [--quick] [--clients N] [--secs S] [--runs R] [--mix R:W:K]
+#                           [--watch-rate W]
 #
 # Starts a three-member etcd cluster (Debian's etcd-server, installed if missing) and a
 # three-node Signpost cluster (`signpost dev`) on loopback, both with mutual TLS on client and
@@ -9,6 +10,11 @@
 # `signpost bench` (--target etcd for etcd); then kills each leader with SIGKILL once and
 # measures the write outage. Prints one table with both systems and their ratio; the last line
 # is one JSON object with every figure. Everything it starts it stops, on any exit.
+#
+# Workloads: register (Put, and Put with a lease), linearizable and stale resolve (Range,
+# serializable Range), mixed (--mix resolves:registrations:keep-alives per client, default
+# 80:15:5) and watch (N watch streams, one writer at --watch-rate writes/s, default 200: the
+# delay from each write's send to its event at every watcher).
 #
 # Signpost runs twice: with benches/limits-throughput.toml (per-identity admission rates raised
 # far above what the generator sends) and with the default limits.
@@ -24,13 +30,17 @@ BIN=${SIGNPOST_BIN:-$TARGET_DIR/release/signpost}
 CLIENTS=32
 SECS=20
 RUNS=3
+MIX=80:15:5
+WATCH_RATE=200
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) SECS=5; RUNS=1 ;;
     --clients) CLIENTS=$2; shift ;;
     --secs) SECS=$2; shift ;;
     --runs) RUNS=$2; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --mix) MIX=$2; shift ;;
+    --watch-rate) WATCH_RATE=$2; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "compare-etcd: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -161,15 +171,23 @@ restart_signpost() {
 # ---- runs -----------------------------------------------------------------------------------
 bench_signpost() {  # label workload [extra args...]
   local label=$1 workload=$2; shift 2
+  bench_signpost_at "$label" "$workload" 0 "$@"
+}
+bench_signpost_at() {  # label workload rate [extra args...]
+  local label=$1 workload=$2 rate=$3; shift 3
   "$BIN" bench --config "$WORK/signpost/client.toml" --workload "$workload" --clients "$CLIENTS" \
-    --rate 0 --duration "$SECS" --json "$@" >"$RESULTS/$label.$RUN.json" 2>>"$WORK/bench.log" \
+    --rate "$rate" --duration "$SECS" --json "$@" >"$RESULTS/$label.$RUN.json" 2>>"$WORK/bench.log" \
     || die "signpost bench $label failed; see $WORK/bench.log"
 }
 bench_etcd() {  # label workload [extra args...]
   local label=$1 workload=$2; shift 2
+  bench_etcd_at "$label" "$workload" 0 "$@"
+}
+bench_etcd_at() {  # label workload rate [extra args...]
+  local label=$1 workload=$2 rate=$3; shift 3
   "$BIN" bench --target etcd --endpoints "$ETCD_ENDPOINTS" --etcd-ca "$WORK/etcd-tls/ca.crt" \
     --etcd-cert "$WORK/etcd-tls/client.crt" --etcd-key "$WORK/etcd-tls/client.key" \
-    --workload "$workload" --clients "$CLIENTS" --rate 0 --duration "$SECS" --json "$@" \
+    --workload "$workload" --clients "$CLIENTS" --rate "$rate" --duration "$SECS" --json "$@" \
     >"$RESULTS/$label.$RUN.json" 2>>"$WORK/bench.log" \
     || die "etcd bench $label failed; see $WORK/bench.log"
 }
@@ -231,6 +249,12 @@ for RUN in $(seq 1 "$RUNS"); do
   say "run $RUN/$RUNS: stale resolve"
   bench_signpost signpost_resolve_stale resolve --stale
   bench_etcd etcd_range_serializable resolve --stale
+  say "run $RUN/$RUNS: mixed $MIX (resolve:register:keep-alive)"
+  bench_signpost signpost_mixed mixed --mix "$MIX"
+  bench_etcd etcd_mixed mixed --mix "$MIX"
+  say "run $RUN/$RUNS: watch fan-out, one writer at $WATCH_RATE/s, $CLIENTS watchers"
+  bench_signpost_at signpost_watch watch "$WATCH_RATE"
+  bench_etcd_at etcd_watch watch "$WATCH_RATE"
 done
 
 say "failover: kill -9 of each leader"
@@ -263,6 +287,10 @@ def med(label, key):
 def errors(label):
     return sum(r["errors"] for r in runs_of(label))
 
+def op(label, name, key):
+    values = [r["ops"][name][key] for r in runs_of(label) if name in r.get("ops", {})]
+    return statistics.median(values) if values else 0.0
+
 rows = [
     ("register vs Put", "signpost_register", "etcd_put"),
     ("register vs Put with a lease", "signpost_register", "etcd_put_lease"),
@@ -270,6 +298,8 @@ rows = [
     ("stale resolve vs serializable Range", "signpost_resolve_stale", "etcd_range_serializable"),
     ("register, default limits, vs Put", "signpost_default_register", "etcd_put"),
     ("resolve, default limits, vs Range", "signpost_default_resolve", "etcd_range"),
+    ("mixed (all operations)", "signpost_mixed", "etcd_mixed"),
+    ("watch events delivered (p99 = delay)", "signpost_watch", "etcd_watch"),
 ]
 print(f"{clients} closed-loop clients, {runs} run(s) of {secs} s, medians; p99 in ms")
 print(f"{'workload':<38} {'signpost/s':>11} {'p99':>7} {'etcd/s':>9} {'p99':>7} {'ratio':>6} {'errors s/e':>11}")
@@ -277,8 +307,16 @@ for name, s, e in rows:
     so, eo = med(s, "throughput_ops_s"), med(e, "throughput_ops_s")
     print(f"{name:<38} {so:>11.0f} {med(s, 'p99_ms'):>7.1f} {eo:>9.0f} {med(e, 'p99_ms'):>7.1f} "
           f"{so / max(eo, 1e-9):>6.2f} {errors(s):>5}/{errors(e):<5}")
+for name in ("resolve", "register", "keepalive"):
+    so, eo = op("signpost_mixed", name, "ops_s"), op("etcd_mixed", name, "ops_s")
+    print(f"{'  mixed: ' + name:<38} {so:>11.0f} {op('signpost_mixed', name, 'p99_ms'):>7.1f} "
+          f"{eo:>9.0f} {op('etcd_mixed', name, 'p99_ms'):>7.1f} {so / max(eo, 1e-9):>6.2f}")
+print(f"{'  watch: events missing':<38} {med('signpost_watch', 'events_missing'):>11.0f} {'':>7} "
+      f"{med('etcd_watch', 'events_missing'):>9.0f}")
 print(f"{'write outage after kill -9 of the leader':<38} {int(sp_fo):>9} ms {int(etcd_fo):>7} ms")
 
+SIGNPOST_LABELS = ("signpost_register", "signpost_resolve", "signpost_resolve_stale", "signpost_mixed", "signpost_watch")
+ETCD_LABELS = ("etcd_put", "etcd_put_lease", "etcd_range", "etcd_range_serializable", "etcd_mixed", "etcd_watch")
 summary = {
     "clients": int(clients), "secs": int(secs), "runs": int(runs),
     "signpost_register_ops_s": med("signpost_register", "throughput_ops_s"),
@@ -296,10 +334,21 @@ summary = {
     "etcd_serializable_range_ops_s": med("etcd_range_serializable", "throughput_ops_s"),
     "signpost_default_register_ops_s": med("signpost_default_register", "throughput_ops_s"),
     "signpost_default_resolve_ops_s": med("signpost_default_resolve", "throughput_ops_s"),
-    "signpost_ok": sum(r["ok"] for l in ("signpost_register", "signpost_resolve", "signpost_resolve_stale") for r in runs_of(l)),
-    "signpost_errors": sum(errors(l) for l in ("signpost_register", "signpost_resolve", "signpost_resolve_stale")),
-    "etcd_ok": sum(r["ok"] for l in ("etcd_put", "etcd_put_lease", "etcd_range", "etcd_range_serializable") for r in runs_of(l)),
-    "etcd_errors": sum(errors(l) for l in ("etcd_put", "etcd_put_lease", "etcd_range", "etcd_range_serializable")),
+    "signpost_ok": sum(r["ok"] for l in SIGNPOST_LABELS for r in runs_of(l)),
+    "signpost_errors": sum(errors(l) for l in SIGNPOST_LABELS),
+    "etcd_ok": sum(r["ok"] for l in ETCD_LABELS for r in runs_of(l)),
+    "etcd_errors": sum(errors(l) for l in ETCD_LABELS),
+    "signpost_mixed_ops_s": med("signpost_mixed", "throughput_ops_s"),
+    "etcd_mixed_ops_s": med("etcd_mixed", "throughput_ops_s"),
+    "mixed_ratio": round(med("signpost_mixed", "throughput_ops_s") / max(med("etcd_mixed", "throughput_ops_s"), 1e-9), 3),
+    "signpost_watch_events_s": med("signpost_watch", "throughput_ops_s"),
+    "signpost_watch_p50_ms": med("signpost_watch", "p50_ms"),
+    "signpost_watch_p99_ms": med("signpost_watch", "p99_ms"),
+    "signpost_watch_missing": sum(r["events_missing"] for r in runs_of("signpost_watch")),
+    "etcd_watch_events_s": med("etcd_watch", "throughput_ops_s"),
+    "etcd_watch_p50_ms": med("etcd_watch", "p50_ms"),
+    "etcd_watch_p99_ms": med("etcd_watch", "p99_ms"),
+    "etcd_watch_missing": sum(r["events_missing"] for r in runs_of("etcd_watch")),
     "signpost_failover_ms": int(sp_fo),
     "etcd_failover_ms": int(etcd_fo),
 }

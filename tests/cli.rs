@@ -322,6 +322,24 @@ fn bench_and_dev_refuse_bad_options_with_a_clear_error_before_doing_anything() {
         "{out:?}"
     );
 
+    eprintln!("phase 2b: a mix that is not three small numbers, and options of other workloads");
+    for mix in ["80:20", "a:1:1", "0:0:0", "1001:0:0"] {
+        let out = cli(&["bench", "--workload", "mixed", "--mix", mix], &[]);
+        assert!(said(&out).contains("--mix"), "{mix}: {out:?}");
+    }
+    let out = cli(
+        &["bench", "--workload", "register", "--resolve-service", "a"],
+        &[],
+    );
+    assert!(said(&out).contains("--resolve-service is for"), "{out:?}");
+    let out = cli(&["bench", "--workload", "watch", "--flood", "read"], &[]);
+    assert!(
+        said(&out).contains("--workload watch takes neither"),
+        "{out:?}"
+    );
+    let out = cli(&["dev", "--state-mib-max", "449"], &[]);
+    assert!(said(&out).contains("--state-mib-max"), "{out:?}");
+
     eprintln!("phase 3: a limits file with a typo is refused, and no node is started");
     let limits = dir.path().join("limits.toml");
     std::fs::write(&limits, "writes_per_identity_per_second = 5\n").unwrap();

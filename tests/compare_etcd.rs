@@ -41,6 +41,12 @@ fn the_etcd_comparison_runs_both_systems_and_reports_every_figure() {
         "etcd_serializable_range_ops_s",
         "signpost_default_register_ops_s",
         "signpost_default_resolve_ops_s",
+        "signpost_mixed_ops_s",
+        "etcd_mixed_ops_s",
+        "signpost_watch_events_s",
+        "etcd_watch_events_s",
+        "signpost_watch_p99_ms",
+        "etcd_watch_p99_ms",
     ] {
         let value = summary[key].as_f64().unwrap_or(0.0);
         assert!(
@@ -59,7 +65,11 @@ fn the_etcd_comparison_runs_both_systems_and_reports_every_figure() {
             "{system}: {errors} errors against {ok} successes\n{stdout}"
         );
     }
-    for key in ["register_ratio", "resolve_ratio"] {
+    // Every watcher sees every acknowledged write, on both systems.
+    for key in ["signpost_watch_missing", "etcd_watch_missing"] {
+        assert_eq!(summary[key].as_u64(), Some(0), "{key}: {last}");
+    }
+    for key in ["register_ratio", "resolve_ratio", "mixed_ratio"] {
         assert!(summary[key].as_f64().is_some(), "{key} missing: {last}");
     }
     for key in ["signpost_failover_ms", "etcd_failover_ms"] {
@@ -68,7 +78,13 @@ fn the_etcd_comparison_runs_both_systems_and_reports_every_figure() {
     }
 
     // Phase 3: the table names both systems, and nothing it started is left running.
-    assert!(stdout.contains("register vs Put"), "{stdout}");
+    for row in [
+        "register vs Put",
+        "mixed: keepalive",
+        "watch events delivered",
+    ] {
+        assert!(stdout.contains(row), "no {row:?} row\n{stdout}");
+    }
     let left = Command::new("pgrep")
         .args(["-f", "signpost-compare\\."])
         .output()

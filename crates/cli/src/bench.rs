@@ -11,6 +11,12 @@
 //! `--stale`) for `resolve`, with values of the size of a signed record, so one generator
 //! measures both systems (`benches/compare-etcd.sh`).
 //!
+//! `--workload mixed` interleaves resolves, registrations and lease keep-alives in the ratio of
+//! `--mix` (smooth round robin per client, the same order every run) and reports each kind
+//! apart; `--workload watch` holds `--clients` watch streams on one service while one writer
+//! registers, and reports the fan-out delay from each write's send to its event at every
+//! watcher (`watch.rs`).
+//!
 //! The legitimate clients send pre-signed requests over plain gRPC, one connection each, and
 //! do not verify answers: the bench measures the cluster, not the client library, and does the
 //! same work per request for both targets. Latencies go into HDR histograms.
@@ -34,8 +40,8 @@ use signpost_identity::{Ca, Identity, IssueOptions, PeerRule, TlsFiles, TlsSetti
 use signpost_proto::etcd;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
-    BindingPayload, Endpoint, Envelope, ListRequest, RecordPayload, RegisterRequest,
-    ResolveRequest, WatchRequest,
+    BindingPayload, Endpoint, Envelope, KeepAliveRequest, KeepAliveResponse, ListRequest,
+    RecordPayload, RegisterRequest, ResolveRequest, WatchRequest,
 };
 use signpost_record::SigningKey;
 use tonic::transport::Channel;
@@ -43,10 +49,15 @@ use tonic::transport::Channel;
 use crate::commands::now_ms;
 use crate::ClientOpts;
 
+mod mix;
+mod watch;
+
+use mix::{Mix, Op, Schedule};
+
 /// Most legitimate client tasks.
 const CLIENTS_MAX: usize = 1024;
 /// Longest phase.
-const DURATION_MAX_SECS: u64 = 300;
+const DURATION_MAX_SECS: u64 = 600;
 /// Most instances per register client (--instances).
 const INSTANCES_MAX: usize = 100_000;
 /// Most flood tasks (each with its own connection).
@@ -54,9 +65,10 @@ const FLOOD_CONNECTIONS_MAX: usize = 512;
 /// Flood identities per kind.
 const FLOOD_IDENTITIES: usize = 8;
 /// Records pre-signed per legitimate client and phase, at most.
-const SIGNED_PER_CLIENT_MAX: usize = 20_000;
-/// Records pre-signed for the whole legitimate workload, at most (memory bound).
-const SIGNED_TOTAL_MAX: usize = 400_000;
+const SIGNED_PER_CLIENT_MAX: usize = 40_000;
+/// Records pre-signed for the whole legitimate workload, at most: a million-instance fill
+/// (about 400 MB of envelopes in the generator).
+const SIGNED_TOTAL_MAX: usize = 1_100_000;
 /// Records pre-signed per flood identity; the flood cycles through them.
 const FLOOD_SIGNED_PER_IDENTITY: usize = 2_000;
 /// Distinct instances per flood identity (below the default per-service quota).
@@ -73,8 +85,34 @@ const RECORD_TTL_SECS: u32 = 3_600;
 pub(crate) enum Workload {
     /// Signed re-registrations of each client's own instance.
     Register,
-    /// Linearizable, verified resolves of each client's own service.
+    /// Linearizable resolves of each client's own service.
     Resolve,
+    /// Resolves, registrations and keep-alives of each client's own instance, in the ratio of
+    /// --mix.
+    Mixed,
+    /// --clients watch streams on one service (spread over the nodes) while one writer
+    /// registers at --rate: the delay from each write's send to its event at every watcher.
+    Watch,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Register => "register",
+            Workload::Resolve => "resolve",
+            Workload::Mixed => "mixed",
+            Workload::Watch => "watch",
+        }
+    }
+
+    /// The operations each client sends, in which ratio.
+    fn mix(self, mix: Mix) -> Mix {
+        match self {
+            Workload::Register | Workload::Watch => Mix::only(Op::Register),
+            Workload::Resolve => Mix::only(Op::Resolve),
+            Workload::Mixed => mix,
+        }
+    }
 }
 
 /// What the flood sends.
@@ -141,6 +179,15 @@ pub(crate) struct BenchArgs {
     /// Legitimate workload.
     #[arg(long, value_enum, default_value = "register")]
     workload: Workload,
+    /// Resolve this existing service (--workload resolve) from reader identities, instead of
+    /// each client binding, registering and resolving a service of its own: measures resolves
+    /// of a service a fill run made large.
+    #[arg(long = "resolve-service")]
+    resolve_service: Option<String>,
+    /// RESOLVES:REGISTRATIONS:KEEPALIVES per client for --workload mixed (each 0..=1000).
+    /// Etcd keep-alives renew each client's lease, which its puts carry.
+    #[arg(long, default_value = "80:15:5")]
+    mix: Mix,
     /// Instances each register client cycles through (i0, i1, ...): 1 renews one instance;
     /// more fills the registry (clients × instances in all), for scale measurements.
     #[arg(long, default_value_t = 1)]
@@ -153,7 +200,7 @@ pub(crate) struct BenchArgs {
     /// as the cluster answers.
     #[arg(long, default_value_t = 15)]
     rate: u32,
-    /// Seconds per measured phase (1..=300).
+    /// Seconds per measured phase (1..=600).
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Also measure while this flood runs.
@@ -182,6 +229,11 @@ struct Phase {
     elapsed: Duration,
     latencies_us: Histogram<u64>,
     first_error: Option<String>,
+    // Successful operations and their latencies per kind (one kind but in the mixed and watch
+    // workloads).
+    by_op: BTreeMap<&'static str, Histogram<u64>>,
+    // Workload-specific figures, added to the JSON as they are.
+    extra: serde_json::Map<String, Value>,
 }
 
 /// Latencies from 1 µs to 60 s at three significant digits: 0.1% error, a few hundred KiB.
@@ -191,6 +243,38 @@ fn histogram() -> Histogram<u64> {
 }
 
 impl Phase {
+    fn empty() -> Phase {
+        Phase {
+            ok: 0,
+            errors: 0,
+            errors_by_code: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+            latencies_us: histogram(),
+            first_error: None,
+            by_op: BTreeMap::new(),
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    fn ops_json(&self) -> Value {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let quantile = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        self.by_op
+            .iter()
+            .map(|(name, h)| {
+                let figures = json!({
+                    "ok": h.len(),
+                    "ops_s": round2(h.len() as f64 / secs),
+                    "p50_ms": round2(quantile(h, 0.5)),
+                    "p99_ms": round2(quantile(h, 0.99)),
+                    "max_ms": round2(h.max() as f64 / 1000.0),
+                });
+                (name.to_string(), figures)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -279,7 +363,23 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(1..=FLOOD_CONNECTIONS_MAX).contains(&args.flood_connections) {
         bail!("--flood-connections must be in 1..={FLOOD_CONNECTIONS_MAX}");
     }
+    if args.resolve_service.is_some()
+        && (args.workload != Workload::Resolve || args.target != Target::Signpost)
+    {
+        bail!("--resolve-service is for --workload resolve against Signpost");
+    }
     let duration = Duration::from_secs(args.duration);
+    if args.workload == Workload::Watch {
+        if args.flood.is_some() || args.lease || args.stale {
+            bail!("--workload watch takes neither --flood, --lease nor --stale");
+        }
+        let measured = match args.target {
+            Target::Etcd => watch::run_etcd(&args, duration).await?,
+            Target::Signpost => watch::run_signpost(&prepare(&args)?, &args, duration).await?,
+        };
+        report(&args, None, &measured, None);
+        return Ok(());
+    }
     if args.target == Target::Etcd {
         if args.flood.is_some() {
             bail!("--flood measures Signpost's admission control; it has no etcd form");
@@ -451,10 +551,68 @@ fn record(
 
 /// The legitimate clients: per task a connection and what it sends.
 struct Legit {
-    workload: Workload,
+    mix: Mix,
     rate: u32,
     tasks: Vec<Arc<LegitTask>>,
+    // Records in the first client's answer before the clock (Signpost): the size of what a
+    // resolve returns.
+    records_per_resolve: Option<usize>,
 }
+
+/// One open bidirectional stream used as request/response pairs: one request in flight at a
+/// time (keep-alives: each client renews one lease, and waits for the answer).
+struct Duplex<Req, Resp> {
+    tx: tokio::sync::mpsc::Sender<Req>,
+    rx: tonic::Streaming<Resp>,
+}
+
+/// Bound of a duplex stream's request queue: one request is in flight at a time.
+const DUPLEX_QUEUE: usize = 2;
+
+/// The sender and request stream to open a [`Duplex`] with.
+fn duplex_channel<Req>() -> (
+    tokio::sync::mpsc::Sender<Req>,
+    tokio_stream::wrappers::ReceiverStream<Req>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(DUPLEX_QUEUE);
+    (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Opens a duplex stream by sending `first` and reading its answer: grpc-go servers (etcd)
+/// send response headers only with the first message, so the call does not complete before a
+/// request is in.
+async fn open_duplex<Req, Resp>(
+    tx: &tokio::sync::mpsc::Sender<Req>,
+    first: Req,
+    call: impl std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>,
+    >,
+) -> anyhow::Result<tonic::Streaming<Resp>> {
+    tx.send(first)
+        .await
+        .map_err(|_| anyhow::anyhow!("the request stream closed before it opened"))?;
+    let mut rx = call.await?.into_inner();
+    rx.message()
+        .await?
+        .context("the stream ended before its first answer")?;
+    Ok(rx)
+}
+
+impl<Req, Resp> Duplex<Req, Resp> {
+    async fn call(&mut self, request: Req) -> Result<Resp, tonic::Status> {
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| tonic::Status::unavailable("the stream is closed"))?;
+        self.rx
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::unavailable("the stream ended"))
+    }
+}
+
+type SignpostKeepAlive = Duplex<KeepAliveRequest, KeepAliveResponse>;
+type EtcdKeepAlive = Duplex<etcd::LeaseKeepAliveRequest, etcd::LeaseKeepAliveResponse>;
 
 enum LegitTask {
     Signpost {
@@ -463,8 +621,10 @@ enum LegitTask {
         client: RegistryClient<Channel>,
         service: String,
         stale: bool,
-        // Per phase, the records the task sends in order (register workload).
+        // Per phase, the records the task sends in order (registrations).
         signed: Vec<Vec<Envelope>>,
+        // Renewals of the task's instance (mixed workload with keep-alives).
+        keepalive: Option<tokio::sync::Mutex<SignpostKeepAlive>>,
     },
     Etcd {
         kv: etcd::kv_client::KvClient<Channel>,
@@ -473,6 +633,8 @@ enum LegitTask {
         value: Vec<u8>,
         lease: i64,
         serializable: bool,
+        // Renewals of `lease` (mixed workload with keep-alives).
+        keepalive: Option<tokio::sync::Mutex<EtcdKeepAlive>>,
     },
 }
 
@@ -487,10 +649,11 @@ fn op_error(status: tonic::Status) -> (&'static str, String) {
 }
 
 impl LegitTask {
-    /// Operation `n` of `phase`; `None` when the task has run out of pre-signed records.
-    async fn op(&self, workload: Workload, phase: usize, n: usize) -> Option<OpResult> {
-        let result = match (self, workload) {
-            (LegitTask::Signpost { client, signed, .. }, Workload::Register) => {
+    /// The `n`th operation of kind `op` in `phase`; `None` when the task has run out of
+    /// pre-signed records.
+    async fn op(&self, op: Op, phase: usize, n: usize) -> Option<OpResult> {
+        let result = match (self, op) {
+            (LegitTask::Signpost { client, signed, .. }, Op::Register) => {
                 let envelope = signed.get(phase)?.get(n)?.clone();
                 client
                     .clone()
@@ -507,7 +670,7 @@ impl LegitTask {
                     stale,
                     ..
                 },
-                Workload::Resolve,
+                Op::Resolve,
             ) => client
                 .clone()
                 .resolve(ResolveRequest {
@@ -524,7 +687,7 @@ impl LegitTask {
                     lease,
                     ..
                 },
-                Workload::Register,
+                Op::Register,
             ) => kv
                 .clone()
                 .put(etcd::PutRequest {
@@ -541,7 +704,7 @@ impl LegitTask {
                     serializable,
                     ..
                 },
-                Workload::Resolve,
+                Op::Resolve,
             ) => kv
                 .clone()
                 .range(etcd::RangeRequest {
@@ -551,6 +714,46 @@ impl LegitTask {
                 })
                 .await
                 .map(|_| ()),
+            (
+                LegitTask::Signpost {
+                    keepalive: Some(stream),
+                    service,
+                    ..
+                },
+                Op::KeepAlive,
+            ) => {
+                let renewal = KeepAliveRequest {
+                    service: service.clone(),
+                    instance: "i0".into(),
+                };
+                match stream.lock().await.call(renewal).await {
+                    Ok(answer) if answer.ttl_secs == 0 => Err(tonic::Status::not_found(format!(
+                        "{service}/i0 is unknown to the leader"
+                    ))),
+                    Ok(_) => Ok(()),
+                    Err(status) => Err(status),
+                }
+            }
+            (
+                LegitTask::Etcd {
+                    keepalive: Some(stream),
+                    lease,
+                    ..
+                },
+                Op::KeepAlive,
+            ) => {
+                let renewal = etcd::LeaseKeepAliveRequest { id: *lease };
+                match stream.lock().await.call(renewal).await {
+                    Ok(answer) if answer.ttl <= 0 => Err(tonic::Status::not_found(format!(
+                        "lease {lease:x} is unknown"
+                    ))),
+                    Ok(_) => Ok(()),
+                    Err(status) => Err(status),
+                }
+            }
+            (_, Op::KeepAlive) => Err(tonic::Status::failed_precondition(
+                "no keep-alive stream was opened for this task",
+            )),
         };
         Some(result.map_err(op_error))
     }
@@ -568,7 +771,37 @@ impl Legit {
         let endpoints = &setup.config.endpoints;
         let mut tasks = Vec::with_capacity(args.clients);
         let base = now_ms() * 1_000;
+        let mut records_seen = None;
         for i in 0..args.clients {
+            if let Some(service) = &args.resolve_service {
+                // A reader of an existing service: nothing to bind or register.
+                let name = format!("bench-r{i}");
+                let prefix = setup.issue(&Identity::Reader(name.clone()), &name)?;
+                let addr = if args.stale {
+                    &endpoints[i % endpoints.len()]
+                } else {
+                    &leader
+                };
+                let mut raw = setup.raw(&prefix, addr)?;
+                let answer = raw
+                    .resolve(ResolveRequest {
+                        service: service.clone(),
+                        stale: true,
+                    })
+                    .await
+                    .with_context(|| format!("resolving {service} at {addr} as {name}"))?
+                    .into_inner();
+                records_seen.get_or_insert(answer.service.map_or(0, |s| s.records.len()));
+                tasks.push(Arc::new(LegitTask::Signpost {
+                    client: raw,
+                    service: service.clone(),
+                    stale: args.stale,
+                    signed: Vec::new(),
+                    keepalive: None,
+                }));
+                progress.inc(1);
+                continue;
+            }
             let service = format!("bench-{i}");
             let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
             let key = setup.bind_new_key(&service).await?;
@@ -580,8 +813,9 @@ impl Legit {
                 .register(record(&key, &service, "i0", base, td))
                 .await
                 .with_context(|| format!("registering {service}/i0"))?;
-            let signed = match args.workload {
-                Workload::Register => (0..phases)
+            let mix = args.workload.mix(args.mix);
+            let signed = match mix.has(Op::Register) {
+                true => (0..phases)
                     .map(|phase| {
                         (0..per_client)
                             .map(|n| {
@@ -592,8 +826,9 @@ impl Legit {
                             .collect()
                     })
                     .collect(),
-                Workload::Resolve => Vec::new(),
+                false => Vec::new(),
             };
+            // Mixed clients send everything to the leader (their writes must go there).
             let addr = if args.stale && args.workload == Workload::Resolve {
                 &endpoints[i % endpoints.len()]
             } else {
@@ -602,66 +837,56 @@ impl Legit {
             // Connect now, one client at a time: handshakes are not part of the measurement,
             // and 32 at once would meet the per-source handshake cap (8 by default).
             let mut raw = setup.raw(&prefix, addr)?;
-            raw.resolve(ResolveRequest {
-                service: service.clone(),
-                stale: true,
-            })
-            .await
-            .with_context(|| format!("connecting {service} to {addr}"))?;
+            let answer = raw
+                .resolve(ResolveRequest {
+                    service: service.clone(),
+                    stale: true,
+                })
+                .await
+                .with_context(|| format!("connecting {service} to {addr}"))?
+                .into_inner();
+            records_seen.get_or_insert(answer.service.map_or(0, |s| s.records.len()));
+            let keepalive = if mix.has(Op::KeepAlive) {
+                let (tx, outbound) = duplex_channel();
+                let first = KeepAliveRequest {
+                    service: service.clone(),
+                    instance: "i0".into(),
+                };
+                let rx = open_duplex(&tx, first, raw.keep_alive(outbound))
+                    .await
+                    .with_context(|| format!("opening a keep-alive stream for {service}"))?;
+                Some(tokio::sync::Mutex::new(Duplex { tx, rx }))
+            } else {
+                None
+            };
             tasks.push(Arc::new(LegitTask::Signpost {
                 client: raw,
                 service,
                 stale: args.stale,
                 signed,
+                keepalive,
             }));
             progress.inc(1);
         }
         progress.finish_and_clear();
         Ok(Legit {
-            workload: args.workload,
+            mix: args.workload.mix(args.mix),
             rate: args.rate,
             tasks,
+            records_per_resolve: records_seen,
         })
     }
 
     async fn prepare_etcd(args: &BenchArgs) -> anyhow::Result<Legit> {
-        if args.endpoints.is_empty() {
-            bail!("--target etcd needs --endpoints host:port[,host:port...]");
-        }
-        let read = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
-            let path = path
-                .as_ref()
-                .with_context(|| format!("--target etcd needs {flag}"))?;
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-        };
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(read(
-                "--etcd-ca",
-                &args.etcd_ca,
-            )?))
-            .identity(tonic::transport::Identity::from_pem(
-                read("--etcd-cert", &args.etcd_cert)?,
-                read("--etcd-key", &args.etcd_key)?,
-            ));
-        // A value of the size of what a Signpost registration stores: a signed record.
-        let value = {
-            let key = signpost_record::generate_signing_key();
-            prost::Message::encode_to_vec(&record(&key, "bench-0", "i0", 1, "signpost.local"))
-        };
+        let tls = etcd_tls(args)?;
+        let value = etcd_value();
         let progress = bar(args.clients as u64, "preparing etcd clients");
         let mut tasks = Vec::with_capacity(args.clients);
         for i in 0..args.clients {
             let addr = &args.endpoints[i % args.endpoints.len()];
-            let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-                .with_context(|| format!("etcd endpoint {addr}"))?
-                .tls_config(tls.clone())
-                .context("etcd TLS configuration")?
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .with_context(|| format!("connecting to etcd at {addr}"))?;
-            let lease = if args.lease {
+            let channel = etcd_connect(&tls, addr).await?;
+            let mix = args.workload.mix(args.mix);
+            let lease = if args.lease || mix.has(Op::KeepAlive) {
                 etcd::lease_client::LeaseClient::new(channel.clone())
                     .lease_grant(etcd::LeaseGrantRequest {
                         ttl: i64::from(RECORD_TTL_SECS),
@@ -675,6 +900,7 @@ impl Legit {
                 0
             };
             let key = format!("/signpost-bench/bench-{i}/i0").into_bytes();
+            let channel_for_leases = channel.clone();
             let mut kv = etcd::kv_client::KvClient::new(channel);
             // The key exists before the clock starts, as the Signpost instance does.
             kv.put(etcd::PutRequest {
@@ -684,20 +910,33 @@ impl Legit {
             })
             .await
             .with_context(|| format!("putting {} at {addr}", String::from_utf8_lossy(&key)))?;
+            let keepalive = if mix.has(Op::KeepAlive) {
+                let (tx, outbound) = duplex_channel();
+                let mut leases = etcd::lease_client::LeaseClient::new(channel_for_leases);
+                let first = etcd::LeaseKeepAliveRequest { id: lease };
+                let rx = open_duplex(&tx, first, leases.lease_keep_alive(outbound))
+                    .await
+                    .with_context(|| format!("opening a lease keep-alive stream at {addr}"))?;
+                Some(tokio::sync::Mutex::new(Duplex { tx, rx }))
+            } else {
+                None
+            };
             tasks.push(Arc::new(LegitTask::Etcd {
                 kv,
                 key,
                 value: value.clone(),
                 lease,
                 serializable: args.stale,
+                keepalive,
             }));
             progress.inc(1);
         }
         progress.finish_and_clear();
         Ok(Legit {
-            workload: args.workload,
+            mix: args.workload.mix(args.mix),
             rate: args.rate,
             tasks,
+            records_per_resolve: None,
         })
     }
 
@@ -709,7 +948,7 @@ impl Legit {
         let mut handles = Vec::new();
         for task in &self.tasks {
             let task = Arc::clone(task);
-            let workload = self.workload;
+            let mut schedule = Schedule::new(self.mix);
             let ok = Arc::clone(&ok);
             let mut pace = (self.rate > 0).then(|| {
                 let mut interval =
@@ -720,9 +959,11 @@ impl Legit {
             });
             handles.push(tokio::spawn(async move {
                 let mut latencies = histogram();
+                let mut by_op: BTreeMap<&'static str, Histogram<u64>> = BTreeMap::new();
                 let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
                 let mut first_error = None;
-                let mut n = 0usize;
+                // Operations sent so far, per kind (registrations index the pre-signed ones).
+                let mut sent: BTreeMap<Op, usize> = BTreeMap::new();
                 while Instant::now() < deadline {
                     if let Some(pace) = pace.as_mut() {
                         pace.tick().await;
@@ -730,24 +971,32 @@ impl Legit {
                             break;
                         }
                     }
+                    let op = schedule.next_op();
+                    let n = sent.entry(op).or_default();
                     let t0 = Instant::now();
                     // Out of pre-signed records: the bound on this phase's work.
-                    let Some(result) = task.op(workload, phase, n).await else {
+                    let Some(result) = task.op(op, phase, *n).await else {
                         break;
                     };
-                    n += 1;
+                    *n += 1;
                     match result {
                         Ok(()) => {
                             ok.fetch_add(1, Ordering::Relaxed);
-                            latencies.saturating_record(t0.elapsed().as_micros() as u64);
+                            let micros = t0.elapsed().as_micros() as u64;
+                            latencies.saturating_record(micros);
+                            by_op
+                                .entry(op.name())
+                                .or_insert_with(histogram)
+                                .saturating_record(micros);
                         }
                         Err((code, message)) => {
                             *errors.entry(code).or_default() += 1;
-                            first_error.get_or_insert_with(|| format!("{code}: {message}"));
+                            first_error
+                                .get_or_insert_with(|| format!("{}: {code}: {message}", op.name()));
                         }
                     }
                 }
-                (latencies, errors, first_error)
+                (latencies, by_op, errors, first_error)
             }));
         }
         let ticker = {
@@ -761,18 +1010,18 @@ impl Legit {
                 }
             })
         };
-        let mut phase_result = Phase {
-            ok: 0,
-            errors: 0,
-            errors_by_code: BTreeMap::new(),
-            elapsed: Duration::ZERO,
-            latencies_us: histogram(),
-            first_error: None,
-        };
+        let mut phase_result = Phase::empty();
         for handle in handles {
-            if let Ok((latencies, errors, first_error)) = handle.await {
+            if let Ok((latencies, by_op, errors, first_error)) = handle.await {
                 // Same bounds on both sides, so adding cannot fail.
                 let _ = phase_result.latencies_us.add(&latencies);
+                for (name, h) in by_op {
+                    let _ = phase_result
+                        .by_op
+                        .entry(name)
+                        .or_insert_with(histogram)
+                        .add(&h);
+                }
                 for (code, count) in errors {
                     phase_result.errors += count;
                     *phase_result
@@ -793,10 +1042,60 @@ impl Legit {
         }
         phase_result.elapsed = started.elapsed();
         phase_result.ok = ok.load(Ordering::Relaxed);
+        if let (true, Some(records)) = (self.mix.has(Op::Resolve), self.records_per_resolve) {
+            phase_result
+                .extra
+                .insert("records_per_resolve".into(), json!(records));
+        }
         ticker.abort();
         progress.finish_and_clear();
         phase_result
     }
+}
+
+/// The client TLS configuration for etcd from --etcd-ca, --etcd-cert and --etcd-key.
+fn etcd_tls(args: &BenchArgs) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    if args.endpoints.is_empty() {
+        bail!("--target etcd needs --endpoints host:port[,host:port...]");
+    }
+    let read = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+        let path = path
+            .as_ref()
+            .with_context(|| format!("--target etcd needs {flag}"))?;
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(
+            "--etcd-ca",
+            &args.etcd_ca,
+        )?))
+        .identity(tonic::transport::Identity::from_pem(
+            read("--etcd-cert", &args.etcd_cert)?,
+            read("--etcd-key", &args.etcd_key)?,
+        )))
+}
+
+/// One connection to the etcd member at `addr`.
+async fn etcd_connect(
+    tls: &tonic::transport::ClientTlsConfig,
+    addr: &str,
+) -> anyhow::Result<Channel> {
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .with_context(|| format!("etcd endpoint {addr}"))?
+        .tls_config(tls.clone())
+        .context("etcd TLS configuration")?
+        .connect_timeout(Duration::from_secs(3))
+        // Bounds each call until its response headers; a stream's messages are not bounded.
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to etcd at {addr}"))
+}
+
+/// A value of the size of what a Signpost registration stores: a signed record.
+fn etcd_value() -> Vec<u8> {
+    let key = signpost_record::generate_signing_key();
+    prost::Message::encode_to_vec(&record(&key, "bench-0", "i0", 1, "signpost.local"))
 }
 
 /// A prepared flood: identities, clients and payloads, ready to fire.
@@ -1085,10 +1384,7 @@ fn report(
     measured: &Phase,
     flood: Option<(FloodKind, &FloodStats)>,
 ) {
-    let workload = match args.workload {
-        Workload::Register => "register",
-        Workload::Resolve => "resolve",
-    };
+    let workload = args.workload.name();
     let target = match args.target {
         Target::Signpost => "signpost",
         Target::Etcd => "etcd",
@@ -1111,7 +1407,14 @@ fn report(
         "errors": measured.errors,
         "errors_by_code": measured.errors_by_code,
         "first_error": measured.first_error,
+        "ops": measured.ops_json(),
     });
+    if args.workload == Workload::Mixed {
+        value["mix"] = json!(args.mix.text());
+    }
+    for (k, v) in &measured.extra {
+        value[k.as_str()] = v.clone();
+    }
     if let (Some(base), Some((kind, stats))) = (unflooded, flood) {
         let kept = measured.throughput() / base.throughput().max(1e-9);
         value["unflooded_throughput_ops_s"] = json!(round2(base.throughput()));
@@ -1152,6 +1455,23 @@ fn report(
     }
     let name = flood.map(|(k, _)| k.name()).unwrap_or(target);
     row(name, measured);
+    if measured.by_op.len() > 1 {
+        for (op, h) in &measured.by_op {
+            println!(
+                "  {:<14} {:>12.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9}",
+                op,
+                h.len() as f64 / measured.elapsed.as_secs_f64().max(1e-9),
+                h.value_at_quantile(0.5) as f64 / 1000.0,
+                h.value_at_quantile(0.9) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.max() as f64 / 1000.0,
+                h.len(),
+            );
+        }
+    }
+    for (k, v) in &measured.extra {
+        println!("{k}: {v}");
+    }
     if let (Some(base), Some((kind, stats))) = (unflooded, flood) {
         println!(
             "kept {:.0}% of the unflooded throughput; flood {}: sent {}, ok {}, shed {}, refused {}, failed {}",

@@ -43,6 +43,15 @@ pub(crate) struct DevArgs {
     /// rates for throughput runs).
     #[arg(long)]
     limits: Option<PathBuf>,
+    /// Quota in the genesis of a new cluster: most live instances of one service.
+    #[arg(long = "instances-per-service-max", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    instances_per_service_max: u32,
+    /// Quota in the genesis of a new cluster: most MiB of registry state. Snapshots are at most
+    /// 512 MiB, so the state stays below that.
+    #[arg(long = "state-mib-max", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=448))]
+    state_mib_max: u64,
 }
 
 /// The nodes' limits: the defaults, or `--limits FILE` (unknown keys are refused, so a typo
@@ -138,9 +147,9 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
             bootstrap: BootstrapConfig {
                 admin_keys: vec![admin_pub_hex.clone()],
                 admin_threshold: 1,
-                instances_per_service_max: 1024,
+                instances_per_service_max: args.instances_per_service_max,
                 services_max: 10_000,
-                state_bytes_max: 256 * 1024 * 1024,
+                state_bytes_max: args.state_mib_max * 1024 * 1024,
             },
             raft: RaftConfig::default(),
             limits: limits.clone(),

@@ -871,7 +871,9 @@ fn member_addr(raft: &Raft<TypeConfig>, id: u64) -> Option<NodeAddr> {
         .cloned()
 }
 
-fn map_write_error(e: RaftError<u64, ClientWriteError<u64, NodeAddr>>) -> ConsensusError {
+pub(crate) fn map_write_error(
+    e: RaftError<u64, ClientWriteError<u64, NodeAddr>>,
+) -> ConsensusError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ConsensusError::NotLeader {
             leader: f.leader_id.zip(f.leader_node),

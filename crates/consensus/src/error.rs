@@ -73,3 +73,19 @@ pub enum ConsensusError {
     #[error("backup: {0}")]
     Backup(String),
 }
+
+impl ConsensusError {
+    /// A copy of this error for each waiter of a batch (group commit, batched read index):
+    /// one Raft failure answers many callers. The variants Raft returns copy exactly; any other
+    /// keeps its message as `Unavailable`.
+    pub(crate) fn duplicate(&self) -> ConsensusError {
+        match self {
+            ConsensusError::NotLeader { leader } => ConsensusError::NotLeader {
+                leader: leader.clone(),
+            },
+            ConsensusError::Invalid(why) => ConsensusError::Invalid(why.clone()),
+            ConsensusError::Unavailable(why) => ConsensusError::Unavailable(why.clone()),
+            other => ConsensusError::Unavailable(other.to_string()),
+        }
+    }
+}

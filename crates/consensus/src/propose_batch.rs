@@ -11,13 +11,12 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
 use signpost_state::{Command, Outcome, Request};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
 use crate::error::ConsensusError;
-use crate::type_config::{NodeAddr, TypeConfig};
+use crate::type_config::TypeConfig;
 
 /// Entries proposed and not yet applied, at most: one being written while the next fills.
 pub(crate) const IN_FLIGHT_BATCHES: usize = 4;
@@ -199,43 +198,11 @@ async fn propose_batch(raft: &Raft<TypeConfig>, mut batch: Vec<Pending>) {
             }
         }
         Err(e) => {
-            let error = Failure::from(e);
+            let error = crate::consensus::map_write_error(e);
             for pending in batch {
                 // A caller that gave up (its request timed out) is not an error.
-                let _ = pending.tx.send(Err(error.clone().into()));
+                let _ = pending.tx.send(Err(error.duplicate()));
             }
-        }
-    }
-}
-
-/// A failed proposal, in a form every request of the batch can be given.
-#[derive(Clone)]
-enum Failure {
-    NotLeader(Option<(u64, NodeAddr)>),
-    Invalid(String),
-    Unavailable(String),
-}
-
-impl From<RaftError<u64, ClientWriteError<u64, NodeAddr>>> for Failure {
-    fn from(e: RaftError<u64, ClientWriteError<u64, NodeAddr>>) -> Failure {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                Failure::NotLeader(f.leader_id.zip(f.leader_node))
-            }
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                Failure::Invalid(e.to_string())
-            }
-            RaftError::Fatal(e) => Failure::Unavailable(e.to_string()),
-        }
-    }
-}
-
-impl From<Failure> for ConsensusError {
-    fn from(f: Failure) -> ConsensusError {
-        match f {
-            Failure::NotLeader(leader) => ConsensusError::NotLeader { leader },
-            Failure::Invalid(why) => ConsensusError::Invalid(why),
-            Failure::Unavailable(why) => ConsensusError::Unavailable(why),
         }
     }
 }

@@ -14,30 +14,15 @@ use openraft::Raft;
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::ConsensusError;
-use crate::type_config::{NodeAddr, TypeConfig};
+use crate::type_config::TypeConfig;
 
 /// Reads waiting for one confirmation, at most. Admission bounds concurrent reads far lower;
 /// this bound keeps the queue finite whatever calls it.
 const WAITING_MAX: usize = 65_536;
 
-/// What one confirmation gives every read of its batch.
-#[derive(Debug, Clone)]
-enum Confirmed {
-    /// The index applied before the reads may run (at least).
-    At(u64),
-    NotLeader(Option<(u64, NodeAddr)>),
-    Unavailable(String),
-}
-
-impl From<Confirmed> for Result<u64, ConsensusError> {
-    fn from(c: Confirmed) -> Self {
-        match c {
-            Confirmed::At(index) => Ok(index),
-            Confirmed::NotLeader(leader) => Err(ConsensusError::NotLeader { leader }),
-            Confirmed::Unavailable(why) => Err(ConsensusError::Unavailable(why)),
-        }
-    }
-}
+/// What one confirmation gives every read of its batch: the index applied before the reads
+/// may run (at least), or why they may not.
+type Confirmed = Result<u64, ConsensusError>;
 
 type Waiter = oneshot::Sender<Confirmed>;
 
@@ -70,11 +55,14 @@ impl ReadBatcher {
                     }
                     let confirmed = confirm(&raft, &applied).await;
                     metrics::histogram!(crate::READ_BATCH_SIZE).record(batch.len() as f64);
-                    let stopped = matches!(&confirmed, Confirmed::Unavailable(_))
+                    let stopped = matches!(&confirmed, Err(ConsensusError::Unavailable(_)))
                         && raft.metrics().borrow().running_state.is_err();
                     for waiter in batch {
                         // A reader that gave up (its request timed out) is not an error.
-                        let _ = waiter.send(confirmed.clone());
+                        let _ = waiter.send(match &confirmed {
+                            Ok(index) => Ok(*index),
+                            Err(e) => Err(e.duplicate()),
+                        });
                     }
                     if stopped {
                         return;
@@ -105,7 +93,7 @@ impl ReadBatcher {
         }
         self.wake.notify_one();
         match rx.await {
-            Ok(confirmed) => confirmed.into(),
+            Ok(confirmed) => confirmed,
             Err(_) => Err(ConsensusError::Unavailable("raft stopped".into())),
         }
     }
@@ -113,11 +101,13 @@ impl ReadBatcher {
 
 async fn confirm(raft: &Raft<TypeConfig>, applied: &impl Fn() -> u64) -> Confirmed {
     match raft.ensure_linearizable().await {
-        Ok(log_id) => Confirmed::At(log_id.map(|l| l.index).unwrap_or(0).max(applied())),
+        Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0).max(applied())),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-            Confirmed::NotLeader(f.leader_id.zip(f.leader_node))
+            Err(ConsensusError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node),
+            })
         }
-        Err(RaftError::APIError(e)) => Confirmed::Unavailable(e.to_string()),
-        Err(RaftError::Fatal(e)) => Confirmed::Unavailable(e.to_string()),
+        Err(RaftError::APIError(e)) => Err(ConsensusError::Unavailable(e.to_string())),
+        Err(RaftError::Fatal(e)) => Err(ConsensusError::Unavailable(e.to_string())),
     }
 }

@@ -122,7 +122,9 @@ impl StateMachine {
     /// Loads the state machine from the store (empty on a new node).
     pub fn open(store: Arc<Store>) -> Result<StateMachine, ConsensusError> {
         let pairs = store.state_scan()?;
-        let registry = Registry::load(pairs)?;
+        // Our own apply verified every record before storing it; snapshots from peers go
+        // through `Registry::load`, which verifies again.
+        let registry = Registry::load_own(pairs)?;
         // Stored as Option<LogId> (None until the first apply), so decode that shape.
         let last_applied: Option<LogId<u64>> =
             decode_opt::<Option<LogId<u64>>>(&store, KEY_APPLIED)?.flatten();

@@ -5,7 +5,7 @@ pub mod v1 {
     tonic::include_proto!("signpost.v1");
 }
 
-/// A wire-compatible subset of etcd's v3 API (KV, Lease, Maintenance), client side only, for
+/// A wire-compatible subset of etcd's v3 API (KV, Lease, Watch, Maintenance), client side only, for
 /// measuring etcd with the same load generator (`signpost bench --target etcd`).
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");

@@ -8,7 +8,7 @@ use crate::payload_kind::PayloadKind;
 use crate::reason::Reason;
 use crate::validate::{validate_deregister_payload, validate_record_payload};
 use crate::verified_cache::VerifiedSignatures;
-use crate::verify::{verify_envelope, verify_envelope_cached};
+use crate::verify::{check_shapes, verify_envelope, verify_envelope_cached};
 
 /// A payload whose signature verified and whose every field passed validation.
 ///
@@ -51,6 +51,11 @@ pub enum SignatureCheck<'a> {
     Reuse(&'a VerifiedSignatures),
     /// Always verify.
     Always,
+    /// Do not verify the signature: these exact bytes were verified by this node before it
+    /// stored them in its own store (a restart reading back what its apply wrote). Sizes and
+    /// the shapes of key and signature are still checked. Never for bytes from a peer, a client
+    /// or a backup: those are [`SignatureCheck::Always`].
+    VerifiedBeforeStoring,
 }
 
 fn check(
@@ -62,6 +67,7 @@ fn check(
         SignatureCheck::Remember(cache) => verify_envelope_cached(kind, envelope, cache, true),
         SignatureCheck::Reuse(cache) => verify_envelope_cached(kind, envelope, cache, false),
         SignatureCheck::Always => Ok(verify_envelope(kind, envelope)?.to_bytes()),
+        SignatureCheck::VerifiedBeforeStoring => check_shapes(envelope),
     }
 }
 

@@ -74,6 +74,16 @@ pub fn verify_envelope_cached(
     Ok(raw_key)
 }
 
+/// Everything [`verify_envelope`] checks but the signature itself: sizes and the lengths of key
+/// id and signature. Returns the raw key.
+pub(crate) fn check_shapes(envelope: &Envelope) -> Result<[u8; PUBLIC_KEY_BYTES], RecordError> {
+    check_envelope_bytes(envelope.encoded_len())?;
+    check_payload_bytes(envelope.payload.len())?;
+    let raw_key = key_bytes(&envelope.key_id)?;
+    parse_signature(&envelope.signature)?;
+    Ok(raw_key)
+}
+
 /// Parses a raw 32-byte ed25519 public key, refusing wrong lengths and invalid curve points.
 pub fn parse_public_key(bytes: &[u8]) -> Result<VerifyingKey, RecordError> {
     let raw = key_bytes(bytes)?;

@@ -1450,3 +1450,132 @@ fn a_batch_entry_applies_each_request_in_order_at_one_revision_with_its_own_outc
         }
     ));
 }
+
+/// Applies `command` straight to `registry` (no per-apply invariant check: this builds large
+/// states, where exporting before every apply would be quadratic).
+fn apply_fast(registry: &mut Registry, revision: u64, command: Command) {
+    let request = Request {
+        time_ms: T0_MS,
+        caller: "spiffe://example.org/test".into(),
+        command,
+    };
+    let applied = registry.apply(revision, &request);
+    assert_eq!(applied.outcome, Outcome::Applied { revision });
+}
+
+#[test]
+fn a_restart_trusts_only_the_signatures_its_own_apply_verified() {
+    eprintln!("phase: a state with more records than one thread loads (3 x 1,500)");
+    let admin = key(1000);
+    let service_key = key(1);
+    let mut registry = Registry::new();
+    let mut revision = 1;
+    apply_fast(
+        &mut registry,
+        revision,
+        Command::Genesis {
+            admin_keys: vec![raw(&admin)],
+            admin_threshold: 1,
+            quotas: Quotas {
+                instances_per_service_max: 2_000,
+                ..Quotas::default()
+            },
+        },
+    );
+    let services = ["alpha", "beta", "gamma"];
+    for service in services {
+        revision += 1;
+        let payload = BindingPayload {
+            service: service.into(),
+            public_keys: vec![raw(&service_key).to_vec()],
+            version: 1,
+            issued_at_ms: T0_MS,
+            not_before_ms: 0,
+            not_after_ms: 0,
+        };
+        let envelope = sign_binding(&admin, &payload).encode_to_vec();
+        apply_fast(&mut registry, revision, Command::Bind { envelope });
+    }
+    let mut signatures = BTreeMap::new();
+    for service in services {
+        for i in 0..1_500 {
+            revision += 1;
+            let instance = format!("i{i:04}");
+            let payload = RecordPayload {
+                service: service.into(),
+                instance: instance.clone(),
+                sequence: 1,
+                issued_at_ms: T0_MS,
+                ttl_secs: 3_600,
+                ..Default::default()
+            };
+            let envelope = sign_record(&service_key, &payload);
+            signatures.insert(
+                format!("r/{service}/{instance}"),
+                envelope.signature.clone(),
+            );
+            apply_fast(
+                &mut registry,
+                revision,
+                Command::Register {
+                    envelope: envelope.encode_to_vec(),
+                },
+            );
+        }
+    }
+    let export = registry.export();
+
+    eprintln!("phase: both loads rebuild the same registry");
+    assert_eq!(Registry::load(export.clone()).unwrap(), registry);
+    assert_eq!(Registry::load_own(export.clone()).unwrap(), registry);
+
+    eprintln!("phase: a broken signature deep in the parallel part");
+    let target = "r/gamma/i1200";
+    let index = export
+        .iter()
+        .position(|(k, _)| k == target.as_bytes())
+        .unwrap();
+    let signature = &signatures[target];
+    let offset = export[index]
+        .1
+        .windows(signature.len())
+        .position(|w| w == signature.as_slice())
+        .expect("the stored value holds the envelope's signature");
+    let mut broken = export.clone();
+    broken[index].1[offset + 7] ^= 0x01;
+    let error = Registry::load(broken.clone()).unwrap_err();
+    assert!(
+        matches!(&error, StateError::CorruptValue { key, .. } if key == target),
+        "load (snapshots, backups) names the record whose signature fails: {error}"
+    );
+    assert!(
+        Registry::load_own(broken).is_ok(),
+        "a restart does not verify its own records' signatures again"
+    );
+
+    eprintln!("phase: a restart still refuses anything apply could not have written");
+    let mut moved = export.clone();
+    moved[index].0 = b"r/gamma/i9999".to_vec();
+    let error = Registry::load_own(moved).unwrap_err();
+    assert!(
+        matches!(&error, StateError::CorruptValue { .. }),
+        "a record under another instance's key: {error}"
+    );
+    let mut doubled = export.clone();
+    doubled.push(export[index].clone());
+    let error = Registry::load_own(doubled).unwrap_err();
+    assert!(error.to_string().contains("twice"), "{error}");
+    let mut other_signer = export.clone();
+    let key_id = raw(&service_key);
+    let at = other_signer[index]
+        .1
+        .windows(32)
+        .position(|w| w == key_id.as_slice())
+        .expect("the stored value holds the signer's key");
+    other_signer[index].1[at] ^= 0x01;
+    let error = Registry::load_own(other_signer).unwrap_err();
+    assert!(
+        matches!(&error, StateError::CorruptValue { .. }),
+        "a record whose signer differs from the stored key: {error}"
+    );
+}
