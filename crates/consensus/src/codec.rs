@@ -24,6 +24,13 @@ pub fn encode<T: Serialize>(value: &T, limit: usize) -> Result<Vec<u8>, bincode:
     options(limit).serialize(value)
 }
 
+/// The length of `value`'s encoding, without encoding it (saturating on error).
+pub fn encoded_len<T: Serialize>(value: &T) -> u64 {
+    bincode::DefaultOptions::new()
+        .serialized_size(value)
+        .unwrap_or(u64::MAX)
+}
+
 /// Decodes a `T`, failing on trailing bytes, malformed input or more than `limit` bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, bincode::Error> {
     if bytes.len() > limit {

@@ -13,7 +13,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{OptionalSend, Snapshot, Vote};
+use openraft::{LogId, OptionalSend, Snapshot, Vote};
 use signpost_proto::v1::raft_client::RaftClient;
 use signpost_proto::v1::{snapshot_chunk, RaftMessage, SnapshotChunk, SnapshotHeader};
 use tonic::transport::Channel;
@@ -26,6 +26,36 @@ use crate::type_config::{NodeAddr, TypeConfig};
 const SNAPSHOT_SEND_CHUNK_BYTES: usize = 1024 * 1024;
 // A sent chunk must fit under what the receiver accepts.
 const _: () = assert!(SNAPSHOT_SEND_CHUNK_BYTES <= SNAPSHOT_CHUNK_BYTES_MAX);
+/// Most bytes of log entries one AppendEntries carries (always at least one entry). openraft
+/// 0.9 gives every AppendEntries one heartbeat interval to complete and sends the same range
+/// again after a timeout, up to `max_payload_entries` entries, each of which may be a group
+/// commit of hundreds of requests. Unbounded, a lagging follower under load was sent tens of MiB
+/// per RPC that could not finish in 100 ms (nor fit the 64 MiB message limit), forever: it never
+/// caught up and the leader lost its quorum lease. Trimmed to this budget, the rest of the range
+/// goes in the next RPC (reported to openraft as a partial success).
+const APPEND_BYTES_BUDGET: u64 = 1024 * 1024;
+const _: () = assert!(APPEND_BYTES_BUDGET < RAFT_MESSAGE_BYTES_MAX as u64);
+
+/// Cuts `rpc`'s entries to [`APPEND_BYTES_BUDGET`] (keeping at least one); returns the log id of
+/// the last entry kept when entries were cut.
+fn trim_to_budget(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<LogId<u64>> {
+    let mut bytes = 0u64;
+    let mut keep = 0;
+    for entry in &rpc.entries {
+        let len = codec::encoded_len(entry);
+        if keep > 0 && bytes.saturating_add(len) > APPEND_BYTES_BUDGET {
+            break;
+        }
+        bytes = bytes.saturating_add(len);
+        keep += 1;
+    }
+    if keep >= rpc.entries.len() {
+        return None;
+    }
+    rpc.entries.truncate(keep);
+    rpc.entries.last().map(|e| e.log_id)
+}
+
 /// Connection timeout towards a peer: short, because openraft retries with backoff.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before the second attempt to send a snapshot to a peer that refused or lost the
@@ -292,14 +322,21 @@ impl Connection {
 impl RaftNetwork<TypeConfig> for Connection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeAddr, RaftError<u64>>> {
+        let cut_after = trim_to_budget(&mut rpc);
         let response = self.call("append_entries", &rpc, &option).await;
         if response.is_ok() {
             self.contacts.record(self.target);
         }
-        response
+        match (response, cut_after) {
+            // The follower holds what was sent; openraft sends the rest next.
+            (Ok(AppendEntriesResponse::Success), Some(last)) => {
+                Ok(AppendEntriesResponse::PartialSuccess(Some(last)))
+            }
+            (other, _) => other,
+        }
     }
 
     async fn vote(
@@ -389,6 +426,57 @@ impl RaftNetwork<TypeConfig> for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload};
+    use signpost_state::{Command, Request};
+
+    /// An entry whose encoding is a little over `bytes` long.
+    fn entry(index: u64, bytes: usize) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request {
+                time_ms: 1,
+                caller: "spiffe://t/service/a".into(),
+                command: Command::Register {
+                    envelope: vec![7; bytes],
+                },
+            }),
+        }
+    }
+
+    fn request(entries: Vec<Entry<TypeConfig>>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries,
+        }
+    }
+
+    #[test]
+    fn an_append_carries_at_most_its_byte_budget_and_reports_where_it_cut() {
+        let kib = 1024;
+        eprintln!("phase: a range under the budget goes whole");
+        let mut small = request((1..=10).map(|i| entry(i, 50 * kib)).collect());
+        assert_eq!(trim_to_budget(&mut small), None);
+        assert_eq!(small.entries.len(), 10);
+
+        eprintln!("phase: a range over the budget is cut before the entry that would pass it");
+        let mut large = request((1..=300).map(|i| entry(i, 200 * kib)).collect());
+        let cut = trim_to_budget(&mut large).expect("300 x 200 KiB is over the budget");
+        assert_eq!(large.entries.len(), 5, "5 x 200 KiB fit in 1 MiB, 6 do not");
+        assert_eq!(cut.index, 5, "the last entry sent is the one reported");
+        let sent: u64 = large.entries.iter().map(codec::encoded_len).sum();
+        assert!(sent <= APPEND_BYTES_BUDGET, "{sent}");
+
+        eprintln!("phase: one entry larger than the budget still goes, alone");
+        let mut huge = request(vec![entry(1, 3 * 1024 * kib), entry(2, 10)]);
+        let cut = trim_to_budget(&mut huge).expect("cut after the first");
+        assert_eq!((huge.entries.len(), cut.index), (1, 1));
+
+        eprintln!("phase: an empty append (a heartbeat) is untouched");
+        let mut heartbeat = request(Vec::new());
+        assert_eq!(trim_to_budget(&mut heartbeat), None);
+    }
 
     #[test]
     fn snapshot_sends_to_a_peer_that_keeps_failing_back_off_to_a_cap_and_reset_on_success() {

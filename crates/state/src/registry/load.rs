@@ -6,9 +6,9 @@
 //! served as if it did. [`Registry::load_own`] is the restart path: the node reads back what its
 //! own apply verified before storing it, so record signatures are not verified a second time
 //! (at a million records that is 40 s of CPU); every structural check still runs, and RocksDB's
-//! block checksums catch a flipped bit on disk. Record values are decoded on every core: they
-//! are independent of each other, and one `std::thread::scope` over equal chunks is all the
-//! parallelism this one loop needs.
+//! block checksums catch a flipped bit on disk. When signatures are verified, record values are
+//! decoded and verified on every core: they are independent of each other, and one
+//! `std::thread::scope` over equal chunks is all the parallelism this one loop needs.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -111,8 +111,9 @@ impl Loader {
         self.finish()
     }
 
-    /// Decodes the pending records on up to [`LOAD_THREADS_MAX`] threads, then inserts them
-    /// in scan order, so the first corrupt or duplicated record is the one reported.
+    /// Decodes and verifies the pending records (a load that verifies signatures) on up to
+    /// [`LOAD_THREADS_MAX`] threads, then inserts them in scan order, so the first corrupt or
+    /// duplicated record is the one reported.
     fn add_records(&mut self) -> Result<(), StateError> {
         let pending = std::mem::take(&mut self.pending);
         let check = match self.signatures {
@@ -197,6 +198,15 @@ impl Loader {
             StorageKey::Binding { service } => {
                 let entry = decode_binding(&service, &value).map_err(corrupt)?;
                 insert_new(&mut self.bindings, service, entry)
+            }
+            StorageKey::Record { service, instance }
+                if self.signatures == Signatures::VerifiedBeforeStoring =>
+            {
+                // Nothing to verify, so decoding is cheap: decode now and let the scanned
+                // value go, which keeps a restart's peak memory at the registry's size.
+                let check = SignatureCheck::VerifiedBeforeStoring;
+                let record = decode_record(&service, &instance, &value, check).map_err(corrupt)?;
+                insert_new(&mut self.records, (service, instance), record)
             }
             StorageKey::Record { service, instance } => {
                 self.pending.push(PendingRecord {
