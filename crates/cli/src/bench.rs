@@ -242,7 +242,26 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|e| panic!("constant histogram bounds are valid: {e}"))
 }
 
+/// The ticker of a client sending `rate` operations per second; `None` (closed loop) for 0.
+fn pace(rate: u32) -> Option<tokio::time::Interval> {
+    (rate > 0).then(|| {
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        // A late operation does not cause a catch-up burst: the rate stays steady.
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    })
+}
+
 impl Phase {
+    /// Counts a failed `op` by its gRPC code; the first failure's message is kept.
+    fn count_error(&mut self, op: &str, status: tonic::Status) {
+        let (code, message) = op_error(status);
+        self.errors += 1;
+        *self.errors_by_code.entry(code.to_string()).or_default() += 1;
+        self.first_error
+            .get_or_insert_with(|| format!("{op}: {code}: {message}"));
+    }
+
     fn empty() -> Phase {
         Phase {
             ok: 0,
@@ -771,62 +790,42 @@ impl Legit {
         let endpoints = &setup.config.endpoints;
         let mut tasks = Vec::with_capacity(args.clients);
         let base = now_ms() * 1_000;
+        let mix = args.workload.mix(args.mix);
+        let td = &setup.config.trust_domain;
         let mut records_seen = None;
         for i in 0..args.clients {
-            if let Some(service) = &args.resolve_service {
-                // A reader of an existing service: nothing to bind or register.
+            // Each client resolves (and registers) its own service, or, with
+            // --resolve-service, is a reader of that existing service: nothing to bind.
+            let (service, prefix, signed) = if let Some(service) = &args.resolve_service {
                 let name = format!("bench-r{i}");
                 let prefix = setup.issue(&Identity::Reader(name.clone()), &name)?;
-                let addr = if args.stale {
-                    &endpoints[i % endpoints.len()]
-                } else {
-                    &leader
-                };
-                let mut raw = setup.raw(&prefix, addr)?;
-                let answer = raw
-                    .resolve(ResolveRequest {
-                        service: service.clone(),
-                        stale: true,
-                    })
+                (service.clone(), prefix, Vec::new())
+            } else {
+                let service = format!("bench-{i}");
+                let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
+                let key = setup.bind_new_key(&service).await?;
+                // The instance exists before the clock starts, so resolves find it and
+                // registrations are renewals.
+                let client = Client::connect(&setup.config_as(&prefix))?;
+                client
+                    .register(record(&key, &service, "i0", base, td))
                     .await
-                    .with_context(|| format!("resolving {service} at {addr} as {name}"))?
-                    .into_inner();
-                records_seen.get_or_insert(answer.service.map_or(0, |s| s.records.len()));
-                tasks.push(Arc::new(LegitTask::Signpost {
-                    client: raw,
-                    service: service.clone(),
-                    stale: args.stale,
-                    signed: Vec::new(),
-                    keepalive: None,
-                }));
-                progress.inc(1);
-                continue;
-            }
-            let service = format!("bench-{i}");
-            let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
-            let key = setup.bind_new_key(&service).await?;
-            let td = &setup.config.trust_domain;
-            // The instance exists before the clock starts, so resolves find it and
-            // registrations are renewals.
-            let client = Client::connect(&setup.config_as(&prefix))?;
-            client
-                .register(record(&key, &service, "i0", base, td))
-                .await
-                .with_context(|| format!("registering {service}/i0"))?;
-            let mix = args.workload.mix(args.mix);
-            let signed = match mix.has(Op::Register) {
-                true => (0..phases)
-                    .map(|phase| {
-                        (0..per_client)
-                            .map(|n| {
-                                let seq = base + 1 + (phase * per_client + n) as u64;
-                                let instance = format!("i{}", n % args.instances);
-                                record(&key, &service, &instance, seq, td)
-                            })
-                            .collect()
-                    })
-                    .collect(),
-                false => Vec::new(),
+                    .with_context(|| format!("registering {service}/i0"))?;
+                let signed = match mix.has(Op::Register) {
+                    true => (0..phases)
+                        .map(|phase| {
+                            (0..per_client)
+                                .map(|n| {
+                                    let seq = base + 1 + (phase * per_client + n) as u64;
+                                    let instance = format!("i{}", n % args.instances);
+                                    record(&key, &service, &instance, seq, td)
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                    false => Vec::new(),
+                };
+                (service, prefix, signed)
             };
             // Mixed clients send everything to the leader (their writes must go there).
             let addr = if args.stale && args.workload == Workload::Resolve {
@@ -843,7 +842,7 @@ impl Legit {
                     stale: true,
                 })
                 .await
-                .with_context(|| format!("connecting {service} to {addr}"))?
+                .with_context(|| format!("connecting to {addr} and resolving {service}"))?
                 .into_inner();
             records_seen.get_or_insert(answer.service.map_or(0, |s| s.records.len()));
             let keepalive = if mix.has(Op::KeepAlive) {
@@ -870,7 +869,7 @@ impl Legit {
         }
         progress.finish_and_clear();
         Ok(Legit {
-            mix: args.workload.mix(args.mix),
+            mix,
             rate: args.rate,
             tasks,
             records_per_resolve: records_seen,
@@ -880,12 +879,12 @@ impl Legit {
     async fn prepare_etcd(args: &BenchArgs) -> anyhow::Result<Legit> {
         let tls = etcd_tls(args)?;
         let value = etcd_value();
+        let mix = args.workload.mix(args.mix);
         let progress = bar(args.clients as u64, "preparing etcd clients");
         let mut tasks = Vec::with_capacity(args.clients);
         for i in 0..args.clients {
             let addr = &args.endpoints[i % args.endpoints.len()];
             let channel = etcd_connect(&tls, addr).await?;
-            let mix = args.workload.mix(args.mix);
             let lease = if args.lease || mix.has(Op::KeepAlive) {
                 etcd::lease_client::LeaseClient::new(channel.clone())
                     .lease_grant(etcd::LeaseGrantRequest {
@@ -933,7 +932,7 @@ impl Legit {
         }
         progress.finish_and_clear();
         Ok(Legit {
-            mix: args.workload.mix(args.mix),
+            mix,
             rate: args.rate,
             tasks,
             records_per_resolve: None,
@@ -950,13 +949,7 @@ impl Legit {
             let task = Arc::clone(task);
             let mut schedule = Schedule::new(self.mix);
             let ok = Arc::clone(&ok);
-            let mut pace = (self.rate > 0).then(|| {
-                let mut interval =
-                    tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(self.rate)));
-                // A late operation does not cause a catch-up burst: the rate stays steady.
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                interval
-            });
+            let mut pace = pace(self.rate);
             handles.push(tokio::spawn(async move {
                 let mut latencies = histogram();
                 let mut by_op: BTreeMap<&'static str, Histogram<u64>> = BTreeMap::new();

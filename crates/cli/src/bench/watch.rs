@@ -21,7 +21,7 @@ use signpost_proto::v1::watch_event::Kind;
 use signpost_proto::v1::{Envelope, RecordPayload, RegisterRequest, WatchEvent, WatchRequest};
 use tonic::transport::Channel;
 
-use super::{bar, histogram, op_error, record, BenchArgs, Duplex, Phase, Setup};
+use super::{bar, histogram, record, BenchArgs, Duplex, Phase, Setup};
 use crate::commands::now_ms;
 
 /// How long watchers keep listening after the last write, for events still in flight.
@@ -117,7 +117,7 @@ impl Writer {
                     kv.clone()
                         .put(etcd::PutRequest {
                             key: key.clone(),
-                            value: etcd_value(n as u64, *value_bytes),
+                            value: numbered_value(n as u64, *value_bytes),
                             lease: 0,
                         })
                         .await
@@ -129,7 +129,7 @@ impl Writer {
 }
 
 /// A value of `bytes` bytes (at least 8) that carries write number `n`.
-fn etcd_value(n: u64, bytes: usize) -> Vec<u8> {
+fn numbered_value(n: u64, bytes: usize) -> Vec<u8> {
     let mut value = vec![0x5a; bytes.max(8)];
     value[..8].copy_from_slice(&n.to_le_bytes());
     value
@@ -287,7 +287,7 @@ pub(super) async fn run_etcd(args: &BenchArgs, duration: Duration) -> anyhow::Re
     let mut kv = etcd::kv_client::KvClient::new(first.clone());
     kv.put(etcd::PutRequest {
         key: key.clone(),
-        value: etcd_value(u64::MAX, value_bytes),
+        value: numbered_value(u64::MAX, value_bytes),
         lease: 0,
     })
     .await
@@ -377,11 +377,7 @@ async fn measure(
         })
         .collect();
 
-    let mut pace = (rate > 0).then(|| {
-        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval
-    });
+    let mut pace = super::pace(rate);
     let mut phase = Phase::empty();
     let mut write_latencies = histogram();
     let mut writes_ok = 0u64;
@@ -404,14 +400,7 @@ async fn measure(
                 writes_ok += 1;
                 write_latencies.saturating_record(t0.elapsed().as_micros() as u64);
             }
-            Err(status) => {
-                let (code, message) = op_error(status);
-                phase.errors += 1;
-                *phase.errors_by_code.entry(code.to_string()).or_default() += 1;
-                phase
-                    .first_error
-                    .get_or_insert_with(|| format!("register: {code}: {message}"));
-            }
+            Err(status) => phase.count_error("register", status),
         }
         progress.set_position(started.elapsed().as_secs().min(duration.as_secs()));
     }
@@ -428,12 +417,7 @@ async fn measure(
                 delivered += seen;
                 if let Some(status) = error {
                     watchers_failed += 1;
-                    let (code, message) = op_error(status);
-                    phase.errors += 1;
-                    *phase.errors_by_code.entry(code.to_string()).or_default() += 1;
-                    phase
-                        .first_error
-                        .get_or_insert_with(|| format!("watch: {code}: {message}"));
+                    phase.count_error("watch", status);
                 }
             }
             Err(_) => watchers_failed += 1,

@@ -35,8 +35,9 @@ const PARALLEL_RECORDS_MIN: usize = 4096;
 const LOAD_THREADS_MAX: usize = 16;
 
 /// Whether record signatures are verified while loading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Signatures {
+    #[default]
     Verify,
     VerifiedBeforeStoring,
 }
@@ -49,6 +50,7 @@ struct PendingRecord {
     value: Vec<u8>,
 }
 
+#[derive(Default)]
 struct Loader {
     signatures: Signatures,
     pending: Vec<PendingRecord>,
@@ -87,16 +89,7 @@ impl Loader {
     fn new(signatures: Signatures) -> Loader {
         Loader {
             signatures,
-            pending: Vec::new(),
-            genesis: None,
-            current: None,
-            chain: BTreeMap::new(),
-            quotas: None,
-            bindings: BTreeMap::new(),
-            records: BTreeMap::new(),
-            tombstones: BTreeMap::new(),
-            clock_ms: None,
-            state_bytes: 0,
+            ..Loader::default()
         }
     }
 
@@ -115,11 +108,9 @@ impl Loader {
     /// [`LOAD_THREADS_MAX`] threads, then inserts them in scan order, so the first corrupt or
     /// duplicated record is the one reported.
     fn add_records(&mut self) -> Result<(), StateError> {
+        // Only a verifying load defers records (the restart path decodes them while scanning).
         let pending = std::mem::take(&mut self.pending);
-        let check = match self.signatures {
-            Signatures::Verify => SignatureCheck::Always,
-            Signatures::VerifiedBeforeStoring => SignatureCheck::VerifiedBeforeStoring,
-        };
+        let check = SignatureCheck::Always;
         let decode_all = |part: &[PendingRecord]| -> Vec<Result<StoredRecord, String>> {
             part.iter()
                 .map(|p| decode_record(&p.service, &p.instance, &p.value, check))
