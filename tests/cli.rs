@@ -339,6 +339,14 @@ fn bench_and_dev_refuse_bad_options_with_a_clear_error_before_doing_anything() {
     );
     let out = cli(&["dev", "--state-mib-max", "449"], &[]);
     assert!(said(&out).contains("--state-mib-max"), "{out:?}");
+    // Keep-alives are the leader's, and etcd clients are spread anyway.
+    for extra in [
+        &["--workload", "mixed"][..],
+        &["--target", "etcd", "--endpoints", "127.0.0.1:1"][..],
+    ] {
+        let out = cli(&[&["bench", "--spread"][..], extra].concat(), &[]);
+        assert!(said(&out).contains("--spread is for"), "{extra:?}: {out:?}");
+    }
 
     eprintln!("phase 3: a limits file with a typo is refused, and no node is started");
     let limits = dir.path().join("limits.toml");

@@ -76,6 +76,89 @@ async fn a_registration_sent_to_a_follower_is_resolvable_on_every_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_forwarding_a_follower_takes_writes_and_linearizable_reads_itself() {
+    use signpost_proto::v1::{RegisterRequest, ResolveRequest};
+
+    eprintln!("phase 1: three nodes with forward_to_leader, and one service bound");
+    let cluster = TestCluster::start(ClusterOptions {
+        raft_toml: "forward_to_leader = true".into(),
+        ..ClusterOptions::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != leader)
+        .collect();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let service = cluster.issue("service", "payments");
+    let reader = cluster.issue("reader", "r1");
+
+    eprintln!("phase 2: a raw write to a follower (no client redirect) is applied");
+    let mut at_follower = signpost_tests::raw_registry(&cluster, &service, followers[0]);
+    let revision = at_follower
+        .register(RegisterRequest {
+            envelope: Some(signed_record(&key, "payments", "p1", 1, 9000)),
+        })
+        .await
+        .expect("a follower forwards the write to the leader")
+        .into_inner()
+        .revision;
+    assert!(revision > 0);
+
+    eprintln!("phase 3: a linearizable read at the other follower sees it at once");
+    let answer = signpost_tests::raw_registry(&cluster, &reader, followers[1])
+        .resolve(ResolveRequest {
+            service: "payments".into(),
+            stale: false,
+        })
+        .await
+        .expect("a follower confirms the read index with the leader")
+        .into_inner();
+    assert!(
+        answer.revision >= revision,
+        "the read is not older than the write"
+    );
+    assert_eq!(answer.service.unwrap().records.len(), 1);
+
+    eprintln!("phase 4: apply still judges a forwarded write: a replayed sequence is refused");
+    let status = at_follower
+        .register(RegisterRequest {
+            envelope: Some(signed_record(&key, "payments", "p1", 1, 9001)),
+        })
+        .await
+        .expect_err("the same sequence again is stale");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
+    assert!(status.message().starts_with("stale_sequence"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_forwarding_a_follower_names_the_leader_instead() {
+    use signpost_proto::v1::RegisterRequest;
+
+    eprintln!("phase 1: three nodes with the default (no forwarding)");
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let service = cluster.issue("service", "payments");
+
+    eprintln!("phase 2: a raw write to a follower is refused with the leader's address");
+    let status = signpost_tests::raw_registry(&cluster, &service, follower)
+        .register(RegisterRequest {
+            envelope: Some(signed_record(&key, "payments", "p1", 1, 9000)),
+        })
+        .await
+        .expect_err("a follower does not propose");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
+    assert!(status.message().starts_with("not_leader"), "{status}");
+    assert!(
+        status.message().contains(&cluster.client_addr(leader)),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_another_and_loses_no_acknowledged_registration() {
     eprintln!("phase 1: a ready cluster with some acknowledged registrations");
     let mut cluster = TestCluster::start(ClusterOptions::default());

@@ -1219,3 +1219,103 @@ async fn a_client_refuses_a_linearizable_answer_older_than_one_it_has_seen() {
     let stale = only_rogue.resolve("payments", true).await.unwrap();
     assert_eq!(stale.revision, old_revision);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_is_taken_only_from_members_and_only_for_signed_commands() {
+    use signpost_consensus::codec;
+    use signpost_consensus::forward::{ForwardAnswer, ForwardRequest, Refusal};
+    use signpost_state::{Command, Request as LogRequest};
+
+    let decode = |message: RaftMessage| -> ForwardAnswer {
+        codec::decode(&message.data, codec::RAFT_MESSAGE_BYTES_MAX).expect("a forward answer")
+    };
+    let forward = |request: &ForwardRequest| RaftMessage {
+        data: codec::encode(request, codec::RAFT_MESSAGE_BYTES_MAX).unwrap(),
+    };
+    let as_admin = |command: Command| {
+        ForwardRequest::Propose(LogRequest {
+            time_ms: 0,
+            caller: format!("spiffe://{TRUST_DOMAIN}/admin/ops"),
+            command,
+        })
+    };
+
+    eprintln!("phase 1: a cluster, and a second certificate of a member used from its address");
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let member = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    cluster
+        .client_as(&cluster.issue("service", "payments"), &[leader])
+        .register(signed_record(&key, "payments", "p1", 1, 9000))
+        .await
+        .unwrap();
+    let rogue = cluster.issue("node", &member.to_string());
+    let mut raft = signpost_tests::raw_raft(&cluster, &rogue, leader, cluster.node_ip(member));
+
+    eprintln!("phase 2: an unsigned expiry, a batch or a no-op is refused, and nothing changes");
+    for command in [
+        Command::Expire {
+            service: "payments".into(),
+            instance: "p1".into(),
+            sequence: 1,
+        },
+        Command::Batch { requests: vec![] },
+        Command::Noop,
+    ] {
+        let answer = decode(
+            raft.forward(forward(&as_admin(command.clone())))
+                .await
+                .expect("a member reaches the desk")
+                .into_inner(),
+        );
+        assert!(
+            matches!(answer, ForwardAnswer::Refused(Refusal::Invalid(_))),
+            "{command:?} must not be forwarded: {answer:?}"
+        );
+    }
+    let resolved = cluster
+        .client(&[leader])
+        .resolve("payments", false)
+        .await
+        .unwrap();
+    assert_eq!(resolved.instances.len(), 1, "the instance was not expired");
+
+    eprintln!(
+        "phase 3: a signed command with a broken signature is proposed, and apply refuses it"
+    );
+    let mut forged = signed_record(&key, "payments", "p1", 2, 6666);
+    forged.signature[0] ^= 1;
+    let answer = decode(
+        raft.forward(forward(&as_admin(Command::Register {
+            envelope: prost::Message::encode_to_vec(&forged),
+        })))
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    assert!(
+        matches!(
+            &answer,
+            ForwardAnswer::Proposed {
+                outcome: signpost_state::Outcome::Rejected { reason, .. },
+                ..
+            } if *reason == signpost_record::Reason::BadSignature
+        ),
+        "apply verifies a forwarded record: {answer:?}"
+    );
+    let resolved = cluster
+        .client(&[leader])
+        .resolve("payments", false)
+        .await
+        .unwrap();
+    assert_eq!(resolved.instances[0].payload.endpoints[0].port, 9000);
+
+    eprintln!("phase 4: a node certificate of the CA for a non-member id is refused");
+    let stranger = cluster.issue("node", "9");
+    let status = signpost_tests::raw_raft(&cluster, &stranger, leader, cluster.node_ip(member))
+        .forward(forward(&ForwardRequest::ReadIndex))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+}

@@ -143,6 +143,8 @@ pub struct ClusterOptions {
     pub limits_toml: String,
     /// `[raft]` timing (heartbeat, election min, election max in ms); None: the defaults.
     pub raft_timing: Option<(u64, u64, u64)>,
+    /// Extra `key = value` lines for every node's `[raft]` section.
+    pub raft_toml: String,
     /// Nodes whose data directory is a tmpfs of this many MiB (a disk that can fill up).
     pub small_disk: Option<(u64, u64)>,
     /// Give every node a `metrics_addr` (see [`TestCluster::metrics_addr`]).
@@ -166,6 +168,7 @@ impl Default for ClusterOptions {
             bootstrap_toml: String::new(),
             limits_toml: String::new(),
             raft_timing: None,
+            raft_toml: String::new(),
             small_disk: None,
             metrics: false,
             identity_from: None,
@@ -381,12 +384,13 @@ impl TestCluster {
             "{metrics_line}node_id = {id}\njoin = {join}\ndata_dir = \"data\"\nclient_addr = \"{}\"\nraft_addr = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
              [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
              [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
-             [raft]\n{raft_timing}\
+             [raft]\n{raft_timing}{}\n\
              snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{}\n\n{members}",
             node.client_addr,
             node.raft_addr,
             self.admin_pub,
             options.bootstrap_toml,
+            options.raft_toml,
             options.snapshot_after_entries,
             options.log_entries_kept,
             options.limits_toml,

@@ -23,7 +23,9 @@
 //!
 //! Everything is made before the clock starts (certificates, bindings, signatures) and
 //! everything is bounded: the duration, the number of clients, the flood's connections and
-//! the number of pre-signed records.
+//! the number of records per client. Runs longer than [`PRESIGN_SECS_MAX`] (fills) sign each
+//! record as they send it instead: a pre-signed record would be older than the registry's
+//! replay window (five minutes) by the time it is sent, and refused as `expired`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -66,9 +68,12 @@ const FLOOD_CONNECTIONS_MAX: usize = 512;
 const FLOOD_IDENTITIES: usize = 8;
 /// Records pre-signed per legitimate client and phase, at most.
 const SIGNED_PER_CLIENT_MAX: usize = 40_000;
-/// Records pre-signed for the whole legitimate workload, at most: a million-instance fill
-/// (about 400 MB of envelopes in the generator).
+/// Records pre-signed for the whole legitimate workload, at most (about 400 MB of envelopes in
+/// the generator); also the most records a run that signs as it sends registers in all.
 const SIGNED_TOTAL_MAX: usize = 1_100_000;
+/// Longest run (all phases) whose records are signed before the clock: the last one sent is
+/// then at most this old plus the preparation, well inside the registry's 300 s replay window.
+const PRESIGN_SECS_MAX: u64 = 180;
 /// Records pre-signed per flood identity; the flood cycles through them.
 const FLOOD_SIGNED_PER_IDENTITY: usize = 2_000;
 /// Distinct instances per flood identity (below the default per-service quota).
@@ -176,6 +181,11 @@ pub(crate) struct BenchArgs {
     /// of linearizably.
     #[arg(long)]
     stale: bool,
+    /// Send every Signpost client's requests to the members in turn (client i to member
+    /// i mod N) instead of writes and linearizable reads to the leader: measures a cluster
+    /// whose followers forward (`[raft] forward_to_leader`); without it, followers refuse.
+    #[arg(long)]
+    spread: bool,
     /// Legitimate workload.
     #[arg(long, value_enum, default_value = "register")]
     workload: Workload,
@@ -387,6 +397,16 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     {
         bail!("--resolve-service is for --workload resolve against Signpost");
     }
+    if args.spread
+        && (args.target != Target::Signpost
+            || args.workload == Workload::Watch
+            || args.workload.mix(args.mix).has(Op::KeepAlive))
+    {
+        bail!(
+            "--spread is for Signpost register, resolve and mixed without keep-alives \
+             (etcd clients are always spread; keep-alives are the leader's)"
+        );
+    }
     let duration = Duration::from_secs(args.duration);
     if args.workload == Workload::Watch {
         if args.flood.is_some() || args.lease || args.stale {
@@ -530,7 +550,7 @@ impl Setup {
     }
 }
 
-/// Records pre-signed per client and phase: enough for the run, within the memory bounds.
+/// Records per client and phase: enough for the run, within the memory bounds of signing ahead.
 fn records_per_client(args: &BenchArgs, phases: usize) -> usize {
     let per_client = if args.rate > 0 {
         // The paced workload needs exactly duration × rate, plus slack.
@@ -631,6 +651,54 @@ impl<Req, Resp> Duplex<Req, Resp> {
 }
 
 type SignpostKeepAlive = Duplex<KeepAliveRequest, KeepAliveResponse>;
+
+/// Where a Signpost task's registrations come from.
+enum Signing {
+    /// The workload has no registrations.
+    None,
+    /// Per phase, records signed before the clock (short runs: signing stays out of the
+    /// measurement).
+    Ahead(Vec<Vec<Envelope>>),
+    /// Records signed as they are sent (long runs), at most `per_phase` per phase.
+    AsSent(Box<Signer>),
+}
+
+/// What a task needs to sign its `n`th record of a phase when it sends it.
+struct Signer {
+    key: SigningKey,
+    service: String,
+    trust_domain: String,
+    instances: usize,
+    // Sequence of the instance's first registration, before the clock; record n of phase p
+    // has base + 1 + p * per_phase + n, so sequences grow as they are sent.
+    base: u64,
+    per_phase: usize,
+}
+
+impl Signer {
+    fn sign(&self, phase: usize, n: usize) -> Envelope {
+        let sequence = self.base + 1 + (phase * self.per_phase + n) as u64;
+        let instance = format!("i{}", n % self.instances);
+        record(
+            &self.key,
+            &self.service,
+            &instance,
+            sequence,
+            &self.trust_domain,
+        )
+    }
+}
+
+impl Signing {
+    /// The `n`th registration of `phase`; `None` past the phase's bound.
+    fn get(&self, phase: usize, n: usize) -> Option<Envelope> {
+        match self {
+            Signing::None => None,
+            Signing::Ahead(phases) => phases.get(phase)?.get(n).cloned(),
+            Signing::AsSent(signer) => (n < signer.per_phase).then(|| signer.sign(phase, n)),
+        }
+    }
+}
 type EtcdKeepAlive = Duplex<etcd::LeaseKeepAliveRequest, etcd::LeaseKeepAliveResponse>;
 
 enum LegitTask {
@@ -640,8 +708,8 @@ enum LegitTask {
         client: RegistryClient<Channel>,
         service: String,
         stale: bool,
-        // Per phase, the records the task sends in order (registrations).
-        signed: Vec<Vec<Envelope>>,
+        // The registrations the task sends, in order.
+        signed: Signing,
         // Renewals of the task's instance (mixed workload with keep-alives).
         keepalive: Option<tokio::sync::Mutex<SignpostKeepAlive>>,
     },
@@ -673,7 +741,7 @@ impl LegitTask {
     async fn op(&self, op: Op, phase: usize, n: usize) -> Option<OpResult> {
         let result = match (self, op) {
             (LegitTask::Signpost { client, signed, .. }, Op::Register) => {
-                let envelope = signed.get(phase)?.get(n)?.clone();
+                let envelope = signed.get(phase, n)?;
                 client
                     .clone()
                     .register(RegisterRequest {
@@ -782,6 +850,7 @@ impl Legit {
     async fn prepare(setup: &Setup, args: &BenchArgs) -> anyhow::Result<Legit> {
         let phases = if args.flood.is_some() { 2 } else { 1 };
         let per_client = records_per_client(args, phases);
+        let sign_ahead = args.duration * phases as u64 <= PRESIGN_SECS_MAX;
         let progress = bar(
             args.clients as u64,
             "preparing clients (certificates, keys, signatures)",
@@ -799,7 +868,7 @@ impl Legit {
             let (service, prefix, signed) = if let Some(service) = &args.resolve_service {
                 let name = format!("bench-r{i}");
                 let prefix = setup.issue(&Identity::Reader(name.clone()), &name)?;
-                (service.clone(), prefix, Vec::new())
+                (service.clone(), prefix, Signing::None)
             } else {
                 let service = format!("bench-{i}");
                 let prefix = setup.issue(&Identity::Service(service.clone()), &service)?;
@@ -811,24 +880,28 @@ impl Legit {
                     .register(record(&key, &service, "i0", base, td))
                     .await
                     .with_context(|| format!("registering {service}/i0"))?;
-                let signed = match mix.has(Op::Register) {
-                    true => (0..phases)
-                        .map(|phase| {
-                            (0..per_client)
-                                .map(|n| {
-                                    let seq = base + 1 + (phase * per_client + n) as u64;
-                                    let instance = format!("i{}", n % args.instances);
-                                    record(&key, &service, &instance, seq, td)
-                                })
-                                .collect()
-                        })
-                        .collect(),
-                    false => Vec::new(),
+                let signer = Signer {
+                    key,
+                    service: service.clone(),
+                    trust_domain: td.clone(),
+                    instances: args.instances,
+                    base,
+                    per_phase: per_client,
+                };
+                let signed = match (mix.has(Op::Register), sign_ahead) {
+                    (false, _) => Signing::None,
+                    (true, true) => Signing::Ahead(
+                        (0..phases)
+                            .map(|phase| (0..per_client).map(|n| signer.sign(phase, n)).collect())
+                            .collect(),
+                    ),
+                    (true, false) => Signing::AsSent(Box::new(signer)),
                 };
                 (service, prefix, signed)
             };
-            // Mixed clients send everything to the leader (their writes must go there).
-            let addr = if args.stale && args.workload == Workload::Resolve {
+            // Mixed clients send everything to the leader (their writes must go there), unless
+            // the followers forward.
+            let addr = if args.spread || (args.stale && args.workload == Workload::Resolve) {
                 &endpoints[i % endpoints.len()]
             } else {
                 &leader
@@ -967,7 +1040,7 @@ impl Legit {
                     let op = schedule.next_op();
                     let n = sent.entry(op).or_default();
                     let t0 = Instant::now();
-                    // Out of pre-signed records: the bound on this phase's work.
+                    // Out of records: the bound on this phase's work.
                     let Some(result) = task.op(op, phase, *n).await else {
                         break;
                     };
@@ -1484,4 +1557,65 @@ fn report(
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(per_phase: usize) -> Signer {
+        Signer {
+            key: SigningKey::from_bytes(&[7; 32]),
+            service: "bench-0".into(),
+            trust_domain: "example.org".into(),
+            instances: 3,
+            base: 1_000,
+            per_phase,
+        }
+    }
+
+    #[test]
+    fn records_signed_as_sent_are_fresh_valid_and_in_sequence() {
+        // Given a task that signs as it sends, 4 records per phase over 3 instances.
+        let signing = Signing::AsSent(Box::new(signer(4)));
+
+        // When it is asked for the records of two phases and one past the bound.
+        let first = signing.get(0, 0).expect("first record");
+        let last = signing.get(1, 3).expect("last record of phase 1");
+        let past = signing.get(1, 4);
+
+        // Then each verifies, is issued now, and sequences continue across phases.
+        let before = now_ms();
+        let opened_first = signpost_record::open_record(&first).expect("verifies");
+        let opened_last = signpost_record::open_record(&last).expect("verifies");
+        assert_eq!(opened_first.payload.sequence, 1_001);
+        assert_eq!(opened_first.payload.instance, "i0");
+        assert_eq!(opened_last.payload.sequence, 1_000 + 1 + 4 + 3);
+        assert_eq!(
+            opened_last.payload.instance, "i0",
+            "record 3 of 3 instances wraps"
+        );
+        assert!(opened_last.payload.issued_at_ms + 60_000 >= before);
+        assert!(past.is_none(), "a phase stops at its bound");
+    }
+
+    #[test]
+    fn records_signed_ahead_are_the_ones_signed_as_sent_would_give() {
+        // Given the same signer used ahead of the clock and as records are sent.
+        let signer = signer(2);
+        let ahead = Signing::Ahead(vec![(0..2).map(|n| signer.sign(0, n)).collect()]);
+        let as_sent = Signing::AsSent(Box::new(signer));
+
+        // Then both give the same sequences and instances, and both stop at the bound.
+        for n in 0..2 {
+            let a = signpost_record::open_record(&ahead.get(0, n).unwrap()).unwrap();
+            let b = signpost_record::open_record(&as_sent.get(0, n).unwrap()).unwrap();
+            assert_eq!(
+                (a.payload.sequence, a.payload.instance),
+                (b.payload.sequence, b.payload.instance)
+            );
+        }
+        assert!(ahead.get(0, 2).is_none() && as_sent.get(0, 2).is_none());
+        assert!(Signing::None.get(0, 0).is_none());
+    }
 }

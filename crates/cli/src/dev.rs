@@ -52,6 +52,10 @@ pub(crate) struct DevArgs {
     #[arg(long = "state-mib-max", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=448))]
     state_mib_max: u64,
+    /// Followers forward client writes and linearizable reads to the leader (`[raft]
+    /// forward_to_leader`) instead of naming it.
+    #[arg(long = "forward-to-leader")]
+    forward_to_leader: bool,
 }
 
 /// The nodes' limits: the defaults, or `--limits FILE` (unknown keys are refused, so a typo
@@ -151,7 +155,10 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
                 services_max: 10_000,
                 state_bytes_max: args.state_mib_max * 1024 * 1024,
             },
-            raft: RaftConfig::default(),
+            raft: RaftConfig {
+                forward_to_leader: args.forward_to_leader,
+                ..RaftConfig::default()
+            },
             limits: limits.clone(),
             watch: WatchConfig::default(),
             metrics_addr: Some(format!(

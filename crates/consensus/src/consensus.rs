@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::election::{ElectionDriver, ElectionTiming, Liveness};
 use crate::error::ConsensusError;
+use crate::forward::{forwardable, ForwardAnswer, ForwardDesk, ForwardRequest, FORWARD_TIMEOUT};
 use crate::log_store::LogStore;
 use crate::network::Network;
 use crate::propose_batch::ProposalBatcher;
@@ -58,6 +59,9 @@ pub struct ConsensusConfig {
     /// Put concurrent proposals into one log entry (`Command::Batch`). Off only while a
     /// cluster is upgraded from a version that cannot read batch entries.
     pub batch_proposals: bool,
+    /// A follower hands the client writes and linearizable reads it admitted to the leader
+    /// (see [`crate::forward`]) instead of answering "not the leader".
+    pub forward_to_leader: bool,
     /// The genesis admin set this node was configured to bootstrap (`[bootstrap]`): a stored
     /// state or a received snapshot with another genesis belongs to another cluster and is
     /// refused, even on a node that has no state yet.
@@ -87,9 +91,19 @@ impl ConsensusConfig {
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
             batch_proposals: true,
+            forward_to_leader: false,
             expected_genesis: None,
         }
     }
+}
+
+/// A leader without its quorum lease answers as if no leader were known.
+fn leader_lease(raft: &Raft<TypeConfig>, liveness: &Liveness) -> Result<(), ConsensusError> {
+    let leading = raft.metrics().borrow().state == ServerState::Leader;
+    if leading && !liveness.has_quorum_lease() {
+        return Err(ConsensusError::NotLeader { leader: None });
+    }
+    Ok(())
 }
 
 /// One member as this node sees it.
@@ -273,12 +287,57 @@ impl Consensus {
     /// A leader without its quorum lease answers as if no leader were known: clients move to
     /// another node at once instead of waiting on a write that cannot commit.
     fn check_leader_lease(&self) -> Result<(), ConsensusError> {
-        let m = self.raft.metrics();
-        let leading = m.borrow().state == ServerState::Leader;
-        if leading && !self.liveness.has_quorum_lease() {
-            return Err(ConsensusError::NotLeader { leader: None });
+        leader_lease(&self.raft, &self.liveness)
+    }
+
+    /// The leader to forward a client request to: when forwarding is on, this node is not the
+    /// leader and knows who is.
+    fn forward_target(&self) -> Option<(u64, NodeAddr)> {
+        if !self.config.forward_to_leader {
+            return None;
         }
-        Ok(())
+        if self.raft.metrics().borrow().state == ServerState::Leader {
+            return None;
+        }
+        self.leader().filter(|(id, _)| *id != self.config.node_id)
+    }
+
+    /// Sends `request` to the leader and waits (bounded) for its answer.
+    async fn forward(
+        &self,
+        (leader, addr): (u64, NodeAddr),
+        request: ForwardRequest,
+    ) -> Result<ForwardAnswer, ConsensusError> {
+        let op = match request {
+            ForwardRequest::Propose(_) => "write",
+            ForwardRequest::ReadIndex => "read",
+        };
+        let sent = tokio::time::timeout(
+            FORWARD_TIMEOUT,
+            self.network.forward(leader, &addr, &request),
+        )
+        .await;
+        let (result, answer) = match sent {
+            Err(_) => (
+                "timeout",
+                Err(ConsensusError::Unavailable(format!(
+                    "leader {leader} did not answer a forwarded {op} within {} s",
+                    FORWARD_TIMEOUT.as_secs()
+                ))),
+            ),
+            Ok(Err(e)) => (
+                "unreachable",
+                Err(ConsensusError::Unavailable(format!(
+                    "forwarding a {op} to leader {leader} at {}: {e}",
+                    addr.raft_addr
+                ))),
+            ),
+            Ok(Ok(ForwardAnswer::Refused(why))) => ("refused", Err(why.into_error(leader))),
+            Ok(Ok(answer)) => ("ok", Ok(answer)),
+        };
+        metrics::counter!(crate::FORWARDED_TOTAL, "side" => "follower", "op" => op, "result" => result)
+            .increment(1);
+        answer
     }
 
     /// Resolves with the reason when Raft has stopped for good (a storage error, or shutdown).
@@ -311,6 +370,11 @@ impl Consensus {
             Duration::from_millis(raft_vote_lease),
             self.state_machine.clone(),
             self.config.expected_genesis.clone(),
+            ForwardDesk::new(self.proposals.clone(), self.reads.clone(), {
+                let raft = self.raft.clone();
+                let liveness = self.liveness.clone();
+                Arc::new(move || leader_lease(&raft, &liveness))
+            }),
         )
         .into_server()
     }
@@ -505,7 +569,23 @@ impl Consensus {
     /// Concurrent proposals share one log entry (`crate::propose_batch`, group commit). The
     /// entry time (`time_ms`) is stamped there, once per entry, from this leader's clock,
     /// whatever the caller put there: the one place the registry's notion of "now" comes from.
+    /// On a follower with `forward_to_leader`, a client command goes to the leader instead
+    /// (the outcome is the leader's).
     pub async fn propose(&self, request: Request) -> Result<(u64, Outcome), ConsensusError> {
+        if let Some(leader) = self
+            .forward_target()
+            .filter(|_| forwardable(&request.command))
+        {
+            return match self
+                .forward(leader, ForwardRequest::Propose(request))
+                .await?
+            {
+                ForwardAnswer::Proposed { index, outcome } => Ok((index, outcome)),
+                other => Err(ConsensusError::Unavailable(format!(
+                    "the leader answered a forwarded write with {other:?}"
+                ))),
+            };
+        }
         self.check_leader_lease()?;
         self.proposals.propose(request).await
     }
@@ -513,8 +593,31 @@ impl Consensus {
     /// Read index: confirms leadership with a quorum and waits until this node has applied
     /// everything committed before the call. Reads made after it are linearizable. Returns the
     /// revision the reads will reflect (at least). Concurrent calls share one confirmation
-    /// that started after each of them (see [`crate::read_batch`]).
+    /// that started after each of them (see [`crate::read_batch`]). On a follower with
+    /// `forward_to_leader`, the leader confirms and this node waits to apply up to its index.
     pub async fn read_barrier(&self) -> Result<u64, ConsensusError> {
+        if let Some(leader) = self.forward_target() {
+            let index = match self.forward(leader, ForwardRequest::ReadIndex).await? {
+                ForwardAnswer::ReadIndex(index) => index,
+                other => {
+                    return Err(ConsensusError::Unavailable(format!(
+                        "the leader answered a forwarded read index with {other:?}"
+                    )))
+                }
+            };
+            // The read is linearizable once this node has applied what the leader had
+            // committed when it confirmed its leadership.
+            self.raft
+                .wait(Some(FORWARD_TIMEOUT))
+                .applied_index_at_least(Some(index), "forwarded read index")
+                .await
+                .map_err(|e| {
+                    ConsensusError::Unavailable(format!(
+                        "this node did not apply up to the leader's read index {index}: {e}"
+                    ))
+                })?;
+            return Ok(self.state().revision().max(index));
+        }
         self.check_leader_lease()?;
         self.reads.barrier().await
     }

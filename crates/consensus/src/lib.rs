@@ -29,6 +29,7 @@ pub mod codec;
 mod consensus;
 mod election;
 mod error;
+pub mod forward;
 mod log_store;
 mod network;
 mod propose_batch;
@@ -47,6 +48,9 @@ pub const PROPOSAL_DURATION: &str = "signpost_raft_proposal_duration_seconds";
 pub const PROPOSAL_BATCH_SIZE: &str = "signpost_raft_proposal_batch_size";
 /// Histogram of the linearizable reads one leadership confirmation served.
 pub const READ_BATCH_SIZE: &str = "signpost_raft_read_batch_size";
+/// Counter of forwarded requests: `side` follower (sent) or leader (taken), `op` (followers:
+/// write or read), `result`.
+pub const FORWARDED_TOTAL: &str = "signpost_raft_forwarded_total";
 
 pub use consensus::{
     Consensus, ConsensusConfig, MemberStatus, NodeStatus, DEFAULT_ELECTION_TIMEOUT_MAX_MS,

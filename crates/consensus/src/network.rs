@@ -182,6 +182,7 @@ impl Network {
 enum ControlRpc {
     PreVote,
     TimeoutNow,
+    Forward,
 }
 
 impl Network {
@@ -207,6 +208,17 @@ impl Network {
             .await
     }
 
+    /// Hands a client request this follower admitted to the leader `target`.
+    pub(crate) async fn forward(
+        &self,
+        target: u64,
+        node: &NodeAddr,
+        request: &crate::forward::ForwardRequest,
+    ) -> Result<crate::forward::ForwardAnswer, String> {
+        self.control(ControlRpc::Forward, target, node, request)
+            .await
+    }
+
     async fn control<Req, Resp>(
         &self,
         rpc: ControlRpc,
@@ -222,11 +234,14 @@ impl Network {
             .channel(target, &node.raft_addr)
             .map_err(|e| e.to_string())?;
         let data = codec::encode(request, RAFT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
-        let mut client = RaftClient::new(channel);
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
         let message = RaftMessage { data };
         let response = match rpc {
             ControlRpc::PreVote => client.pre_vote(message).await,
             ControlRpc::TimeoutNow => client.timeout_now(message).await,
+            ControlRpc::Forward => client.forward(message).await,
         }
         .map_err(|s| s.to_string())?;
         codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)

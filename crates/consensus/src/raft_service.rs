@@ -35,6 +35,8 @@ pub struct RaftService {
     state_machine: crate::state_machine::StateMachine,
     // The configured genesis, for a node that has none of its own yet.
     expected_genesis: Option<signpost_record::AdminSet>,
+    // Takes requests followers forward while this node leads.
+    desk: crate::forward::ForwardDesk,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -47,6 +49,9 @@ impl std::fmt::Debug for RaftService {
 
 impl RaftService {
     /// The service for `raft`, accepting only member node identities of `trust_domain`.
+    // One call site (`Consensus::raft_service`), each argument a distinct handle the service
+    // needs; a parameter struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         raft: Raft<TypeConfig>,
         trust_domain: String,
@@ -55,6 +60,7 @@ impl RaftService {
         raft_vote_lease: std::time::Duration,
         state_machine: crate::state_machine::StateMachine,
         expected_genesis: Option<signpost_record::AdminSet>,
+        desk: crate::forward::ForwardDesk,
     ) -> RaftService {
         RaftService {
             raft,
@@ -64,6 +70,7 @@ impl RaftService {
             raft_vote_lease,
             state_machine,
             expected_genesis,
+            desk,
         }
     }
 
@@ -299,6 +306,17 @@ impl raft_server::Raft for RaftService {
             self.liveness.leader_contact();
         }
         encode(&response)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        // Members only: the forwarded caller is taken on the member's word (see
+        // `crate::forward` for why that widens nothing apply does not check anyway).
+        self.authorize(&request)?;
+        let rpc: crate::forward::ForwardRequest = decode(&request.into_inner().data, "Forward")?;
+        encode(&self.desk.take(rpc).await)
     }
 
     async fn pre_vote(

@@ -186,6 +186,10 @@ pub struct RaftConfig {
     /// commit), whose nodes stop with "corrupt raft log" on a batch entry; true once all run
     /// this version.
     pub batch_proposals: bool,
+    /// A follower forwards the client writes and linearizable reads it admitted to the leader
+    /// over the node-only Raft channel, so clients need not find the leader. Off: a follower
+    /// answers UNAVAILABLE `not_leader` naming the leader, and clients go there.
+    pub forward_to_leader: bool,
 }
 
 impl Default for RaftConfig {
@@ -197,6 +201,7 @@ impl Default for RaftConfig {
             snapshot_after_entries: 10_000,
             log_entries_kept: 1_000,
             batch_proposals: true,
+            forward_to_leader: false,
         }
     }
 }

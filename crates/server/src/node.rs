@@ -68,6 +68,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     consensus_config.election_timeout_max_ms = config.raft.election_timeout_max_ms;
     consensus_config.snapshot_after_entries = config.raft.snapshot_after_entries;
     consensus_config.batch_proposals = config.raft.batch_proposals;
+    consensus_config.forward_to_leader = config.raft.forward_to_leader;
     consensus_config.log_entries_kept = config.raft.log_entries_kept;
     consensus_config.expected_genesis = Some(config.genesis_admin_set()?);
     let consensus = Consensus::open(consensus_config).await?;
