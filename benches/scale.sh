@@ -2,14 +2,16 @@
 # benches/scale.sh CLIENTS INSTANCES_PER_CLIENT: fills a fresh `signpost dev` (in /tmp/scale-dev,
 # ports 7801-8003) with CLIENTS x INSTANCES registrations, then prints RSS per node, data size,
 # snapshot size, stale resolve latency and the restart-to-ready time of node 3. SIGNPOST_BIN picks
-# the binary. Stops what it started.
+# the binary. FORWARD=1 turns follower forwarding on and spreads the fill's clients over the
+# nodes (a leader change under the fill's overload then costs no refusals). Stops what it started.
 C=$1; K=$2; N=$((C*K))
 B=${SIGNPOST_BIN:-/root/.cache/signpost/target/release/signpost}
 D=/tmp/scale-dev
 rm -rf $D; mkdir -p $D
 # Genesis quotas sized for the fill: K instances per service, state up to 448 MiB.
 $B dev --dir $D --base-port 7800 --limits "$(cd "$(dirname "$0")" && pwd)/limits-throughput.toml" \
-  --instances-per-service-max $(( K > 1024 ? K : 1024 )) --state-mib-max 448 > $D/dev.log 2>&1 & DEV=$!
+  --instances-per-service-max $(( K > 1024 ? K : 1024 )) --state-mib-max 448 \
+  ${FORWARD:+--forward-to-leader} > $D/dev.log 2>&1 & DEV=$!
 trap 'kill -TERM $DEV; sleep 3; for f in $D/node*/pid; do kill -9 $(cat $f) 2>/dev/null || true; done' EXIT
 for i in $(seq 1 150); do grep -q "cluster is up" $D/dev.log && break; sleep 0.2; done
 rss() { ps -o rss= -p $(cat $D/node$1/pid) | tr -d ' '; }
@@ -17,7 +19,7 @@ sleep 2
 echo "base RSS KiB: $(rss 1) $(rss 2) $(rss 3)"
 t0=$(date +%s)
 FILL_SECS=$(( N / 2000 + 60 )); [ $FILL_SECS -gt 600 ] && FILL_SECS=600
-$B bench --config $D/client.toml --workload register --clients $C --instances $K --rate 0 --duration $FILL_SECS --json 2>$D/fill.log > $D/fill.json
+$B bench --config $D/client.toml --workload register --clients $C --instances $K --rate 0 --duration $FILL_SECS ${FORWARD:+--spread} --json 2>$D/fill.log > $D/fill.json
 t1=$(date +%s)
 python3 -c "import json; r=json.load(open('$D/fill.json')); print('fill: ops', r['ok'], 'ops/s', r['throughput_ops_s'], 'p99', r['p99_ms'], 'errors', r['errors'], r['first_error'])"
 $B status --config $D/client.toml --json > $D/status.json
