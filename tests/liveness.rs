@@ -218,6 +218,84 @@ async fn a_watcher_sees_every_change_in_order_across_the_loss_of_its_node() {
     assert_eq!(received, expected);
 }
 
+/// Found by the Jepsen test (seed 3865782496141115698): the leader batches concurrent
+/// proposals into one entry, so one revision can hold two puts of one instance, and a watcher
+/// that told events apart by (revision, instance) dropped the second as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_delivers_both_changes_of_an_instance_that_one_batched_entry_holds() {
+    const ROUNDS_MAX: u64 = 10;
+    const CONCURRENT: u64 = 16;
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("feed")).unwrap();
+    let writer =
+        std::sync::Arc::new(cluster.client_as(&cluster.issue("service", "feed"), &[leader]));
+
+    eprintln!("phase 1: registrations of one instance pile up while the followers are paused");
+    // (revision, sequence) of every acknowledged registration.
+    let mut acked: Vec<(u64, u64)> = Vec::new();
+    let mut shared = None;
+    for round in 1..=ROUNDS_MAX {
+        // Without a quorum nothing commits, so what arrives meanwhile leaves as one batch
+        // when the followers come back (well inside the leader lease: no election).
+        for id in cluster.others(leader) {
+            cluster.pause(id);
+        }
+        let sends: Vec<_> = (0..CONCURRENT)
+            .map(|i| {
+                let sequence = round * 1_000 + i;
+                let envelope = signed_record(&key, "feed", "i1", sequence, 1 + i as u32);
+                let writer = writer.clone();
+                tokio::spawn(async move { (writer.register(envelope).await, sequence) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for id in cluster.others(leader) {
+            cluster.resume(id);
+        }
+        for sent in sends {
+            let (result, sequence) = sent.await.unwrap();
+            // Later sequences overtaking earlier ones make those stale; only what was
+            // acknowledged counts.
+            if let Ok(revision) = result {
+                acked.push((revision, sequence));
+            }
+        }
+        acked.sort();
+        shared = acked.windows(2).find(|w| w[0].0 == w[1].0).map(|w| w[0].0);
+        if shared.is_some() {
+            eprintln!("  round {round}: revision {shared:?} holds two registrations of i1");
+            break;
+        }
+    }
+    let shared = shared.unwrap_or_else(|| {
+        panic!("no two registrations of i1 shared an entry in {ROUNDS_MAX} rounds: {acked:?}")
+    });
+    assert!(shared > 0);
+
+    eprintln!("phase 2: a watch from the first acknowledged revision delivers every one of them");
+    let watch_client = cluster.client(&cluster.ids());
+    let mut watcher = watch_client.watch("feed", false, acked[0].0);
+    let mut delivered: Vec<((u64, u32), u64)> = Vec::new();
+    while delivered.len() < acked.len() {
+        let change = tokio::time::timeout(Duration::from_secs(20), watcher.next())
+            .await
+            .unwrap_or_else(|_| panic!("the watch stalled after {delivered:?}"))
+            .expect("watch");
+        let record = signpost_record::open_record(change.record.as_ref().expect("a put"))
+            .expect("a verified record");
+        delivered.push(((change.revision, change.position), record.payload.sequence));
+    }
+    for pair in delivered.windows(2) {
+        assert!(pair[0].0 < pair[1].0, "out of order: {pair:?}");
+    }
+    let by_revision: Vec<(u64, u64)> = delivered.iter().map(|((r, _), s)| (*r, *s)).collect();
+    assert_eq!(
+        by_revision, acked,
+        "every acknowledged registration, the two of revision {shared} included, once each"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compacted_revisions_are_refused_and_a_slow_watcher_is_cancelled_alone() {
     let cluster = TestCluster::start(ClusterOptions {

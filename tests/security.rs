@@ -1100,7 +1100,49 @@ async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
         );
     }
 
-    eprintln!("phase 6: an honest node refuses a start beyond what it has applied");
+    eprintln!("phase 6: two changes of one instance in one revision (a batched entry) both arrive");
+    // Found by the Jepsen test: the watcher told events apart by (revision, instance) and
+    // dropped the second change of an instance that one batched entry held.
+    let mut again = genuine.clone();
+    again.record = Some(signed_record(&key, "feed", "f1", 2, 444));
+    again.position = 1;
+    let rogue = RogueRegistry {
+        honest: chain.clone(),
+        forger: None,
+        extra: Vec::new(),
+        watch: vec![start_at(first, second), genuine.clone(), again],
+        later: None,
+        resolves: Default::default(),
+    };
+    let stolen = cluster.issue("node", "79");
+    let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = ClientConfig::load(&cluster.client_toml()).unwrap();
+    config.endpoints = vec![rogue_addr, cluster.client_addr(leader)];
+    let client = Client::connect(&config).unwrap();
+    let mut watcher = client.watch("feed", false, first);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let change = tokio::time::timeout(Duration::from_secs(20), watcher.next())
+            .await
+            .expect("the watcher stalled")
+            .unwrap();
+        let sequence = signpost_record::open_record(change.record.as_ref().unwrap())
+            .unwrap()
+            .payload
+            .sequence;
+        seen.push((change.revision, change.position, change.instance, sequence));
+    }
+    assert_eq!(
+        seen,
+        [
+            (first, 0, "f1".to_string(), 1),
+            (first, 1, "f1".to_string(), 2),
+            (second, 0, "f2".to_string(), 1)
+        ],
+        "both changes of f1, then the honest node's next revision, nothing twice"
+    );
+
+    eprintln!("phase 7: an honest node refuses a start beyond what it has applied");
     let status = signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader)
         .watch(WatchRequest {
             service: "feed".into(),

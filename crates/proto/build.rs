@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "signpost/v1/registry.proto",
         "signpost/v1/cluster.proto",
         "signpost/v1/raft.proto",
+        "signpost/v1/audit.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
@@ -16,7 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // For server reflection on the client listener: the client-facing API and what it imports,
     // not the node-only Raft service.
     let client_api = protox::compile(
-        ["signpost/v1/registry.proto", "signpost/v1/cluster.proto"],
+        [
+            "signpost/v1/registry.proto",
+            "signpost/v1/cluster.proto",
+            "signpost/v1/audit.proto",
+        ],
         [&root],
     )?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -249,7 +249,7 @@ pub(crate) async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         let kind = if change.put { "put" } else { "delete" };
         if args.opts.json {
             let mut value = json!({
-                "revision": change.revision, "type": kind,
+                "revision": change.revision, "position": change.position, "type": kind,
                 "service": change.service, "instance": change.instance,
             });
             if let Some(record) = change

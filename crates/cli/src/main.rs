@@ -7,6 +7,7 @@
     unused_must_use
 )]
 
+mod audit;
 mod bench;
 mod ca;
 mod commands;
@@ -124,6 +125,11 @@ enum Command {
     },
     /// Load generator: legitimate throughput and latency, alone and under a flood.
     Bench(bench::BenchArgs),
+    /// Admin: the audit log: tail, export, verify, prove.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -185,5 +191,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Service { command } => maintenance::service(command).await,
         Command::Drill(args) => drill::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Audit { command } => audit::run(command).await,
     }
 }

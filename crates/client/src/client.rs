@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use signpost_identity::{PeerRule, SpiffeId, TlsFiles, TlsSettings, Trust};
+use signpost_proto::v1::audit_client::AuditClient;
 use signpost_proto::v1::cluster_client::ClusterClient;
 use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
@@ -249,6 +250,15 @@ impl Client {
         .map_err(|e| tonic::Status::invalid_argument(format!("endpoint {addr}: {e}")))?;
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// The `Audit` service of node `addr` (admins only), for `signpost audit`.
+    pub fn audit_on(&self, addr: &str) -> Result<AuditClient<Channel>, ClientError> {
+        Ok(AuditClient::new(
+            self.channel(addr)
+                .map_err(|s| ClientError::from_status(&s))?,
+        )
+        .max_decoding_message_size(RESPONSE_BYTES_MAX))
     }
 
     fn registry(&self, addr: &str) -> Result<RegistryClient<Channel>, tonic::Status> {

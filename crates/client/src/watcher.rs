@@ -27,6 +27,8 @@ pub struct Change {
     pub revision: u64,
     /// `true` for a put, `false` for a delete.
     pub put: bool,
+    /// Order among the events of `revision` (a log entry can change one instance twice).
+    pub position: u32,
     /// Service name.
     pub service: String,
     /// Instance id.
@@ -43,10 +45,11 @@ pub struct Watcher<'a> {
     prefix: bool,
     /// The revision to (re)connect from: the one asked for, then the START of the first
     /// stream, then the last revision delivered (a stream may break between two events of one
-    /// revision; duplicates of that revision are dropped).
+    /// revision; what a resumed stream repeats of that revision is dropped).
     resume_from: u64,
-    /// Events already delivered at `last_revision`, to drop duplicates after a resume.
-    seen_at_last: Vec<(bool, String, String)>,
+    /// `(revision, position)` of the last event delivered: a resumed stream's events at or
+    /// before it are duplicates. Not the instance: one revision can change an instance twice.
+    last: Option<(u64, u32)>,
     last_revision: u64,
     stream: Option<Streaming<WatchEvent>>,
     /// Whether the current stream's START event has arrived.
@@ -69,7 +72,7 @@ impl<'a> Watcher<'a> {
             service: service.to_string(),
             prefix,
             resume_from: from_revision,
-            seen_at_last: Vec::new(),
+            last: None,
             last_revision: 0,
             stream: None,
             started: false,
@@ -198,24 +201,20 @@ impl<'a> Watcher<'a> {
                 event.revision, self.resume_from
             ));
         }
-        let identity = (put, event.service.clone(), event.instance.clone());
-        if event.revision < self.last_revision
-            || (event.revision == self.last_revision && self.seen_at_last.contains(&identity))
-        {
+        let at = (event.revision, event.position);
+        if self.last.is_some_and(|last| at <= last) {
             // Already delivered before a resume.
             return Ok(None);
         }
         if put {
             self.verify_put(&event).map_err(Broken::Lied)?;
         }
-        if event.revision > self.last_revision {
-            self.seen_at_last.clear();
-            self.last_revision = event.revision;
-            self.resume_from = event.revision;
-        }
-        self.seen_at_last.push(identity);
+        self.last = Some(at);
+        self.last_revision = event.revision;
+        self.resume_from = event.revision;
         Ok(Some(Change {
             revision: event.revision,
+            position: event.position,
             put,
             service: event.service,
             instance: event.instance,

@@ -11,6 +11,7 @@ use signpost_state::{Outcome, Request};
 use signpost_storage::Store;
 use tokio::sync::{broadcast, watch};
 
+use crate::audit_log::AuditLog;
 use crate::election::{ElectionDriver, ElectionTiming, Liveness};
 use crate::error::ConsensusError;
 use crate::forward::{forwardable, ForwardAnswer, ForwardDesk, ForwardRequest, FORWARD_TIMEOUT};
@@ -166,6 +167,7 @@ pub struct Consensus {
     reads: ReadBatcher,
     // Concurrent proposals share log entries (group commit).
     proposals: ProposalBatcher,
+    audit: AuditLog,
     config: Arc<ConsensusConfig>,
 }
 
@@ -187,7 +189,8 @@ impl Consensus {
         let store = Arc::new(Store::open(&config.data_dir)?);
         let mut log_store = LogStore::new(store.clone());
         log_store.check_watermark().await?;
-        let state_machine = StateMachine::open(store)?;
+        let state_machine = StateMachine::open(store.clone())?;
+        let audit = AuditLog::new(store, state_machine.clone());
         if let (Some(expected), Some(stored)) = (
             &config.expected_genesis,
             state_machine.read().registry.genesis(),
@@ -267,6 +270,7 @@ impl Consensus {
             },
         );
         Ok(Consensus {
+            audit,
             raft,
             state_machine,
             log_store,
@@ -626,6 +630,11 @@ impl Consensus {
     /// Hold the guard briefly: apply waits for it.
     pub fn state(&self) -> RwLockReadGuard<'_, SharedState> {
         self.state_machine.read()
+    }
+
+    /// This node's copy of the audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// Applied batches and snapshot installs, in order.

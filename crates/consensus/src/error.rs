@@ -72,6 +72,9 @@ pub enum ConsensusError {
     /// A backup file that cannot be used, or a restore that cannot proceed.
     #[error("backup: {0}")]
     Backup(String),
+    /// The audit log: a proof that cannot be made here, or stored audit data that is corrupt.
+    #[error("audit log: {0}")]
+    Audit(#[from] signpost_audit::AuditError),
 }
 
 impl ConsensusError {

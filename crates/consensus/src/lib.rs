@@ -24,6 +24,7 @@
 // storage method; boxing it is not an option.
 #![allow(clippy::result_large_err)]
 
+pub mod audit_log;
 pub mod backup;
 pub mod codec;
 mod consensus;

@@ -7,9 +7,10 @@ use openraft::{
     SnapshotMeta, StorageError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use signpost_audit::Frontier;
 use signpost_record::{VerifiedSignatures, VERIFIED_SIGNATURES_DEFAULT};
 use signpost_state::{Event, Outcome, Registry};
-use signpost_storage::Store;
+use signpost_storage::{AuditPut, Store};
 use tokio::sync::broadcast;
 
 use crate::codec::{self, RAFT_MESSAGE_BYTES_MAX, SNAPSHOT_BYTES_MAX};
@@ -20,6 +21,8 @@ use crate::type_config::{NodeAddr, TypeConfig};
 const KEY_APPLIED: &str = "applied";
 const KEY_MEMBERSHIP: &str = "membership";
 const KEY_SNAPSHOT: &str = "snapshot";
+/// The audit tree's frontier as of the last applied entry.
+const KEY_AUDIT: &str = "audit";
 
 /// Capacity of the applied-batch broadcast. A subscriber that falls further behind than this
 /// sees `Lagged` and must resynchronise; apply never waits for subscribers.
@@ -51,6 +54,9 @@ pub struct SharedState {
     pub last_applied: Option<LogId<u64>>,
     /// The last applied membership.
     pub membership: StoredMembership<u64, NodeAddr>,
+    /// The audit tree as of `last_applied`: one leaf per audited command, the same on every
+    /// node. The records themselves are in the store.
+    pub audit: Frontier,
 }
 
 impl SharedState {
@@ -60,14 +66,18 @@ impl SharedState {
     }
 }
 
-/// Serialized snapshot body: the registry's key/value export.
+/// Serialized snapshot body: the registry's key/value export and the audit tree's frontier.
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     format: u8,
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// [`Frontier::encode`] of the audit tree at the snapshot: a node that installs it carries
+    /// on with the same tree without the records before it.
+    audit: Vec<u8>,
 }
 
-const SNAPSHOT_FORMAT: u8 = 1;
+/// 2: with the audit frontier.
+const SNAPSHOT_FORMAT: u8 = 2;
 
 /// A stored snapshot: metadata and body together, so they can never disagree.
 #[derive(Serialize, Deserialize)]
@@ -94,8 +104,9 @@ pub(crate) fn check_snapshot(
     body: &[u8],
     own_genesis: Option<&signpost_record::AdminSet>,
 ) -> Result<(), String> {
-    let registry =
-        Registry::load(decode_snapshot(body)?.pairs).map_err(|e| format!("does not load: {e}"))?;
+    let body = decode_snapshot(body)?;
+    Frontier::decode(&body.audit).map_err(|e| e.to_string())?;
+    let registry = Registry::load(body.pairs).map_err(|e| format!("does not load: {e}"))?;
     if let Some(ours) = own_genesis {
         if registry.genesis() != Some(ours) {
             return Err("its genesis admin set is not this cluster's".into());
@@ -129,6 +140,13 @@ impl StateMachine {
         let last_applied: Option<LogId<u64>> =
             decode_opt::<Option<LogId<u64>>>(&store, KEY_APPLIED)?.flatten();
         let membership = decode_opt(&store, KEY_MEMBERSHIP)?.unwrap_or_default();
+        let audit = match store.machine_get(KEY_AUDIT)? {
+            None => Frontier::new(),
+            Some(bytes) => Frontier::decode(&bytes).map_err(|e| ConsensusError::Corrupt {
+                what: KEY_AUDIT,
+                detail: e.to_string(),
+            })?,
+        };
         let (applied_tx, _) = broadcast::channel(APPLIED_CHANNEL_CAPACITY);
         Ok(StateMachine {
             store,
@@ -136,6 +154,7 @@ impl StateMachine {
                 registry,
                 last_applied,
                 membership,
+                audit,
             })),
             applied_tx,
             verified: Arc::new(VerifiedSignatures::new(VERIFIED_SIGNATURES_DEFAULT)),
@@ -193,18 +212,20 @@ fn decode_opt<T: serde::de::DeserializeOwned>(
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let (pairs, last_applied, membership) = {
+        let (pairs, last_applied, membership, audit) = {
             let shared = self.read();
             (
                 shared.registry.export(),
                 shared.last_applied,
                 shared.membership.clone(),
+                shared.audit.encode(),
             )
         };
         let body = codec::encode(
             &SnapshotBody {
                 format: SNAPSHOT_FORMAT,
                 pairs,
+                audit,
             },
             SNAPSHOT_BYTES_MAX,
         )
@@ -254,7 +275,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut outcomes = Vec::new();
         let mut changes = Vec::new();
         let mut events = Vec::new();
-        let (last_applied, membership) = {
+        let mut audit = Vec::new();
+        let (last_applied, membership, frontier) = {
             let mut shared = self.write();
             for entry in entries {
                 let index = entry.log_id.index;
@@ -282,6 +304,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             changes.extend(one.changes.into_iter().map(|c| (c.key, c.value)));
                             events.extend(one.events);
                             entry_outcomes.push(one.outcome);
+                            if let Some(leaf) = one.audit {
+                                let index = shared.audit.size();
+                                let nodes = shared.audit.append(signpost_audit::leaf_hash(&leaf));
+                                audit.push(AuditPut::Leaf { index, leaf });
+                                audit.extend(nodes.into_iter().map(|n| AuditPut::Node {
+                                    level: n.level,
+                                    index: n.index,
+                                    hash: n.hash,
+                                }));
+                            }
                         }
                         outcomes.push(entry_outcomes);
                     }
@@ -292,7 +324,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 shared.last_applied = Some(entry.log_id);
             }
-            (shared.last_applied, shared.membership.clone())
+            (
+                shared.last_applied,
+                shared.membership.clone(),
+                shared.audit.encode(),
+            )
         };
         if outcomes.is_empty() {
             return Ok(outcomes);
@@ -310,7 +346,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 &[
                     (KEY_APPLIED, &applied_bytes),
                     (KEY_MEMBERSHIP, &membership_bytes),
+                    (KEY_AUDIT, &frontier),
                 ],
+                &audit,
             )
         })
         .await
@@ -341,11 +379,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError<u64>> {
         let body = snapshot.into_inner();
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let pairs = decode_snapshot(&body)
-            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &std::io::Error::other(e)))?
-            .pairs;
+        let decoded = decode_snapshot(&body)
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &std::io::Error::other(e)))?;
+        let pairs = decoded.pairs;
         // Validate the whole snapshot before touching the store: a bad snapshot must leave the
         // old state intact.
+        let frontier = Frontier::decode(&decoded.audit)
+            .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
+        let audit = decoded.audit;
+        // The snapshot's perfect subtrees, stored so that proofs of the records after it can
+        // use them as siblings.
+        let peaks: Vec<AuditPut> = frontier
+            .peaks()
+            .into_iter()
+            .map(|n| AuditPut::Node {
+                level: n.level,
+                index: n.index,
+                hash: n.hash,
+            })
+            .collect();
         let registry = Registry::load(pairs.clone())
             .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &e))?;
         let applied_bytes = codec::encode(&meta.last_log_id, RAFT_MESSAGE_BYTES_MAX)
@@ -368,7 +420,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     (KEY_APPLIED, &applied_bytes),
                     (KEY_MEMBERSHIP, &membership_bytes),
                     (KEY_SNAPSHOT, &stored),
+                    (KEY_AUDIT, &audit),
                 ],
+                &audit,
+                &peaks,
             )
         })
         .await
@@ -379,6 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             shared.registry = registry;
             shared.last_applied = meta.last_log_id;
             shared.membership = meta.last_membership.clone();
+            shared.audit = frontier;
         }
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
@@ -409,7 +465,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 /// Writes a restored state into a new store (see [`crate::backup`]): the pairs as of
-/// `last_applied`, `membership`, and a snapshot of both so peers can be sent it at once.
+/// `last_applied`, `membership`, and a snapshot of both so peers can be sent it at once. A
+/// backup holds the registry, not its audit history: the restored cluster starts a new audit
+/// tree (the old one stays verifiable from the old nodes' stores and exports).
 pub(crate) fn restore(
     store: &Store,
     pairs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -417,10 +475,12 @@ pub(crate) fn restore(
     membership: StoredMembership<u64, NodeAddr>,
 ) -> Result<(), ConsensusError> {
     let encode_err = |e: bincode::Error| ConsensusError::Backup(e.to_string());
+    let audit = Frontier::new().encode();
     let body = codec::encode(
         &SnapshotBody {
             format: SNAPSHOT_FORMAT,
             pairs: pairs.clone(),
+            audit: audit.clone(),
         },
         SNAPSHOT_BYTES_MAX,
     )
@@ -440,7 +500,10 @@ pub(crate) fn restore(
             (KEY_APPLIED, &applied),
             (KEY_MEMBERSHIP, &membership),
             (KEY_SNAPSHOT, &stored),
+            (KEY_AUDIT, &audit),
         ],
+        &audit,
+        &[],
     )?;
     Ok(())
 }

@@ -129,10 +129,31 @@ pub fn consensus_status(e: ConsensusError) -> Status {
         }
         ConsensusError::Invalid(m) => Status::invalid_argument(m),
         ConsensusError::Backup(m) => Status::failed_precondition(m),
+        ConsensusError::Audit(e) => audit_status(e),
         e @ (ConsensusError::Storage(_)
         | ConsensusError::Corrupt { .. }
         | ConsensusError::LogBehindWatermark { .. }
         | ConsensusError::ForeignGenesis { .. }
         | ConsensusError::State(_)) => Status::internal(e.to_string()),
+    }
+}
+
+/// An audit log error for a client: a question about records or sizes the tree does not have
+/// is OUT_OF_RANGE, records this node no longer stores FAILED_PRECONDITION (`pruned`: ask a
+/// node that has them), damage INTERNAL.
+fn audit_status(e: signpost_audit::AuditError) -> Status {
+    use signpost_audit::AuditError;
+    match e {
+        AuditError::OutOfRange(m) | AuditError::BadProof(m) => Status::out_of_range(m),
+        e @ AuditError::Missing { .. } => {
+            let mut status = Status::failed_precondition(format!(
+                "pruned: {e}; the records it needs came here in a snapshot or were pruned"
+            ));
+            status
+                .metadata_mut()
+                .insert(REASON_METADATA, MetadataValue::from_static("pruned"));
+            status
+        }
+        e @ (AuditError::Corrupt { .. } | AuditError::Source(_)) => Status::internal(e.to_string()),
     }
 }

@@ -16,6 +16,7 @@
 )]
 
 pub mod admission;
+mod audit_service;
 pub mod authz;
 mod cluster_service;
 pub mod config;
@@ -28,6 +29,7 @@ mod registry_service;
 pub mod watch_hub;
 
 pub use admission::{Admission, AdmissionLimits, StreamKind, StreamPermit};
+pub use audit_service::AuditService;
 pub use cluster_service::ClusterService;
 pub use config::Config;
 pub use error::ServerError;

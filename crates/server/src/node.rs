@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use signpost_consensus::{Consensus, ConsensusConfig};
 use signpost_identity::{PeerRule, SourceAllowlist, TlsFiles, TlsIncoming, TlsSettings, Trust};
+use signpost_proto::v1::audit_server::AuditServer;
 use signpost_proto::v1::cluster_server::ClusterServer;
 use signpost_proto::v1::registry_server::RegistryServer;
 use signpost_state::{Command, Quotas, Request as LogRequest};
@@ -149,6 +150,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         admission.clone(),
         config.metrics_addr.clone(),
     );
+    let audit = crate::AuditService::new(
+        consensus.clone(),
+        config.trust_domain.clone(),
+        admission.clone(),
+    );
     let client_incoming = TlsIncoming::bind(&config.client_addr, server_tls, &settings)
         .await
         .map_err(|e| ServerError::Listener {
@@ -189,6 +195,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ClusterServer::new(cluster)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+        )
+        .add_service(
+            AuditServer::new(audit)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(16 * 1024 * 1024),
         )
         .add_service(health_service)
         .add_service(reflection)

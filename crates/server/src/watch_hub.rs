@@ -199,6 +199,7 @@ fn to_proto(event: &Event, applied_revision: u64) -> WatchEvent {
         record: decode(&event.record),
         binding: decode(&event.binding),
         applied_revision,
+        position: event.position,
     }
 }
 
@@ -575,6 +576,7 @@ mod tests {
     fn event(revision: u64, service: &str, instance: &str) -> Event {
         Event {
             revision,
+            position: 0,
             kind: EventKind::Put,
             service: service.into(),
             instance: instance.into(),

@@ -32,6 +32,10 @@ pub enum EventKind {
 pub struct Event {
     /// The log index of the entry that caused it.
     pub revision: u64,
+    /// Order among the events of `revision`, from 0: a batched entry can change one instance
+    /// twice, so `(revision, position)`, not `(revision, instance)`, names an event.
+    #[serde(default)]
+    pub position: u32,
     /// Put or delete.
     pub kind: EventKind,
     /// The service name.
@@ -75,4 +79,7 @@ pub struct Applied {
     pub changes: Vec<Change>,
     /// What watchers see, in order. Empty when rejected.
     pub events: Vec<Event>,
+    /// The encoded `AuditRecord` of the command, applied or refused: the next leaf of the
+    /// audit tree. `None` only for what is not audited (no-ops).
+    pub audit: Option<Vec<u8>>,
 }

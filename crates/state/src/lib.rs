@@ -145,6 +145,7 @@
 )]
 
 mod applied;
+mod audit;
 mod error;
 mod registry;
 mod request;

@@ -1451,6 +1451,60 @@ fn a_batch_entry_applies_each_request_in_order_at_one_revision_with_its_own_outc
     ));
 }
 
+#[test]
+fn events_of_one_entry_are_numbered_in_order_even_when_they_change_one_instance_twice() {
+    let mut w = World::new();
+    let k = key(1);
+    let bind = w.bind("payments", &[&k], 1);
+    w.applied(bind);
+    let request = |w: &World, command| Request {
+        time_ms: w.now_ms,
+        caller: "spiffe://example.org/service/payments".into(),
+        command,
+    };
+
+    eprintln!("phase: a single registration is event 0 of its revision");
+    let single = w.apply(register(&k, &w.record("payments", "p1", 1)));
+    let positions: Vec<(u64, u32)> = single
+        .events
+        .iter()
+        .map(|e| (e.revision, e.position))
+        .collect();
+    assert_eq!(positions, [(w.revision, 0)]);
+
+    eprintln!("phase: one entry registers p1 twice, a refused replay between, then p3");
+    let again = w.record("payments", "p1", 2);
+    let batch = Request {
+        time_ms: w.now_ms,
+        caller: String::new(),
+        command: Command::Batch {
+            requests: vec![
+                request(&w, register(&k, &again)),
+                request(&w, register(&k, &again)),
+                request(&w, register(&k, &w.record("payments", "p1", 3))),
+                request(&w, register(&k, &w.record("payments", "p3", 1))),
+            ],
+        },
+    };
+    w.revision += 1;
+    let applied = w.registry.apply_entry(w.revision, &batch, None);
+    assert!(applied[1].events.is_empty(), "the replay is refused");
+    let events: Vec<(u64, u32, &str)> = applied
+        .iter()
+        .flat_map(|a| &a.events)
+        .map(|e| (e.revision, e.position, e.instance.as_str()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (w.revision, 0, "p1"),
+            (w.revision, 1, "p1"),
+            (w.revision, 2, "p3")
+        ],
+        "both changes of p1 are events of their own, told apart by position"
+    );
+}
+
 /// Applies `command` straight to `registry` (no per-apply invariant check: this builds large
 /// states, where exporting before every apply would be quadratic).
 fn apply_fast(registry: &mut Registry, revision: u64, command: Command) {
@@ -1577,5 +1631,90 @@ fn a_restart_trusts_only_the_signatures_its_own_apply_verified() {
     assert!(
         matches!(&error, StateError::CorruptValue { .. }),
         "a record whose signer differs from the stored key: {error}"
+    );
+}
+
+#[test]
+fn every_applied_or_refused_command_is_one_audit_record_that_names_caller_and_result() {
+    use sha2::Digest;
+    use signpost_proto::v1::{audit_record::Op, AuditRecord};
+    let record_of = |applied: &Applied| {
+        AuditRecord::decode(applied.audit.as_deref().expect("audited")).expect("decodes")
+    };
+    let mut w = World::new();
+    let k = key(1);
+
+    eprintln!("phase: a binding is recorded as applied, by its version");
+    let binding = w.bind("payments", &[&k], 1);
+    let bind = w.applied(binding);
+    let r = record_of(&bind);
+    assert_eq!((Op::try_from(r.op), r.applied), (Ok(Op::Bind), true));
+    assert_eq!((r.service.as_str(), r.sequence), ("payments", 1));
+    assert_eq!(r.revision, w.revision);
+
+    eprintln!("phase: a registration carries its caller, names, sequence and envelope hash");
+    let payload = w.record("payments", "p1", 5);
+    let command = register(&k, &payload);
+    let Command::Register { envelope } = &command else {
+        unreachable!()
+    };
+    let digest = sha2::Sha256::digest(envelope).to_vec();
+    let applied = w.applied(command.clone());
+    let r = record_of(&applied);
+    assert_eq!(Op::try_from(r.op), Ok(Op::Register));
+    assert_eq!(
+        (r.service.as_str(), r.instance.as_str(), r.sequence),
+        ("payments", "p1", 5)
+    );
+    assert_eq!(r.caller, "spiffe://example.org/test");
+    assert_eq!(r.time_ms, w.now_ms);
+    assert_eq!(r.envelope_sha256, digest);
+    assert!(r.applied && r.reason.is_empty());
+
+    eprintln!("phase: the replay is refused, changes nothing, and is recorded with its reason");
+    let refused = w.apply(command);
+    assert!(refused.changes.is_empty() && refused.events.is_empty());
+    let r = record_of(&refused);
+    assert!(!r.applied);
+    assert_eq!(r.reason, "stale_sequence");
+    assert_eq!(
+        r.instance, "p1",
+        "a refused command keeps the names it claimed"
+    );
+    assert!(r.detail.contains("sequence 5"));
+
+    eprintln!("phase: junk is recorded as refused with no names; a no-op is not recorded");
+    let junk = w.apply(Command::Register {
+        envelope: vec![0xff; 40],
+    });
+    let r = record_of(&junk);
+    assert_eq!((r.applied, r.reason.as_str()), (false, "malformed"));
+    assert!(r.service.is_empty() && r.instance.is_empty());
+    assert_eq!(r.envelope_sha256.len(), 32);
+    assert!(w.apply(Command::Noop).audit.is_none());
+
+    eprintln!("phase: an expiry is recorded; records are the same bytes on a second replica");
+    let expired = w.applied(Command::Expire {
+        service: "payments".into(),
+        instance: "p1".into(),
+        sequence: 5,
+    });
+    let r = record_of(&expired);
+    assert_eq!(Op::try_from(r.op), Ok(Op::Expire));
+    assert_eq!(r.caller, "spiffe://example.org/test");
+    let mut replica = Registry::new();
+    let replayed: Vec<Option<Vec<u8>>> = w
+        .log
+        .iter()
+        .enumerate()
+        .map(|(i, request)| replica.apply(i as u64 + 1, request).audit)
+        .collect();
+    assert_eq!(replayed.len() as u64, w.revision);
+    assert_eq!(replayed.last(), Some(&expired.audit));
+    assert_eq!(replayed[replayed.len() - 3], junk.audit);
+    assert_eq!(
+        replayed.iter().filter(|l| l.is_none()).count(),
+        1,
+        "only the no-op is not audited"
     );
 }

@@ -1,6 +1,6 @@
 //! RocksDB persistence for a Signpost node.
 //!
-//! One database, four column families, each with one owner:
+//! One database, five column families, each with one owner:
 //!
 //! | column family | holds | written by |
 //! |---|---|---|
@@ -8,6 +8,7 @@
 //! | `raft` | vote, committed and purged log ids | the Raft log store |
 //! | `state` | the registry's key/value pairs | the state machine |
 //! | `machine` | last applied log id, membership, current snapshot | the state machine |
+//! | `audit` | audit records and the hashes of the audit tree's perfect subtrees | the state machine |
 //!
 //! Every write that Raft counts on is a synced write (`WriteOptions::set_sync`): log appends,
 //! truncations, purges, votes, snapshots. So an acknowledged entry survives `kill -9` and power
@@ -42,7 +43,14 @@ const CF_LOG: &str = "log";
 const CF_RAFT: &str = "raft";
 const CF_STATE: &str = "state";
 const CF_MACHINE: &str = "machine";
-const CFS: [&str; 4] = [CF_LOG, CF_RAFT, CF_STATE, CF_MACHINE];
+const CF_AUDIT: &str = "audit";
+const CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_STATE, CF_MACHINE, CF_AUDIT];
+/// Audit keys: `l` + index (records), `n` + level + index (subtree hashes), `b` (the base).
+const AUDIT_LEAF: u8 = b'l';
+const AUDIT_NODE: u8 = b'n';
+const AUDIT_BASE: &[u8] = b"b";
+/// Bytes of an audit tree hash.
+pub const AUDIT_HASH_BYTES: usize = 32;
 /// File (in the database directory) holding the durable committed watermark.
 pub const WATERMARK_FILE: &str = "SIGNPOST-COMMITTED";
 const WATERMARK_MAGIC: &str = "signpost-committed-v1";
@@ -95,6 +103,47 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 
 /// A change to the `state` column family: `None` deletes the key.
 pub type StateChange = (Vec<u8>, Option<Vec<u8>>);
+
+/// A write to the `audit` column family, made in the same batch as the apply that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditPut {
+    /// Record number `index`, as hashed into the tree.
+    Leaf {
+        /// Leaf index.
+        index: u64,
+        /// The encoded record.
+        leaf: Vec<u8>,
+    },
+    /// The hash of the perfect subtree of `2^level` records from `index * 2^level`.
+    Node {
+        /// Height above the records.
+        level: u8,
+        /// Position among the subtrees of that level.
+        index: u64,
+        /// The subtree's hash.
+        hash: [u8; AUDIT_HASH_BYTES],
+    },
+}
+
+fn audit_leaf_key(index: u64) -> [u8; 9] {
+    let mut key = [AUDIT_LEAF; 9];
+    key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn audit_node_key(level: u8, index: u64) -> [u8; 10] {
+    let mut key = [AUDIT_NODE; 10];
+    key[1] = level;
+    key[2..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn parse_index(key: &[u8], tag: u8) -> Option<u64> {
+    match key {
+        [t, rest @ ..] if *t == tag => Some(u64::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
 
 /// The node's RocksDB database.
 #[derive(Debug)]
@@ -302,9 +351,34 @@ impl Store {
     /// one atomic batch, without an fsync of its own: the caller's log holds what produced it,
     /// durably, and re-applies it after a power loss. This is what keeps apply at no fsync per
     /// batch while the log pays one.
-    pub fn state_apply(&self, changes: &[StateChange], machine: &[(&str, &[u8])]) -> Result<()> {
-        let batch = self.state_batch(changes, machine)?;
+    pub fn state_apply(
+        &self,
+        changes: &[StateChange],
+        machine: &[(&str, &[u8])],
+        audit: &[AuditPut],
+    ) -> Result<()> {
+        let mut batch = self.state_batch(changes, machine)?;
+        Self::audit_to(&mut batch, self.cf(CF_AUDIT)?, audit)?;
         self.write_unsynced(batch)
+    }
+
+    fn audit_to(
+        batch: &mut WriteBatch,
+        cf: &rocksdb::ColumnFamily,
+        audit: &[AuditPut],
+    ) -> Result<()> {
+        for put in audit {
+            match put {
+                AuditPut::Leaf { index, leaf } => {
+                    Self::check_len(leaf)?;
+                    batch.put_cf(cf, audit_leaf_key(*index), leaf);
+                }
+                AuditPut::Node { level, index, hash } => {
+                    batch.put_cf(cf, audit_node_key(*level, *index), hash);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn state_batch(
@@ -344,14 +418,26 @@ impl Store {
 
     /// Replaces the whole `state` family with `pairs` and writes `machine` metadata, atomically
     /// and synced: installing a snapshot never leaves a half-old, half-new state behind.
+    ///
+    /// The audit records go too: the ones before the snapshot are not in it, so this node's
+    /// stored records restart after it, from `audit_base` (opaque to this crate: what the
+    /// tree looked like at the snapshot).
     pub fn state_replace(
         &self,
         pairs: &[(Vec<u8>, Vec<u8>)],
         machine: &[(&str, &[u8])],
+        audit_base: &[u8],
+        audit_puts: &[AuditPut],
     ) -> Result<()> {
         let state = self.cf(CF_STATE)?;
         let meta = self.cf(CF_MACHINE)?;
+        let audit = self.cf(CF_AUDIT)?;
         let mut batch = WriteBatch::default();
+        // Every audit key starts with a letter, so this range holds them all.
+        batch.delete_range_cf(audit, [0u8].as_slice(), [0xffu8].as_slice());
+        Self::check_len(audit_base)?;
+        batch.put_cf(audit, AUDIT_BASE, audit_base);
+        Self::audit_to(&mut batch, audit, audit_puts)?;
         // Delete key by key rather than by range: state keys are arbitrary bytes with no
         // natural upper bound for a range.
         for item in self.db.iterator_cf(state, IteratorMode::Start) {
@@ -366,6 +452,99 @@ impl Store {
             Self::check_len(value)?;
             batch.put_cf(meta, key.as_bytes(), value);
         }
+        self.write_synced(batch)
+    }
+
+    // ----- audit ----------------------------------------------------------------------------
+
+    /// Stored audit records from index `from` on, in order: at most `limit` of them and, past
+    /// the first, at most `bytes_max` bytes. Stops at the first missing index.
+    pub fn audit_leaves(
+        &self,
+        from: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let cf = self.cf(CF_AUDIT)?;
+        let start = audit_leaf_key(from);
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut bytes = 0usize;
+        let iter = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let Some(index) = parse_index(&key, AUDIT_LEAF) else {
+                break;
+            };
+            let expected = from + out.len() as u64;
+            if index != expected {
+                break;
+            }
+            if !out.is_empty() && bytes + value.len() > bytes_max {
+                break;
+            }
+            bytes += value.len();
+            out.push((index, value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The index of the first stored audit record, if any.
+    pub fn audit_first_index(&self) -> Result<Option<u64>> {
+        let cf = self.cf(CF_AUDIT)?;
+        let start = audit_leaf_key(0);
+        let mut iter = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        match iter.next() {
+            Some(item) => {
+                let (key, _) = item.map_err(|e| self.rocks(e))?;
+                Ok(parse_index(&key, AUDIT_LEAF))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The stored hash of the perfect audit subtree `(level, index)`, if stored.
+    pub fn audit_node(&self, level: u8, index: u64) -> Result<Option<[u8; AUDIT_HASH_BYTES]>> {
+        let cf = self.cf(CF_AUDIT)?;
+        let Some(value) = self
+            .db
+            .get_cf(cf, audit_node_key(level, index))
+            .map_err(|e| self.rocks(e))?
+        else {
+            return Ok(None);
+        };
+        let hash: [u8; AUDIT_HASH_BYTES] =
+            value
+                .as_slice()
+                .try_into()
+                .map_err(|_| StorageError::Corrupt {
+                    what: "audit node",
+                    detail: format!(
+                        "level {level} index {index}: {} bytes, not {AUDIT_HASH_BYTES}",
+                        value.len()
+                    ),
+                })?;
+        Ok(Some(hash))
+    }
+
+    /// What the stored audit records continue from (see [`Store::state_replace`]); `None` on
+    /// a node that has every record since the first.
+    pub fn audit_base(&self) -> Result<Option<Vec<u8>>> {
+        self.get(CF_AUDIT, AUDIT_BASE)
+    }
+
+    /// Rewrites stored record `index` as given, bypassing the tree: exactly what someone
+    /// holding the disk could do. For the tests and drills of `signpost audit verify`, which
+    /// must catch it.
+    pub fn audit_overwrite_leaf(&self, index: u64, leaf: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_AUDIT)?, audit_leaf_key(index), leaf);
         self.write_synced(batch)
     }
 
@@ -537,7 +716,12 @@ mod tests {
 
         // Phase 2: replace drops every old pair.
         store
-            .state_replace(&[(b"z".to_vec(), b"9".to_vec())], &[("applied", b"9")])
+            .state_replace(
+                &[(b"z".to_vec(), b"9".to_vec())],
+                &[("applied", b"9")],
+                b"",
+                &[],
+            )
             .unwrap();
         assert_eq!(
             store.state_scan().unwrap(),
@@ -555,6 +739,7 @@ mod tests {
                 .state_apply(
                     &[(b"k".to_vec(), Some(b"v".to_vec()))],
                     &[("applied", b"7")],
+                    &[],
                 )
                 .unwrap();
             store.raft_put_unsynced("committed", b"c7").unwrap();
@@ -579,6 +764,67 @@ mod tests {
             store.raft_get("committed").unwrap().as_deref(),
             Some(&b"c7"[..])
         );
+    }
+
+    #[test]
+    fn audit_records_and_hashes_are_written_with_the_apply_and_cleared_by_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+
+        eprintln!("phase 1: records 0..5 and their hashes go in with the state they came from");
+        let puts: Vec<AuditPut> = (0..5u64)
+            .flat_map(|i| {
+                [
+                    AuditPut::Leaf {
+                        index: i,
+                        leaf: vec![i as u8; 3],
+                    },
+                    AuditPut::Node {
+                        level: 0,
+                        index: i,
+                        hash: [i as u8; AUDIT_HASH_BYTES],
+                    },
+                ]
+            })
+            .collect();
+        store.state_apply(&[], &[("applied", b"5")], &puts).unwrap();
+        assert_eq!(store.audit_first_index().unwrap(), Some(0));
+        assert_eq!(store.audit_base().unwrap(), None);
+        assert_eq!(store.audit_node(0, 3).unwrap(), Some([3; AUDIT_HASH_BYTES]));
+        assert_eq!(store.audit_node(1, 0).unwrap(), None);
+
+        eprintln!("phase 2: reads are bounded by count and bytes, and stop at a gap");
+        let all = store.audit_leaves(0, 100, usize::MAX).unwrap();
+        assert_eq!(
+            all.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        assert_eq!(store.audit_leaves(1, 2, usize::MAX).unwrap().len(), 2);
+        assert_eq!(
+            store.audit_leaves(0, 100, 7).unwrap().len(),
+            2,
+            "3 + 3 bytes, not 9"
+        );
+        assert_eq!(
+            store.audit_leaves(0, 100, 0).unwrap().len(),
+            1,
+            "at least one"
+        );
+        assert!(store.audit_leaves(5, 100, usize::MAX).unwrap().is_empty());
+
+        eprintln!("phase 3: a snapshot install clears them and leaves its base");
+        let peak = AuditPut::Node {
+            level: 3,
+            index: 0,
+            hash: [8; AUDIT_HASH_BYTES],
+        };
+        store
+            .state_replace(&[], &[("applied", b"9")], b"base", &[peak])
+            .unwrap();
+        assert_eq!(store.audit_first_index().unwrap(), None);
+        assert_eq!(store.audit_node(0, 3).unwrap(), None);
+        assert_eq!(store.audit_node(3, 0).unwrap(), Some([8; AUDIT_HASH_BYTES]));
+        assert_eq!(store.audit_base().unwrap().as_deref(), Some(&b"base"[..]));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use signpost_record::{
 
 use super::{Admins, BindingEntry, Registry};
 use crate::applied::{Applied, Change, Event, EventKind, Outcome};
+use crate::audit::audit_leaf;
 use crate::request::{Command, Quotas, Request};
 use crate::storage_key::StorageKey;
 use crate::stored::{
@@ -55,8 +56,11 @@ impl Txn<'_> {
         signed: Option<(Vec<u8>, Vec<u8>)>,
     ) {
         let (record, binding) = signed.unzip();
+        // Numbered within this request; apply_entry renumbers across a batch.
+        let position = u32::try_from(self.events.len()).unwrap_or(u32::MAX);
         self.events.push(Event {
             revision: self.revision,
+            position,
             kind,
             service: service.to_owned(),
             instance: instance.to_owned(),
@@ -92,20 +96,35 @@ impl Registry {
         let Command::Batch { requests } = &request.command else {
             return vec![self.apply_with(revision, request, verified)];
         };
-        requests
+        let mut applied: Vec<Applied> = requests
             .iter()
-            .map(|inner| match inner.command {
-                Command::Batch { .. } | Command::Genesis { .. } => Applied {
-                    outcome: Outcome::Rejected {
-                        reason: Reason::Malformed,
-                        detail: "a batch may not hold a genesis or another batch".into(),
-                    },
-                    changes: Vec::new(),
-                    events: Vec::new(),
-                },
-                _ => self.apply_with(revision, inner, verified),
+            .enumerate()
+            .map(|(position, inner)| {
+                let position = u32::try_from(position).unwrap_or(u32::MAX);
+                match inner.command {
+                    Command::Batch { .. } | Command::Genesis { .. } => {
+                        let outcome = Outcome::Rejected {
+                            reason: Reason::Malformed,
+                            detail: "a batch may not hold a genesis or another batch".into(),
+                        };
+                        let time_ms = inner.time_ms.max(self.clock_ms);
+                        Applied {
+                            audit: audit_leaf(revision, position, time_ms, inner, &outcome),
+                            outcome,
+                            changes: Vec::new(),
+                            events: Vec::new(),
+                        }
+                    }
+                    _ => self.apply_one(revision, position, inner, verified),
+                }
             })
-            .collect()
+            .collect();
+        // All events of the entry share its revision; their order in it tells them apart (two
+        // requests of one batch may change the same instance).
+        for (position, event) in applied.iter_mut().flat_map(|a| &mut a.events).enumerate() {
+            event.position = u32::try_from(position).unwrap_or(u32::MAX);
+        }
+        applied
     }
 
     /// [`Registry::apply`] that skips verifying a record or deregistration signature this node
@@ -115,6 +134,17 @@ impl Registry {
     pub fn apply_with(
         &mut self,
         revision: u64,
+        request: &Request,
+        verified: Option<&VerifiedSignatures>,
+    ) -> Applied {
+        self.apply_one(revision, 0, request, verified)
+    }
+
+    /// [`Registry::apply_with`] of the `position`-th request of the entry at `revision`.
+    fn apply_one(
+        &mut self,
+        revision: u64,
+        position: u32,
         request: &Request,
         verified: Option<&VerifiedSignatures>,
     ) -> Applied {
@@ -155,8 +185,10 @@ impl Registry {
             Ok(()) => {
                 self.drop_due_tombstones(&mut txn);
                 self.advance_clock(&mut txn);
+                let outcome = Outcome::Applied { revision };
                 Applied {
-                    outcome: Outcome::Applied { revision },
+                    audit: audit_leaf(revision, position, txn.time_ms, request, &outcome),
+                    outcome,
                     changes: txn.changes,
                     events: txn.events,
                 }
@@ -167,11 +199,13 @@ impl Registry {
                     "invariant: a rejected command ({}) must not write state",
                     error.reason()
                 );
+                let outcome = Outcome::Rejected {
+                    reason: error.reason(),
+                    detail: error.detail(),
+                };
                 Applied {
-                    outcome: Outcome::Rejected {
-                        reason: error.reason(),
-                        detail: error.detail(),
-                    },
+                    audit: audit_leaf(revision, position, txn.time_ms, request, &outcome),
+                    outcome,
                     changes: Vec::new(),
                     events: Vec::new(),
                 }

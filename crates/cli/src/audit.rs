@@ -1,0 +1,524 @@
+//! `signpost audit`: read, export, verify and prove the cluster's audit log.
+//!
+//! Every proof this prints is checked here first, with `signpost-audit` (ct-merkle), so a node
+//! that answers with a proof that does not hold makes the command fail, not print it.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use prost::Message;
+use serde_json::{json, Value};
+use signpost_client::Client;
+use signpost_proto::v1::audit_client::AuditClient;
+use signpost_proto::v1::{
+    audit_record::Op, AuditConsistencyRequest, AuditHead, AuditHeadRequest, AuditLeaf,
+    AuditProveRequest, AuditRecord, AuditRecordsRequest, AuditVerifyRequest,
+};
+use tonic::transport::Channel;
+
+use crate::commands::connect;
+use crate::output;
+use crate::ClientOpts;
+
+/// Records asked for per call (the server caps it at 1000).
+const PAGE: u32 = 1000;
+/// How often `tail --follow` asks for new records.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// The last records (and, with --follow, every new one as it is applied).
+    Tail(TailArgs),
+    /// Every stored record as JSON lines, for a SIEM.
+    Export(ExportArgs),
+    /// Rehash every stored record on each node (or one) against its head, and check that the
+    /// nodes' trees are prefixes of one another. Exits 0 only if all of it holds.
+    Verify(VerifyArgs),
+    /// The inclusion proof of an instance's current record.
+    Prove(ProveArgs),
+    /// The consistency proof between two tree sizes.
+    Consistency(ConsistencyArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NodeOpt {
+    /// Ask this node (default: the first node of the client config that answers).
+    #[arg(long)]
+    node: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TailArgs {
+    /// How many of the last records.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    lines: u64,
+    /// Keep printing records as they are applied (Ctrl-C stops).
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    node: NodeOpt,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExportArgs {
+    /// The first record.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    #[command(flatten)]
+    node: NodeOpt,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    #[command(flatten)]
+    node: NodeOpt,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProveArgs {
+    /// Service name.
+    service: String,
+    /// Instance id.
+    instance: String,
+    #[command(flatten)]
+    node: NodeOpt,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConsistencyArgs {
+    /// The older tree size.
+    old_size: u64,
+    /// The newer tree size (0: the node's current size).
+    new_size: u64,
+    #[command(flatten)]
+    node: NodeOpt,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+pub(crate) async fn run(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Tail(args) => tail(args).await,
+        AuditCommand::Export(args) => export(args).await,
+        AuditCommand::Verify(args) => verify(args).await,
+        AuditCommand::Prove(args) => prove(args).await,
+        AuditCommand::Consistency(args) => consistency(args).await,
+    }
+}
+
+fn op_name(op: i32) -> &'static str {
+    match Op::try_from(op).unwrap_or(Op::Unspecified) {
+        Op::Unspecified => "unspecified",
+        Op::Genesis => "genesis",
+        Op::Bind => "bind",
+        Op::RotateAdmins => "rotate_admins",
+        Op::Register => "register",
+        Op::Deregister => "deregister",
+        Op::Expire => "expire",
+    }
+}
+
+/// One record as a JSON object (a SIEM's line).
+pub(crate) fn record_json(index: u64, record: &AuditRecord) -> Value {
+    json!({
+        "index": index,
+        "revision": record.revision,
+        "position": record.position,
+        "time_ms": record.time_ms,
+        "caller": record.caller,
+        "op": op_name(record.op),
+        "service": record.service,
+        "instance": record.instance,
+        "sequence": record.sequence,
+        "result": if record.applied { "applied" } else { "refused" },
+        "reason": record.reason,
+        "detail": record.detail,
+        "envelope_sha256": hex::encode(&record.envelope_sha256),
+    })
+}
+
+fn leaf_json(leaf: &AuditLeaf) -> Value {
+    match AuditRecord::decode(leaf.leaf.as_slice()) {
+        Ok(record) => record_json(leaf.index, &record),
+        Err(e) => {
+            json!({"index": leaf.index, "undecodable": e.to_string(), "leaf": hex::encode(&leaf.leaf)})
+        }
+    }
+}
+
+fn print_leaf(leaf: &AuditLeaf, as_json: bool) {
+    let value = leaf_json(leaf);
+    if as_json {
+        output::print_json(&value);
+        return;
+    }
+    let text = |k: &str| value[k].as_str().unwrap_or_default().to_string();
+    let mut line = format!(
+        "{:>8}  rev {:<8} {:<13} {:<8} {}/{}",
+        leaf.index,
+        value["revision"],
+        text("op"),
+        text("result"),
+        text("service"),
+        text("instance"),
+    );
+    if !text("reason").is_empty() {
+        line.push_str(&format!("  ({})", text("reason")));
+    }
+    line.push_str(&format!("  by {}", text("caller")));
+    println!("{line}");
+}
+
+/// The client address of `node`, or the first configured endpoint.
+async fn node_addr(client: &Client, node: Option<u64>) -> anyhow::Result<(u64, String)> {
+    let status = client.status().await?;
+    let id = node.unwrap_or(status.node_id);
+    let member = status
+        .members
+        .iter()
+        .find(|m| m.id == id)
+        .with_context(|| format!("node {id} is not a member"))?;
+    Ok((id, member.addr.clone()))
+}
+
+async fn stub(client: &Client, node: Option<u64>) -> anyhow::Result<(u64, AuditClient<Channel>)> {
+    let (id, addr) = node_addr(client, node).await?;
+    Ok((id, client.audit_on(&addr)?))
+}
+
+async fn head(audit: &mut AuditClient<Channel>) -> anyhow::Result<AuditHead> {
+    Ok(audit.head(AuditHeadRequest {}).await?.into_inner())
+}
+
+async fn page(audit: &mut AuditClient<Channel>, from: u64) -> anyhow::Result<Vec<AuditLeaf>> {
+    Ok(audit
+        .records(AuditRecordsRequest {
+            from_index: from,
+            limit: PAGE,
+        })
+        .await?
+        .into_inner()
+        .leaves)
+}
+
+/// Prints records `[from, to)`; returns where it stopped.
+async fn print_range(
+    audit: &mut AuditClient<Channel>,
+    mut from: u64,
+    to: u64,
+    as_json: bool,
+) -> anyhow::Result<u64> {
+    while from < to {
+        let leaves = page(audit, from).await?;
+        let Some(last) = leaves.last().map(|l| l.index) else {
+            break;
+        };
+        for leaf in leaves.iter().filter(|l| l.index < to) {
+            print_leaf(leaf, as_json);
+        }
+        from = last + 1;
+    }
+    Ok(from)
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let (_, mut audit) = stub(&client, args.node.node).await?;
+    let current = head(&mut audit).await?;
+    let from = current
+        .tree_size
+        .saturating_sub(args.lines)
+        .max(current.first_index);
+    let mut next = print_range(&mut audit, from, current.tree_size, args.opts.json).await?;
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+        let size = head(&mut audit).await?.tree_size;
+        next = print_range(&mut audit, next, size, args.opts.json).await?;
+    }
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let (_, mut audit) = stub(&client, args.node.node).await?;
+    let current = head(&mut audit).await?;
+    if args.from < current.first_index {
+        bail!(
+            "records before {} are not stored on this node (it installed a snapshot); export \
+             from a node that has them, or from {}",
+            current.first_index,
+            current.first_index
+        );
+    }
+    print_range(&mut audit, args.from, current.tree_size, true).await?;
+    Ok(())
+}
+
+fn hash32(bytes: &[u8], what: &str) -> anyhow::Result<signpost_audit::Hash> {
+    bytes
+        .try_into()
+        .with_context(|| format!("{what} is {} bytes, not 32", bytes.len()))
+}
+
+async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let status = client.status().await?;
+    let targets: Vec<_> = status
+        .members
+        .iter()
+        .filter(|m| args.node.node.is_none_or(|n| n == m.id))
+        .collect();
+    if targets.is_empty() {
+        bail!("node {} is not a member", args.node.node.unwrap_or(0));
+    }
+    let mut results = Vec::new();
+    let mut heads = Vec::new();
+    let mut all = true;
+    for m in &targets {
+        let answer = async {
+            let mut audit = client.audit_on(&m.addr)?;
+            Ok::<_, anyhow::Error>(audit.verify(AuditVerifyRequest {}).await?.into_inner())
+        }
+        .await;
+        let value = match answer {
+            Ok(r) => {
+                let head = r.head.unwrap_or_default();
+                all &= r.verified;
+                heads.push((m.id, m.addr.clone(), head.clone()));
+                json!({
+                    "id": m.id,
+                    "verified": r.verified,
+                    "tree_size": head.tree_size,
+                    "head_index": head.tree_size.checked_sub(1),
+                    "head_hash": hex::encode(&head.root_hash),
+                    "revision": head.revision,
+                    "first_index": head.first_index,
+                    "records_checked": r.records_checked,
+                    "first_bad_index": (!r.verified).then_some(r.first_bad_index),
+                    "problem": r.problem,
+                })
+            }
+            Err(e) => {
+                all = false;
+                json!({"id": m.id, "verified": false, "problem": format!("{e:#}")})
+            }
+        };
+        results.push(value);
+    }
+    // Each node's tree must be a prefix of the largest one's: the nodes hold one history.
+    let mut agree = Vec::new();
+    if let Some((big_id, big_addr, big)) = heads.iter().max_by_key(|h| h.2.tree_size).cloned() {
+        for (id, _, small) in heads.iter().filter(|h| h.0 != big_id) {
+            let checked = async {
+                let mut audit = client.audit_on(&big_addr)?;
+                let proof = audit
+                    .consistency(AuditConsistencyRequest {
+                        old_size: small.tree_size,
+                        new_size: big.tree_size,
+                    })
+                    .await?
+                    .into_inner();
+                signpost_audit::verify_consistency(
+                    small.tree_size,
+                    &hash32(&small.root_hash, "a root")?,
+                    big.tree_size,
+                    &hash32(&big.root_hash, "a root")?,
+                    &proof.hashes,
+                )?;
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            let ok = checked.is_ok() || small.tree_size == 0;
+            all &= ok;
+            agree.push(json!({
+                "id": id,
+                "prefix_of": big_id,
+                "consistent": ok,
+                "problem": checked.err().map(|e| format!("{e:#}")),
+            }));
+        }
+    }
+    let report = if args.node.node.is_some() && results.len() == 1 {
+        results[0].clone()
+    } else {
+        json!({"verified": all, "nodes": results, "consistency": agree})
+    };
+    if args.opts.json {
+        output::print_json(&report);
+    } else {
+        for r in &results {
+            let state = if r["verified"].as_bool() == Some(true) {
+                "verified".to_string()
+            } else {
+                format!(
+                    "NOT VERIFIED: {}",
+                    r["problem"].as_str().unwrap_or_default()
+                )
+            };
+            println!(
+                "node {}: {} records, head {} ({state})",
+                r["id"], r["tree_size"], r["head_hash"]
+            );
+        }
+        for a in &agree {
+            if a["consistent"].as_bool() != Some(true) {
+                println!(
+                    "node {}: its tree is NOT a prefix of node {}'s: {}",
+                    a["id"],
+                    a["prefix_of"],
+                    a["problem"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+    if !all {
+        bail!("the audit log does not verify");
+    }
+    Ok(())
+}
+
+async fn prove(args: ProveArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let resolved = client.resolve(&args.service, false).await?;
+    let Some(current) = resolved
+        .instances
+        .iter()
+        .find(|i| i.payload.instance == args.instance)
+    else {
+        bail!("{}/{} is not registered", args.service, args.instance);
+    };
+    let sequence = current.payload.sequence;
+    let (_, mut audit) = stub(&client, args.node.node).await?;
+    let top = head(&mut audit).await?;
+    // The record is recent more often than not: search from the head back.
+    let mut found = None;
+    let mut end = top.tree_size;
+    while end > top.first_index && found.is_none() {
+        let from = end.saturating_sub(u64::from(PAGE)).max(top.first_index);
+        let leaves = page(&mut audit, from).await?;
+        found = leaves
+            .iter()
+            .filter(|l| l.index < end)
+            .rev()
+            .find(|l| {
+                AuditRecord::decode(l.leaf.as_slice()).is_ok_and(|r| {
+                    r.op == Op::Register as i32
+                        && r.applied
+                        && r.service == args.service
+                        && r.instance == args.instance
+                        && r.sequence == sequence
+                })
+            })
+            .cloned();
+        end = from;
+    }
+    let Some(leaf) = found else {
+        bail!(
+            "no record of {}/{} at sequence {sequence} among the records this node stores",
+            args.service,
+            args.instance
+        );
+    };
+    let proof = audit
+        .prove(AuditProveRequest {
+            index: leaf.index,
+            tree_size: top.tree_size,
+        })
+        .await?
+        .into_inner();
+    if proof.leaf != leaf.leaf {
+        bail!(
+            "the node proved another record than the one it listed at {}",
+            leaf.index
+        );
+    }
+    signpost_audit::verify_inclusion(
+        &proof.leaf,
+        proof.index,
+        proof.tree_size,
+        &hash32(&proof.root_hash, "the root")?,
+        &proof.hashes,
+    )
+    .context("the node's inclusion proof does not verify")?;
+    let value = json!({
+        "service": args.service,
+        "instance": args.instance,
+        "sequence": sequence,
+        "index": proof.index,
+        "tree_size": proof.tree_size,
+        "root_hash": hex::encode(&proof.root_hash),
+        "leaf": hex::encode(&proof.leaf),
+        "hashes": proof.hashes.iter().map(hex::encode).collect::<Vec<_>>(),
+        "record": leaf_json(&leaf),
+        "verified": true,
+    });
+    output::write_result(
+        args.opts.json,
+        &format!(
+            "{}/{} sequence {sequence} is record {} of {}, root {} (proof of {} hashes verified)",
+            args.service,
+            args.instance,
+            proof.index,
+            proof.tree_size,
+            hex::encode(&proof.root_hash),
+            proof.hashes.len()
+        ),
+        value,
+    );
+    Ok(())
+}
+
+async fn consistency(args: ConsistencyArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let (_, mut audit) = stub(&client, args.node.node).await?;
+    let proof = audit
+        .consistency(AuditConsistencyRequest {
+            old_size: args.old_size,
+            new_size: args.new_size,
+        })
+        .await?
+        .into_inner();
+    signpost_audit::verify_consistency(
+        proof.old_size,
+        &hash32(&proof.old_root_hash, "the old root")?,
+        proof.tree_size,
+        &hash32(&proof.root_hash, "the new root")?,
+        &proof.hashes,
+    )
+    .context("the node's consistency proof does not verify")?;
+    let value = json!({
+        "old_size": proof.old_size,
+        "old_root": hex::encode(&proof.old_root_hash),
+        "new_size": proof.tree_size,
+        "new_root": hex::encode(&proof.root_hash),
+        "hashes": proof.hashes.iter().map(hex::encode).collect::<Vec<_>>(),
+        "verified": true,
+    });
+    output::write_result(
+        args.opts.json,
+        &format!(
+            "the tree of {} records ({}) is a prefix of the tree of {} ({}): proof of {} hashes verified",
+            proof.old_size,
+            hex::encode(&proof.old_root_hash),
+            proof.tree_size,
+            hex::encode(&proof.root_hash),
+            proof.hashes.len()
+        ),
+        value,
+    );
+    Ok(())
+}

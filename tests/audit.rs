@@ -1,0 +1,258 @@
+//! The audit log against real processes: one tree on every node, a byte changed on one node's
+//! disk found at its record, and proofs that an independent RFC 9162 verifier accepts.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use signpost_proto::v1::DeregisterPayload;
+use signpost_tests::{cli, cli_ok, now_ms, signed_record, ClusterOptions, TestCluster};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Runs the independent Python verifier on a proof the CLI printed; true if it verifies.
+fn rfc9162_accepts(kind: &str, proof: &Value) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/rfc9162.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(kind)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(proof.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "  rfc9162.py: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    out.status.success()
+}
+
+/// `audit verify --json` of one node, retried while the node is still starting.
+fn verify_node(env: &[(&str, &Path)], id: u64) -> (bool, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli(
+            &["audit", "verify", "--node", &id.to_string(), "--json"],
+            env,
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if let Ok(report) = serde_json::from_str::<Value>(&stdout) {
+            if report.get("tree_size").is_some() {
+                return (out.status.success(), report);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} never answered audit verify: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_holds_one_audit_tree_and_a_byte_changed_on_disk_is_found_at_its_record() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let config = cluster.client_toml();
+    let env = [("SIGNPOST_CONFIG", config.as_path())];
+
+    eprintln!("phase 1: a binding, three registrations and a deregistration");
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+    for (instance, sequence, port) in [("p1", 1, 443), ("p2", 1, 443), ("p1", 2, 444)] {
+        writer
+            .register(signed_record(&key, "payments", instance, sequence, port))
+            .await
+            .unwrap();
+    }
+    let payload = DeregisterPayload {
+        service: "payments".into(),
+        instance: "p2".into(),
+        sequence: 2,
+        issued_at_ms: now_ms(),
+    };
+    writer
+        .deregister(signpost_record::sign_deregister(&key, &payload))
+        .await
+        .unwrap();
+
+    eprintln!("phase 2: the tail names every change, its result and who asked for it");
+    let records = json_lines(&cli_ok(&["audit", "tail", "-n", "100", "--json"], &env));
+    let ops: Vec<(&str, &str, &str, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap(),
+                r["instance"].as_str().unwrap(),
+                r["result"].as_str().unwrap(),
+                r["sequence"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // A bind the test's set-up sent before the genesis entry was applied is refused at apply
+    // (no admin set yet) and retried: those refusals are history too.
+    let genesis_at = ops.iter().position(|o| o.0 == "genesis").unwrap();
+    for early in &records[..genesis_at] {
+        assert_eq!(
+            (early["op"].as_str(), early["reason"].as_str()),
+            (Some("bind"), Some("no_admin_set")),
+            "{early}"
+        );
+    }
+    let version = records[genesis_at + 1]["sequence"].as_u64().unwrap();
+    assert_eq!(
+        ops[genesis_at..],
+        [
+            ("genesis", "", "applied", 0),
+            ("bind", "", "applied", version),
+            ("register", "p1", "applied", 1),
+            ("register", "p2", "applied", 1),
+            ("register", "p1", "applied", 2),
+            ("deregister", "p2", "applied", 2),
+        ]
+    );
+    assert_eq!(records[0]["index"], 0);
+    let size = records.len() as u64;
+    let bind = &records[genesis_at + 1];
+    assert!(
+        bind["caller"].as_str().unwrap().contains("/admin/"),
+        "{bind}"
+    );
+    let first = &records[genesis_at + 2];
+    assert!(first["caller"]
+        .as_str()
+        .unwrap()
+        .ends_with("/service/payments"));
+    assert_eq!(first["envelope_sha256"].as_str().unwrap().len(), 64);
+    let export = json_lines(&cli_ok(&["audit", "export"], &env));
+    assert_eq!(
+        export, records,
+        "export is the same records, from the first"
+    );
+
+    eprintln!("phase 3: every node verifies its copy, and the copies are one history");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let out = cli(&["audit", "verify", "--json"], &env);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let sizes: Vec<u64> = report["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter_map(|n| n["tree_size"].as_u64()).collect())
+            .unwrap_or_default();
+        if out.status.success() && sizes.len() == 3 && sizes.iter().all(|s| *s == size) {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "nodes never agreed: {report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let heads: Vec<&str> = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["head_hash"].as_str().unwrap())
+        .collect();
+    assert!(heads.windows(2).all(|w| w[0] == w[1]), "{report}");
+    assert_eq!(report["nodes"][0]["head_index"], size - 1);
+
+    eprintln!("phase 4: proofs that an independent RFC 9162 verifier accepts, and a tampered one it does not");
+    let proof: Value = serde_json::from_str(&cli_ok(
+        &["audit", "prove", "payments", "p1", "--json"],
+        &env,
+    ))
+    .unwrap();
+    assert_eq!(
+        proof["index"],
+        size - 2,
+        "p1's current record is its second registration"
+    );
+    assert_eq!(proof["record"]["sequence"], 2);
+    assert!(rfc9162_accepts("inclusion", &proof));
+    let mut forged = proof.clone();
+    let leaf = forged["leaf"].as_str().unwrap().to_string();
+    let flipped = if leaf.ends_with('0') { "1" } else { "0" };
+    forged["leaf"] = Value::from(format!("{}{flipped}", &leaf[..leaf.len() - 1]));
+    assert!(
+        !rfc9162_accepts("inclusion", &forged),
+        "the checker can fail"
+    );
+    for (old, new) in [
+        (1, size),
+        (2, size),
+        (3, size - 1),
+        (size - 2, size),
+        (size, size),
+    ] {
+        let (old, new) = (old.to_string(), new.to_string());
+        let consistency: Value = serde_json::from_str(&cli_ok(
+            &["audit", "consistency", &old, &new, "--json"],
+            &env,
+        ))
+        .unwrap();
+        assert!(
+            rfc9162_accepts("consistency", &consistency),
+            "{old} -> {new}: {consistency}"
+        );
+    }
+
+    eprintln!("phase 5: questions about trees that do not exist get a clear refusal");
+    let has = format!("this node has {size}");
+    for (old, new, says) in [
+        ("5", "3", "no consistency proof"),
+        ("0", "3", "no consistency proof"),
+        ("1", "999", has.as_str()),
+    ] {
+        let out = cli(&["audit", "consistency", old, new], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{old} -> {new} answered");
+        assert!(stderr.contains(says), "{old} -> {new}: {stderr}");
+    }
+    let out = cli(&["audit", "prove", "payments", "p2"], &env);
+    assert!(!out.status.success(), "p2 was deregistered");
+
+    eprintln!("phase 6: a byte changed in a stopped node's store is found at that record");
+    let victim = cluster.others(leader)[0];
+    let honest = cluster.others(leader)[1];
+    // p2's registration.
+    let bad = genesis_at as u64 + 3;
+    cluster.kill9(victim);
+    {
+        let data = cluster.root().join(format!("node{victim}")).join("data");
+        let store = signpost_storage::Store::open(&data).unwrap();
+        let (_, mut leaf) = store.audit_leaves(bad, 1, usize::MAX).unwrap().remove(0);
+        let last = leaf.len() - 1;
+        leaf[last] ^= 1;
+        store.audit_overwrite_leaf(bad, &leaf).unwrap();
+    }
+    cluster.restart(victim);
+    let (ok, tampered) = verify_node(&env, victim);
+    assert!(!ok, "verify must fail on node {victim}: {tampered}");
+    assert_eq!(tampered["verified"], false);
+    assert_eq!(tampered["first_bad_index"], bad, "{tampered}");
+    let (ok, clean) = verify_node(&env, honest);
+    assert!(ok, "{clean}");
+    assert_eq!(
+        clean["head_hash"], tampered["head_hash"],
+        "the replicated head is the same on every node; only the stored copy was changed"
+    );
+    let out = cli(&["audit", "verify"], &env);
+    assert!(!out.status.success(), "the cluster-wide verify fails too");
+}
