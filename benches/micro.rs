@@ -251,5 +251,67 @@ fn snapshot(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, signatures, apply, log_append, snapshot);
+/// The audit tree at `SIGNPOST_MICRO_AUDIT_RECORDS` records (default 1M): what one append
+/// costs apply, and what an inclusion proof costs a node to make and a client to check.
+fn audit(c: &mut Criterion) {
+    use std::collections::HashMap;
+
+    use signpost_audit::{AuditError, Frontier, Hash, NodeSource};
+
+    struct Nodes(HashMap<(u8, u64), Hash>);
+    impl NodeSource for Nodes {
+        fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
+            self.0
+                .get(&(level, index))
+                .copied()
+                .ok_or(AuditError::Missing { level, index })
+        }
+    }
+
+    let records: u64 = std::env::var("SIGNPOST_MICRO_AUDIT_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    // A typical record: a registration's audit leaf is about 200 bytes.
+    let leaf = |i: u64| format!("{i:0>200}").into_bytes();
+    let mut frontier = Frontier::new();
+    let mut nodes = Nodes(HashMap::new());
+    for i in 0..records {
+        for n in frontier.append(signpost_audit::leaf_hash(&leaf(i))) {
+            nodes.0.insert((n.level, n.index), n.hash);
+        }
+    }
+    let root = frontier.root();
+    let index = records / 3;
+    let proof: Vec<Vec<u8>> = signpost_audit::inclusion_proof(&nodes, index, records)
+        .expect("proof")
+        .iter()
+        .map(|h| h.to_vec())
+        .collect();
+    eprintln!(
+        "audit: inclusion proof of record {index} of {records}: {} hashes, {} bytes",
+        proof.len(),
+        proof.len() * 32
+    );
+    let mut group = c.benchmark_group("audit");
+    group.bench_function("append_one_record", |b| {
+        b.iter_batched(
+            || frontier.clone(),
+            |mut f| f.append(signpost_audit::leaf_hash(&leaf(records))),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(format!("inclusion_proof_at_{records}"), |b| {
+        b.iter(|| signpost_audit::inclusion_proof(&nodes, index, records))
+    });
+    group.bench_function(format!("verify_inclusion_at_{records}"), |b| {
+        b.iter(|| signpost_audit::verify_inclusion(&leaf(index), index, records, &root, &proof))
+    });
+    group.bench_function(format!("consistency_proof_at_{records}"), |b| {
+        b.iter(|| signpost_audit::consistency_proof(&nodes, index, records))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, signatures, apply, log_append, snapshot, audit);
 criterion_main!(benches);

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use signpost_tests::{signed_record, ClusterOptions, TestCluster};
+use signpost_tests::{cli, cli_ok, signed_record, ClusterOptions, TestCluster};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -300,6 +300,58 @@ async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() {
         log.contains("installed snapshot"),
         "node {lagging} never installed a snapshot"
     );
+
+    eprintln!("phase 4: it carries on the same audit tree from the snapshot's frontier");
+    client
+        .register(signed_record(&key, "inventory", "after", 1, 7999))
+        .await
+        .unwrap();
+    let config = cluster.client_toml();
+    let env = [("SIGNPOST_CONFIG", config.as_path())];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let out = cli(&["audit", "verify", "--json"], &env);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let sizes: BTreeSet<u64> = report["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter_map(|n| n["tree_size"].as_u64()).collect())
+            .unwrap_or_default();
+        if out.status.success() && sizes.len() == 1 {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes' audit logs never agreed: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let nodes = report["nodes"].as_array().unwrap();
+    let heads: BTreeSet<&str> = nodes
+        .iter()
+        .map(|n| n["head_hash"].as_str().unwrap())
+        .collect();
+    assert_eq!(heads.len(), 1, "one tree on every node: {report}");
+    let installed = nodes.iter().find(|n| n["id"] == lagging).unwrap();
+    let first = installed["first_index"].as_u64().unwrap();
+    assert!(
+        first > 0,
+        "node {lagging} holds the records after its snapshot only: {installed}"
+    );
+    let proof: serde_json::Value = serde_json::from_str(&cli_ok(
+        &[
+            "audit",
+            "prove",
+            "inventory",
+            "after",
+            "--node",
+            &lagging.to_string(),
+            "--json",
+        ],
+        &env,
+    ))
+    .unwrap();
+    assert_eq!(proof["verified"], true);
+    assert!(proof["index"].as_u64().unwrap() >= first, "{proof}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
