@@ -740,7 +740,12 @@ async fn a_snapshot_that_does_not_load_or_is_of_another_cluster_is_refused_and_t
         },
     );
     let body = signpost_consensus::codec::encode(
-        &(1u8, forged.export()),
+        // Snapshot format 2: the registry's pairs, then the audit tree's frontier.
+        &(
+            2u8,
+            forged.export(),
+            signpost_audit::Frontier::new().encode(),
+        ),
         signpost_consensus::codec::SNAPSHOT_BYTES_MAX,
     )
     .unwrap();
