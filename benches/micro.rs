@@ -310,6 +310,43 @@ fn audit(c: &mut Criterion) {
     group.bench_function(format!("consistency_proof_at_{records}"), |b| {
         b.iter(|| signpost_audit::consistency_proof(&nodes, index, records))
     });
+
+    // A checkpoint of this tree cosigned by three nodes: what a client checks per checkpoint.
+    let origin = "signpost.audit/0011223344556677";
+    let checkpoint = signpost_audit::Checkpoint {
+        origin: origin.into(),
+        size: records,
+        root,
+        time_ms: 1_764_582_000_000,
+    };
+    let signers: Vec<signpost_audit::CheckpointSigner> = (0..3)
+        .map(|_| {
+            signpost_audit::CheckpointSigner::new(
+                origin,
+                ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng),
+            )
+        })
+        .collect();
+    let keys: Vec<[u8; 32]> = signers.iter().map(|s| s.public_key()).collect();
+    let witnesses = signpost_audit::Witnesses::new(origin, &keys).expect("witnesses");
+    let signatures: Vec<([u8; 32], Vec<u8>)> = signers
+        .iter()
+        .map(|s| (s.public_key(), s.sign_checkpoint(&checkpoint)))
+        .collect();
+    let note = witnesses
+        .assemble(&checkpoint, &signatures)
+        .expect("note")
+        .note;
+    eprintln!(
+        "audit: a checkpoint note signed by 3 nodes: {} bytes",
+        note.len()
+    );
+    group.bench_function("cosign_checkpoint", |b| {
+        b.iter(|| signers[0].sign_checkpoint(&checkpoint))
+    });
+    group.bench_function("verify_checkpoint_of_3_signatures", |b| {
+        b.iter(|| witnesses.verify(&note).expect("verifies"))
+    });
     group.finish();
 }
 

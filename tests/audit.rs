@@ -256,3 +256,330 @@ async fn every_node_holds_one_audit_tree_and_a_byte_changed_on_disk_is_found_at_
     let out = cli(&["audit", "verify"], &env);
     assert!(!out.status.success(), "the cluster-wide verify fails too");
 }
+
+/// `audit checkpoint --node ID --json`: the verified checkpoint, or the CLI's error.
+fn checkpoint_of(env: &[(&str, &Path)], id: u64) -> Result<Value, String> {
+    let out = cli(
+        &["audit", "checkpoint", "--node", &id.to_string(), "--json"],
+        env,
+    );
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Waits (at most 30 s) until node `id` holds a verified checkpoint for which `wanted` holds.
+async fn wait_checkpoint(
+    env: &[(&str, &Path)],
+    id: u64,
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = checkpoint_of(env, id);
+        if let Ok(checkpoint) = &last {
+            if wanted(checkpoint) {
+                return checkpoint.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} never held a checkpoint {what}: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn checkpoint_key_hex(cluster: &TestCluster, id: u64) -> String {
+    std::fs::read_to_string(cluster.root().join(format!("node{id}/checkpoint.key.pub")))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn signers(checkpoint: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = checkpoint["signers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majority_of_the_bound_checkpoint_keys_signs_checkpoints_that_cover_every_change() {
+    let mut cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let config = cluster.client_toml();
+    let env = [("SIGNPOST_CONFIG", config.as_path())];
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+
+    eprintln!(
+        "phase 1: until checkpoint keys are bound there are no checkpoints, and verify says so"
+    );
+    let err = checkpoint_of(&env, leader).unwrap_err();
+    assert!(err.contains("no checkpoint keys are bound"), "{err}");
+    let (ok, report) = verify_node(&env, leader);
+    assert!(ok, "{report}");
+    assert_eq!(report["checkpoint"], Value::Null, "{report}");
+
+    eprintln!("phase 2: once bound, every node holds a C2SP checkpoint signed by a majority");
+    cluster.bind_checkpoint_keys(&[1, 2, 3]);
+    let all_keys: Vec<String> = (1..=3).map(|id| checkpoint_key_hex(&cluster, id)).collect();
+    for id in 1..=3 {
+        let checkpoint = wait_checkpoint(&env, id, "signed by two or three nodes", |c| {
+            signers(c).len() >= 2
+        })
+        .await;
+        for signer in signers(&checkpoint) {
+            assert!(all_keys.contains(&signer), "{signer} is not a bound key");
+        }
+        let note = checkpoint["note"].as_str().unwrap();
+        let lines: Vec<&str> = note.split('\n').collect();
+        assert!(lines[0].starts_with("signpost.audit/"), "{note}");
+        assert_eq!(lines[0], checkpoint["origin"], "{note}");
+        assert_eq!(lines[1], checkpoint["tree_size"].to_string(), "{note}");
+        assert_eq!(lines[2].len(), 44, "a base64 SHA-256: {note}");
+        assert!(lines[3].starts_with("time "), "{note}");
+        assert_eq!(lines[4], "", "{note}");
+        let signature_lines = lines[5..].iter().filter(|l| !l.is_empty()).count();
+        assert!(signature_lines >= 2, "{note}");
+        assert!(lines[5..]
+            .iter()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with(&format!("— {} ", lines[0]))));
+    }
+
+    eprintln!("phase 3: a registration is covered by a checkpoint within seconds, and verify checks the head against it");
+    writer
+        .register(signed_record(&key, "payments", "p1", 1, 443))
+        .await
+        .unwrap();
+    let (_, report) = verify_node(&env, leader);
+    let size = report["tree_size"].as_u64().unwrap();
+    for id in 1..=3 {
+        wait_checkpoint(&env, id, &format!("of at least {size} records"), |c| {
+            c["tree_size"].as_u64().unwrap() >= size
+        })
+        .await;
+    }
+    let out = cli(&["audit", "verify", "--json"], &env);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    for node in report["nodes"].as_array().unwrap() {
+        assert!(
+            node["checkpoint"]["tree_size"].as_u64().unwrap() >= size,
+            "{node}"
+        );
+    }
+
+    eprintln!("phase 4: with a follower down, the other two still make checkpoints");
+    let [down, up] = <[u64; 2]>::try_from(cluster.others(leader)).unwrap();
+    cluster.kill9(down);
+    let stopped_at = now_ms();
+    writer
+        .register(signed_record(&key, "payments", "p2", 1, 443))
+        .await
+        .unwrap();
+    let (_, report) = verify_node(&env, leader);
+    let size = report["tree_size"].as_u64().unwrap();
+    let two: Vec<String> = {
+        let mut keys = vec![
+            checkpoint_key_hex(&cluster, leader),
+            checkpoint_key_hex(&cluster, up),
+        ];
+        keys.sort();
+        keys
+    };
+    wait_checkpoint(&env, leader, "signed by the two live nodes", |c| {
+        c["time_ms"].as_u64().unwrap() > stopped_at
+            && c["tree_size"].as_u64().unwrap() >= size
+            && signers(c) == two
+    })
+    .await;
+
+    eprintln!("phase 5: rebound to the leader's and the stopped node's keys, the live follower's signature no longer counts: too few signatures");
+    cluster.bind_checkpoint_keys(&[leader, down]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        match checkpoint_of(&env, leader) {
+            Err(e) if e.contains("valid signatures") => break e,
+            other => assert!(
+                Instant::now() < deadline,
+                "the old checkpoint still verifies: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        err.contains("1 valid signatures") && err.contains("2 are needed"),
+        "{err}"
+    );
+    // Several rounds later the leader still has no checkpoint the new keys sign.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let err = checkpoint_of(&env, leader).unwrap_err();
+    assert!(err.contains("valid signatures"), "{err}");
+    let (ok, report) = verify_node(&env, leader);
+    assert!(
+        !ok,
+        "verify must fail without a checkpoint the bound keys sign: {report}"
+    );
+
+    eprintln!("phase 6: the stopped node back, checkpoints resume with its signature");
+    cluster.restart(down);
+    let both: Vec<String> = {
+        let mut keys = vec![
+            checkpoint_key_hex(&cluster, leader),
+            checkpoint_key_hex(&cluster, down),
+        ];
+        keys.sort();
+        keys
+    };
+    wait_checkpoint(
+        &env,
+        leader,
+        "signed by the leader and the restarted node",
+        |c| signers(c) == both,
+    )
+    .await;
+    let (ok, report) = verify_node(&env, leader);
+    assert!(ok, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_keeps_its_audit_records_within_the_byte_budget_and_still_proves_from_its_checkpoint(
+) {
+    const BUDGET: u64 = 64 * 1024;
+    let mut cluster = TestCluster::start(ClusterOptions {
+        audit_toml: format!("retain_bytes = {BUDGET}\n"),
+        ..ClusterOptions::default()
+    });
+    let leader = cluster.wait_ready(READY).await;
+    let config = cluster.client_toml();
+    let env = [("SIGNPOST_CONFIG", config.as_path())];
+    cluster.bind_checkpoint_keys(&[1, 2, 3]);
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+
+    eprintln!("phase 1: 800 registrations, several times the budget of records");
+    for sequence in 1..=2u64 {
+        for batch in 0..(400 / 25) {
+            let writes = (0..25).map(|i| {
+                let instance = format!("i{}", batch * 25 + i);
+                let envelope = signed_record(&key, "payments", &instance, sequence, 443);
+                let writer = &writer;
+                async move { writer.register(envelope).await }
+            });
+            for result in futures::future::join_all(writes).await {
+                result.unwrap();
+            }
+        }
+    }
+    let (_, report) = verify_node(&env, leader);
+    let size = report["tree_size"].as_u64().unwrap();
+    assert!(size > 800, "{report}");
+
+    eprintln!(
+        "phase 2: every node prunes its oldest records and still verifies, checkpoint included"
+    );
+    let mut firsts = Vec::new();
+    for id in 1..=3 {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let report = loop {
+            let (ok, report) = verify_node(&env, id);
+            let first = report["first_index"].as_u64().unwrap_or(0);
+            if ok && first > 0 && report["tree_size"].as_u64() == Some(size) {
+                break report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} never pruned (or no longer verifies): {report}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let checkpoint_size = report["checkpoint"]["tree_size"].as_u64().unwrap();
+        let first = report["first_index"].as_u64().unwrap();
+        assert!(
+            first <= checkpoint_size,
+            "node {id} pruned past its checkpoint: {report}"
+        );
+        firsts.push(first);
+    }
+    let out = cli(&["audit", "verify"], &env);
+    assert!(
+        out.status.success(),
+        "the nodes still verify as one history: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    eprintln!("phase 3: pruned records are refused as such; the kept ones are served and proven");
+    let out = cli(
+        &[
+            "audit",
+            "export",
+            "--from",
+            "0",
+            "--node",
+            &leader.to_string(),
+        ],
+        &env,
+    );
+    assert!(!out.status.success(), "record 0 was pruned");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pruned"), "{stderr}");
+    let tail = json_lines(&cli_ok(
+        &[
+            "audit",
+            "tail",
+            "-n",
+            "5",
+            "--json",
+            "--node",
+            &leader.to_string(),
+        ],
+        &env,
+    ));
+    assert_eq!(tail.len(), 5);
+    assert_eq!(tail[4]["index"], size - 1);
+    let proof: Value = serde_json::from_str(&cli_ok(
+        &["audit", "prove", "payments", "i399", "--json"],
+        &env,
+    ))
+    .unwrap();
+    assert!(rfc9162_accepts("inclusion", &proof), "{proof}");
+    let first = firsts.iter().max().unwrap().to_string();
+    let consistency: Value = serde_json::from_str(&cli_ok(
+        &["audit", "consistency", &first, "0", "--json"],
+        &env,
+    ))
+    .unwrap();
+    assert!(
+        rfc9162_accepts("consistency", &consistency),
+        "{consistency}"
+    );
+
+    eprintln!(
+        "phase 4: what a stopped node keeps on disk is within the budget, and not far under it"
+    );
+    let follower = cluster.others(leader)[0];
+    cluster.kill9(follower);
+    let data = cluster.root().join(format!("node{follower}/data"));
+    let store = signpost_storage::Store::open(&data).unwrap();
+    let first = store.audit_first_index().unwrap().unwrap();
+    assert!(first > 0);
+    let kept = store.audit_leaves(first, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(kept.len() as u64, size - first, "no gap after the base");
+    // Counted as retention counts: each record's bytes plus its keys and subtree hashes
+    // (signpost_consensus::audit_retention::RECORD_OVERHEAD_BYTES).
+    let overhead = signpost_consensus::audit_retention::RECORD_OVERHEAD_BYTES;
+    let bytes: u64 = kept.iter().map(|(_, l)| l.len() as u64 + overhead).sum();
+    assert!(bytes <= BUDGET, "{bytes} bytes kept, above {BUDGET}");
+    assert!(bytes > BUDGET / 2, "only {bytes} bytes kept of {BUDGET}");
+}

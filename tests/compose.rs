@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use signpost_client::{Client, ClientConfig};
-use signpost_tests::{cli_ok, record_with_ttl, signpost_bin};
+use signpost_tests::{cli, cli_ok, record_with_ttl, signpost_bin};
 
 const NETWORK: &str = "signpost_signpost";
 /// Writes in the background stop after this many, whatever happens.
@@ -281,6 +281,17 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
         ],
         &env,
     );
+    // The nodes' audit checkpoint keys, as the certs step left them for the admin to bind.
+    let mut bind = vec!["bind".to_string(), "signpost.checkpoint".to_string()];
+    for id in all {
+        bind.push("--pubkey".into());
+        let pubkey = cluster
+            .client_dir
+            .path()
+            .join(format!("checkpoint-node{id}.pub"));
+        bind.push(pubkey.display().to_string());
+    }
+    cli_ok(&bind.iter().map(String::as_str).collect::<Vec<_>>(), &env);
     let key = signpost_record::read_signing_key(&key_path).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (writer, acks) = start_writer(cluster.service_client(), key, Arc::clone(&stop));
@@ -450,4 +461,29 @@ async fn the_compose_cluster_fails_over_on_kill_partition_and_pause_without_losi
         "{report}"
     );
     assert_eq!(report["missing"], serde_json::json!([]), "{report}");
+
+    eprintln!("phase 9: after every fault, each node's audit log verifies against a quorum-signed checkpoint");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cli(&["audit", "verify", "--json"], &env);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let checkpoints = report["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|n| n["checkpoint"]["tree_size"].as_u64().is_some())
+                    .count()
+            })
+            .unwrap_or(0);
+        if out.status.success() && checkpoints == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit verify never held on all three nodes: {report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

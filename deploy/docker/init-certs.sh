@@ -64,6 +64,10 @@ for i in $(seq 1 "${#ips[@]}"); do
   signpost ca issue --node "$i" --ca-dir "$ca_root/ca" --out "$out/node" \
     --dns "node$i" --dns localhost --ip "$ip" --ip 127.0.0.1
   cp "$ca_root/ca/ca.crt" "$ca_root/ca/crl.pem" "$out/"
+  # The node's audit checkpoint key; its public half goes to the client directory, for the
+  # admin to bind (`signpost bind signpost.checkpoint --pubkey checkpoint-node1.pub ...`).
+  signpost keygen --out "$out/checkpoint.key"
+  cp "$out/checkpoint.key.pub" "$ca_root/client/checkpoint-node$i.pub"
   # The node listens on its own compose address, which is also what the other nodes and the
   # host dial: Raft admits connections only from the members' addresses, so listen ==
   # advertised keeps that check exact. The metrics listener serves /readyz to the
@@ -86,9 +90,12 @@ $members
 [bootstrap]
 admin_keys = ["$admin_pub"]
 admin_threshold = 1
+
+[audit]
+checkpoint_key = "checkpoint.key"
 EOF
-  chmod 0644 "$out/config.toml" "$out/node.crt" "$out/ca.crt" "$out/crl.pem"
-  chmod 0600 "$out/node.key"
+  chmod 0644 "$out/config.toml" "$out/node.crt" "$out/ca.crt" "$out/crl.pem" "$out/checkpoint.key.pub"
+  chmod 0600 "$out/node.key" "$out/checkpoint.key"
   chmod 0755 "$out"
   chown -R "$uid:$uid" "$out"
 done

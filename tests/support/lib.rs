@@ -126,6 +126,19 @@ fn drop_rule(from: IpAddr, to: IpAddr) -> Vec<String> {
     .collect()
 }
 
+/// Gives the node in `dir` an audit checkpoint key (`checkpoint.key`, `.pub`): inert until an
+/// admin binds it (see [`TestCluster::bind_checkpoint_keys`]).
+fn checkpoint_keygen(dir: &Path) {
+    cli_ok(
+        &[
+            "keygen",
+            "--out",
+            dir.join("checkpoint.key").to_str().unwrap(),
+        ],
+        &[],
+    );
+}
+
 /// Knobs for a test cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -156,6 +169,8 @@ pub struct ClusterOptions {
     pub restore_from: Option<PathBuf>,
     /// Nodes log JSON lines (`--log-format json`) instead of text.
     pub json_logs: bool,
+    /// Extra `key = value` lines for every node's `[audit]` section.
+    pub audit_toml: String,
 }
 
 impl Default for ClusterOptions {
@@ -174,6 +189,7 @@ impl Default for ClusterOptions {
             identity_from: None,
             restore_from: None,
             json_logs: false,
+            audit_toml: String::new(),
         }
     }
 }
@@ -308,6 +324,7 @@ impl TestCluster {
                 ],
                 &[],
             );
+            checkpoint_keygen(&nd);
         }
         let client = format!(
             "endpoints = [{}]\ntrust_domain = \"{TRUST_DOMAIN}\"\nadmin_key = \"admin.key\"\n\n\
@@ -385,7 +402,8 @@ impl TestCluster {
              [tls]\nca = \"../ca/ca.crt\"\ncert = \"node.crt\"\nkey = \"node.key\"\ncrl = \"../ca/crl.pem\"\n\n\
              [bootstrap]\nadmin_keys = [\"{}\"]\nadmin_threshold = 1\n{}\n\n\
              [raft]\n{raft_timing}{}\n\
-             snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n{}\n\n{members}",
+             snapshot_after_entries = {}\nlog_entries_kept = {}\n\n[limits]\n{}\n\n\
+             [audit]\ncheckpoint_key = \"checkpoint.key\"\n{}\n\n{}\n\n{members}",
             node.client_addr,
             node.raft_addr,
             self.admin_pub,
@@ -394,6 +412,7 @@ impl TestCluster {
             options.snapshot_after_entries,
             options.log_entries_kept,
             options.limits_toml,
+            options.audit_toml,
             options.extra_config,
         )
     }
@@ -432,9 +451,27 @@ impl TestCluster {
             ],
             &[],
         );
+        checkpoint_keygen(&nd);
         let config = self.node_config(id, &members, true);
         std::fs::write(nd.join("config.toml"), config).unwrap();
         self.spawn(id);
+    }
+
+    /// Binds the checkpoint keys of `ids` to `signpost.checkpoint` (as the admin), so those
+    /// nodes make and cosign audit checkpoints.
+    pub fn bind_checkpoint_keys(&self, ids: &[u64]) {
+        let mut args = vec!["bind".to_string(), "signpost.checkpoint".to_string()];
+        for id in ids {
+            args.push("--pubkey".into());
+            args.push(
+                self.root()
+                    .join(format!("node{id}/checkpoint.key.pub"))
+                    .display()
+                    .to_string(),
+            );
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_ok(&args, &[("SIGNPOST_CONFIG", self.client_toml().as_path())]);
     }
 
     /// The arguments of `signpost cluster add` for node `id`.

@@ -11,10 +11,15 @@
 //! Proofs are generated here (by the RFC's recursive definitions) and verified with the
 //! `ct-merkle` crate, an independent implementation; the tests check each against the other.
 
+mod checkpoint;
 mod error;
 mod proof;
 mod tree;
 
+pub use checkpoint::{
+    origin_for, Checkpoint, CheckpointSigner, SignedCheckpoint, Witnesses,
+    CHECKPOINT_NOTE_BYTES_MAX, CHECKPOINT_SERVICE,
+};
 pub use error::AuditError;
 pub use proof::{
     consistency_proof, inclusion_proof, subtree_hash, verify_consistency, verify_inclusion,

@@ -32,9 +32,13 @@ pub(crate) enum AuditCommand {
     Tail(TailArgs),
     /// Every stored record as JSON lines, for a SIEM.
     Export(ExportArgs),
-    /// Rehash every stored record on each node (or one) against its head, and check that the
-    /// nodes' trees are prefixes of one another. Exits 0 only if all of it holds.
+    /// Rehash every stored record on each node (or one) against its head, check the head
+    /// against the node's latest quorum-signed checkpoint, and check that the nodes' trees are
+    /// prefixes of one another. Exits 0 only if all of it holds.
     Verify(VerifyArgs),
+    /// A node's latest quorum-signed checkpoint (C2SP signed note), verified against the
+    /// checkpoint keys bound to `signpost.checkpoint`.
+    Checkpoint(CheckpointArgs),
     /// The inclusion proof of an instance's current record.
     Prove(ProveArgs),
     /// The consistency proof between two tree sizes.
@@ -82,6 +86,14 @@ pub(crate) struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct CheckpointArgs {
+    #[command(flatten)]
+    node: NodeOpt,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct ProveArgs {
     /// Service name.
     service: String,
@@ -110,6 +122,7 @@ pub(crate) async fn run(command: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Tail(args) => tail(args).await,
         AuditCommand::Export(args) => export(args).await,
         AuditCommand::Verify(args) => verify(args).await,
+        AuditCommand::Checkpoint(args) => checkpoint(args).await,
         AuditCommand::Prove(args) => prove(args).await,
         AuditCommand::Consistency(args) => consistency(args).await,
     }
@@ -258,8 +271,8 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let current = head(&mut audit).await?;
     if args.from < current.first_index {
         bail!(
-            "records before {} are not stored on this node (it installed a snapshot); export \
-             from a node that has them, or from {}",
+            "records before {} were pruned on this node (beyond its retention budget, or \
+             before a snapshot it installed); export from a node that has them, or from {}",
             current.first_index,
             current.first_index
         );
@@ -274,8 +287,94 @@ fn hash32(bytes: &[u8], what: &str) -> anyhow::Result<signpost_audit::Hash> {
         .with_context(|| format!("{what} is {} bytes, not 32", bytes.len()))
 }
 
+/// The checkpoint keys bound now, verified from the pinned genesis like any binding; `None`
+/// when none are bound.
+async fn witnesses(client: &Client) -> anyhow::Result<Option<signpost_audit::Witnesses>> {
+    let service = signpost_audit::CHECKPOINT_SERVICE;
+    let resolved = match client.resolve(service, false).await {
+        Ok(resolved) => resolved,
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => return Ok(None),
+        Err(e) => return Err(e).context("resolving the checkpoint keys"),
+    };
+    let genesis = client.genesis();
+    let admin_keys: Vec<[u8; 32]> = genesis.keys.iter().copied().collect();
+    let origin = signpost_audit::origin_for(&admin_keys, genesis.threshold);
+    let keys: Vec<[u8; 32]> = resolved.binding.keys.iter().copied().collect();
+    Ok(Some(signpost_audit::Witnesses::new(&origin, &keys)?))
+}
+
+/// Checks a node's head against its latest checkpoint: the note verifies against the bound
+/// keys, and the node proves the smaller of the two trees a prefix of the larger.
+async fn check_checkpoint(
+    audit: &mut AuditClient<Channel>,
+    witnesses: Option<&signpost_audit::Witnesses>,
+    head: &AuditHead,
+) -> anyhow::Result<Option<signpost_audit::SignedCheckpoint>> {
+    let Some(witnesses) = witnesses else {
+        if head.checkpoint.is_empty() {
+            return Ok(None);
+        }
+        bail!("the node serves a checkpoint but no checkpoint keys are bound");
+    };
+    if head.checkpoint.is_empty() {
+        bail!("the node holds no quorum-signed checkpoint");
+    }
+    let signed = witnesses.verify(&head.checkpoint)?;
+    let c = &signed.checkpoint;
+    let root = hash32(&head.root_hash, "the head's root")?;
+    let (small, small_root, big, big_root) = if c.size <= head.tree_size {
+        (c.size, c.root, head.tree_size, root)
+    } else {
+        (head.tree_size, root, c.size, c.root)
+    };
+    let proof = audit
+        .consistency(AuditConsistencyRequest {
+            old_size: small,
+            new_size: big,
+        })
+        .await?
+        .into_inner();
+    signpost_audit::verify_consistency(small, &small_root, big, &big_root, &proof.hashes)
+        .context("the head and the checkpoint are not one tree")?;
+    Ok(Some(signed))
+}
+
+fn checkpoint_json(signed: &signpost_audit::SignedCheckpoint) -> Value {
+    let c = &signed.checkpoint;
+    json!({
+        "origin": c.origin,
+        "tree_size": c.size,
+        "root_hash": hex::encode(c.root),
+        "time_ms": c.time_ms,
+        "age_ms": crate::commands::now_ms().saturating_sub(c.time_ms),
+        "signers": signed.signers.iter().map(hex::encode).collect::<Vec<_>>(),
+    })
+}
+
+async fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
+    let (_, client) = connect(&args.opts)?;
+    let witnesses = witnesses(&client)
+        .await?
+        .context("no checkpoint keys are bound to signpost.checkpoint")?;
+    let (id, mut audit) = stub(&client, args.node.node).await?;
+    let current = head(&mut audit).await?;
+    let signed = check_checkpoint(&mut audit, Some(&witnesses), &current)
+        .await
+        .with_context(|| format!("node {id}"))?
+        .context("no checkpoint")?;
+    if args.opts.json {
+        let mut value = checkpoint_json(&signed);
+        value["note"] = Value::String(String::from_utf8_lossy(&signed.note).into_owned());
+        output::print_json(&value);
+    } else {
+        print!("{}", String::from_utf8_lossy(&signed.note));
+    }
+    Ok(())
+}
+
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let (_, client) = connect(&args.opts)?;
+    let witnesses = witnesses(&client).await?;
     let status = client.status().await?;
     let targets: Vec<_> = status
         .members
@@ -291,17 +390,27 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     for m in &targets {
         let answer = async {
             let mut audit = client.audit_on(&m.addr)?;
-            Ok::<_, anyhow::Error>(audit.verify(AuditVerifyRequest {}).await?.into_inner())
+            let r = audit.verify(AuditVerifyRequest {}).await?.into_inner();
+            let head = r.head.clone().unwrap_or_default();
+            let checkpoint = check_checkpoint(&mut audit, witnesses.as_ref(), &head).await;
+            Ok::<_, anyhow::Error>((r, checkpoint))
         }
         .await;
         let value = match answer {
-            Ok(r) => {
+            Ok((r, checkpoint)) => {
                 let head = r.head.unwrap_or_default();
-                all &= r.verified;
+                let (checkpoint, checkpoint_ok) = match checkpoint {
+                    Ok(Some(signed)) => (checkpoint_json(&signed), true),
+                    Ok(None) => (Value::Null, true),
+                    Err(e) => (json!({"problem": format!("{e:#}")}), false),
+                };
+                let verified = r.verified && checkpoint_ok;
+                all &= verified;
                 heads.push((m.id, m.addr.clone(), head.clone()));
                 json!({
                     "id": m.id,
-                    "verified": r.verified,
+                    "verified": verified,
+                    "checkpoint": checkpoint,
                     "tree_size": head.tree_size,
                     "head_index": head.tree_size.checked_sub(1),
                     "head_hash": hex::encode(&head.root_hash),
@@ -309,7 +418,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
                     "first_index": head.first_index,
                     "records_checked": r.records_checked,
                     "first_bad_index": (!r.verified).then_some(r.first_bad_index),
-                    "problem": r.problem,
+                    "problem": if r.verified { checkpoint["problem"].as_str().unwrap_or_default().to_string() } else { r.problem },
                 })
             }
             Err(e) => {
@@ -323,6 +432,20 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let mut agree = Vec::new();
     if let Some((big_id, big_addr, big)) = heads.iter().max_by_key(|h| h.2.tree_size).cloned() {
         for (id, _, small) in heads.iter().filter(|h| h.0 != big_id) {
+            if small.tree_size < big.first_index {
+                // The largest node pruned the records this one ends in, so it cannot prove
+                // this tree a prefix of its own; both were checked against checkpoints.
+                agree.push(json!({
+                    "id": id,
+                    "prefix_of": big_id,
+                    "consistent": Value::Null,
+                    "problem": format!(
+                        "not comparable: node {big_id} keeps records from {} on, this node has {}",
+                        big.first_index, small.tree_size
+                    ),
+                }));
+                continue;
+            }
             let checked = async {
                 let mut audit = client.audit_on(&big_addr)?;
                 let proof = audit
@@ -373,9 +496,16 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
                 "node {}: {} records, head {} ({state})",
                 r["id"], r["tree_size"], r["head_hash"]
             );
+            if let Some(size) = r["checkpoint"]["tree_size"].as_u64() {
+                println!(
+                    "  checkpoint of {size} records, {} ms old, signed by {} nodes: holds",
+                    r["checkpoint"]["age_ms"],
+                    r["checkpoint"]["signers"].as_array().map_or(0, Vec::len)
+                );
+            }
         }
         for a in &agree {
-            if a["consistent"].as_bool() != Some(true) {
+            if a["consistent"].as_bool() == Some(false) {
                 println!(
                     "node {}: its tree is NOT a prefix of node {}'s: {}",
                     a["id"],

@@ -8,6 +8,8 @@
 //! D/admin.key, D/admin.key.pub    the genesis admin signing key
 //! D/admin-cert.{crt,key}          the admin client certificate used by client.toml
 //! D/node<i>/{config.toml,node.crt,node.key,data/,server.log}
+//! D/node<i>/checkpoint.key{,.pub}  the node's audit checkpoint key, bound by `dev` to
+//!                                  `signpost.checkpoint` once the cluster is up
 //! D/client.toml                   what `--config` / SIGNPOST_CONFIG points at
 //! ```
 
@@ -19,8 +21,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use signpost_client::{Client, ClientConfig, ClientTls, TrustConfig};
 use signpost_identity::{Ca, Identity, IssueOptions};
+use signpost_proto::v1::BindingPayload;
 use signpost_server::config::{
-    BootstrapConfig, Config, LimitsConfig, MemberConfig, RaftConfig, TlsConfig, WatchConfig,
+    AuditConfig, BootstrapConfig, Config, LimitsConfig, MemberConfig, RaftConfig, TlsConfig,
+    WatchConfig,
 };
 
 const TRUST_DOMAIN: &str = "signpost.local";
@@ -128,6 +132,13 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
             },
             &nd.join("node"),
         )?;
+        let checkpoint_key = nd.join("checkpoint.key");
+        if !checkpoint_key.exists() {
+            signpost_record::write_key_files(
+                &checkpoint_key,
+                &signpost_record::generate_signing_key(),
+            )?;
+        }
         let config = Config {
             node_id: member.id,
             data_dir: PathBuf::from("data"),
@@ -161,6 +172,10 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
             },
             limits: limits.clone(),
             watch: WatchConfig::default(),
+            audit: AuditConfig {
+                checkpoint_key: Some(PathBuf::from("checkpoint.key")),
+                ..AuditConfig::default()
+            },
             metrics_addr: Some(format!(
                 "127.0.0.1:{}",
                 args.base_port + 200 + member.id as u16
@@ -192,6 +207,50 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
         state_file: None,
     };
     Ok(client)
+}
+
+/// Binds the nodes' checkpoint keys to `signpost.checkpoint` unless exactly they are bound, so
+/// the cluster makes quorum-signed audit checkpoints. Retries until the genesis is applied.
+async fn bind_checkpoint_keys(
+    client: &Client,
+    dir: &Path,
+    nodes: u64,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let service = signpost_audit::CHECKPOINT_SERVICE;
+    let mut keys = std::collections::BTreeSet::new();
+    for id in 1..=nodes {
+        let path = signpost_record::public_key_path(&node_dir(dir, id).join("checkpoint.key"));
+        keys.insert(signpost_record::read_verifying_key(&path)?.to_bytes());
+    }
+    let admin_key = signpost_record::read_signing_key(&dir.join("admin.key"))?;
+    loop {
+        let bound = match client.resolve(service, false).await {
+            Ok(resolved) => Some(resolved.binding.keys),
+            Err(_) => None,
+        };
+        if bound.as_ref() == Some(&keys) {
+            return Ok(());
+        }
+        let payload = BindingPayload {
+            service: service.into(),
+            public_keys: keys.iter().map(|k| k.to_vec()).collect(),
+            version: crate::commands::now_ms(),
+            issued_at_ms: crate::commands::now_ms(),
+            not_before_ms: 0,
+            not_after_ms: 0,
+        };
+        match client
+            .bind(signpost_record::sign_binding(&admin_key, &payload))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() > READY_TIMEOUT => {
+                bail!("could not bind the checkpoint keys: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Restarts of one node after which `signpost dev` gives up on it (a node that keeps dying
@@ -304,6 +363,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    bind_checkpoint_keys(&client, &dir, args.nodes, started).await?;
     let cfg = client_toml.display();
     println!(
         "signpost dev cluster is up: {} nodes, leader is node {leader} ({:.1}s)",

@@ -157,6 +157,52 @@ impl AuditLog {
         Ok(subtree_hash(&StoredNodes(&self.store), 0, size)?)
     }
 
+    /// The root of the tree of `size` records, from stored subtree hashes.
+    pub fn root_of(&self, size: u64) -> Result<Hash, ConsensusError> {
+        let head = self.head()?;
+        if size > head.size {
+            return Err(AuditError::OutOfRange(format!(
+                "a tree of {size} records; this node has {}",
+                head.size
+            ))
+            .into());
+        }
+        self.root_at(size, &head)
+    }
+
+    /// Forgets the records before `base` (at least the current first, at most the head): the
+    /// frontier of the tree of `base` records, read from its stored peaks, becomes the base.
+    /// Returns false if the base has moved past `base` meanwhile (a snapshot install).
+    pub async fn prune_to(&self, base: u64) -> Result<bool, ConsensusError> {
+        let lock = self.state.audit_base_lock();
+        let _held = lock.lock().await;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let head = this.head()?;
+            if base <= head.first_index || base > head.size {
+                return Ok(false);
+            }
+            // The peaks of `base`, left to right, as Frontier::encode lays them out.
+            let mut frontier = base.to_be_bytes().to_vec();
+            let mut start = 0u64;
+            for level in (0..64u8).rev() {
+                if (base >> level) & 1 == 1 {
+                    let index = start >> level;
+                    let hash = StoredNodes(&this.store).node(level, index)?;
+                    frontier.extend_from_slice(&hash);
+                    start += 1 << level;
+                }
+            }
+            // Refuse to store a base that does not decode: it would make this node's log
+            // unreadable.
+            Frontier::decode(&frontier)?;
+            this.store.audit_prune(base, &frontier)?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| ConsensusError::Unavailable(format!("audit prune task: {e}")))?
+    }
+
     /// Record `index`, the root of the tree of `size` records (0: the head) and the proof that
     /// the record is in it.
     pub fn inclusion(&self, index: u64, size: u64) -> Result<Inclusion, ConsensusError> {

@@ -12,6 +12,7 @@ use signpost_storage::Store;
 use tokio::sync::{broadcast, watch};
 
 use crate::audit_log::AuditLog;
+use crate::checkpoints::Checkpoints;
 use crate::election::{ElectionDriver, ElectionTiming, Liveness};
 use crate::error::ConsensusError;
 use crate::forward::{forwardable, ForwardAnswer, ForwardDesk, ForwardRequest, FORWARD_TIMEOUT};
@@ -67,6 +68,10 @@ pub struct ConsensusConfig {
     /// state or a received snapshot with another genesis belongs to another cluster and is
     /// refused, even on a node that has no state yet.
     pub expected_genesis: Option<signpost_record::AdminSet>,
+    /// This node's audit checkpoint key; None: it neither makes nor cosigns checkpoints.
+    pub checkpoint_key: Option<ed25519_dalek::SigningKey>,
+    /// Bytes of audit records this node keeps (see [`crate::audit_retention`]).
+    pub audit_retain_bytes: u64,
 }
 
 impl ConsensusConfig {
@@ -94,6 +99,8 @@ impl ConsensusConfig {
             batch_proposals: true,
             forward_to_leader: false,
             expected_genesis: None,
+            checkpoint_key: None,
+            audit_retain_bytes: crate::DEFAULT_AUDIT_RETAIN_BYTES,
         }
     }
 }
@@ -168,6 +175,7 @@ pub struct Consensus {
     // Concurrent proposals share log entries (group commit).
     proposals: ProposalBatcher,
     audit: AuditLog,
+    checkpoints: Checkpoints,
     config: Arc<ConsensusConfig>,
 }
 
@@ -190,7 +198,14 @@ impl Consensus {
         let mut log_store = LogStore::new(store.clone());
         log_store.check_watermark().await?;
         let state_machine = StateMachine::open(store.clone())?;
-        let audit = AuditLog::new(store, state_machine.clone());
+        let audit = AuditLog::new(store.clone(), state_machine.clone());
+        let checkpoints = Checkpoints::open(
+            config.node_id,
+            config.checkpoint_key.clone(),
+            store,
+            state_machine.clone(),
+            audit.clone(),
+        )?;
         if let (Some(expected), Some(stored)) = (
             &config.expected_genesis,
             state_machine.read().registry.genesis(),
@@ -257,6 +272,17 @@ impl Consensus {
             node_id: config.node_id,
         }
         .spawn();
+        checkpoints
+            .clone()
+            .spawn(raft.clone(), network.clone(), liveness.clone());
+        crate::audit_retention::Retention {
+            log: audit.clone(),
+            checkpoints: checkpoints.clone(),
+            retain_bytes: config
+                .audit_retain_bytes
+                .max(crate::audit_retention::RETAIN_BYTES_MIN),
+        }
+        .spawn();
         let reads = ReadBatcher::spawn(raft.clone(), {
             let state_machine = state_machine.clone();
             move || state_machine.read().revision()
@@ -271,6 +297,7 @@ impl Consensus {
         );
         Ok(Consensus {
             audit,
+            checkpoints,
             raft,
             state_machine,
             log_store,
@@ -379,6 +406,7 @@ impl Consensus {
                 let liveness = self.liveness.clone();
                 Arc::new(move || leader_lease(&raft, &liveness))
             }),
+            self.checkpoints.clone(),
         )
         .into_server()
     }
@@ -635,6 +663,11 @@ impl Consensus {
     /// This node's copy of the audit log.
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// The audit log's quorum-signed checkpoints as this node holds them.
+    pub fn checkpoints(&self) -> &Checkpoints {
+        &self.checkpoints
     }
 
     /// Applied batches and snapshot installs, in order.

@@ -25,7 +25,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod audit_log;
+pub mod audit_retention;
 pub mod backup;
+pub mod checkpoints;
 pub mod codec;
 mod consensus;
 mod election;
@@ -52,6 +54,12 @@ pub const READ_BATCH_SIZE: &str = "signpost_raft_read_batch_size";
 /// Counter of forwarded requests: `side` follower (sent) or leader (taken), `op` (followers:
 /// write or read), `result`.
 pub const FORWARDED_TOTAL: &str = "signpost_raft_forwarded_total";
+/// Counter of the leader's checkpoint rounds, by `result` (signed: a quorum signed it).
+pub const CHECKPOINTS_TOTAL: &str = "signpost_audit_checkpoints_total";
+/// Counter of audit records this node pruned beyond its retention budget.
+pub const AUDIT_PRUNED_RECORDS_TOTAL: &str = "signpost_audit_pruned_records_total";
+/// Default budget of stored audit records per node, in bytes.
+pub const DEFAULT_AUDIT_RETAIN_BYTES: u64 = 1024 * 1024 * 1024;
 
 pub use consensus::{
     Consensus, ConsensusConfig, MemberStatus, NodeStatus, DEFAULT_ELECTION_TIMEOUT_MAX_MS,

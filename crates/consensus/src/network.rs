@@ -183,6 +183,7 @@ enum ControlRpc {
     PreVote,
     TimeoutNow,
     Forward,
+    Cosign,
 }
 
 impl Network {
@@ -219,6 +220,17 @@ impl Network {
             .await
     }
 
+    /// Asks voter `target` to cosign an audit checkpoint.
+    pub(crate) async fn cosign(
+        &self,
+        target: u64,
+        node: &NodeAddr,
+        request: &crate::checkpoints::CosignRequest,
+    ) -> Result<crate::checkpoints::CosignResponse, String> {
+        self.control(ControlRpc::Cosign, target, node, request)
+            .await
+    }
+
     async fn control<Req, Resp>(
         &self,
         rpc: ControlRpc,
@@ -242,6 +254,7 @@ impl Network {
             ControlRpc::PreVote => client.pre_vote(message).await,
             ControlRpc::TimeoutNow => client.timeout_now(message).await,
             ControlRpc::Forward => client.forward(message).await,
+            ControlRpc::Cosign => client.cosign(message).await,
         }
         .map_err(|s| s.to_string())?;
         codec::decode(&response.into_inner().data, RAFT_MESSAGE_BYTES_MAX)

@@ -37,6 +37,8 @@ pub struct RaftService {
     expected_genesis: Option<signpost_record::AdminSet>,
     // Takes requests followers forward while this node leads.
     desk: crate::forward::ForwardDesk,
+    // Answers the leader's cosign requests.
+    checkpoints: crate::checkpoints::Checkpoints,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -61,6 +63,7 @@ impl RaftService {
         state_machine: crate::state_machine::StateMachine,
         expected_genesis: Option<signpost_record::AdminSet>,
         desk: crate::forward::ForwardDesk,
+        checkpoints: crate::checkpoints::Checkpoints,
     ) -> RaftService {
         RaftService {
             raft,
@@ -71,6 +74,7 @@ impl RaftService {
             state_machine,
             expected_genesis,
             desk,
+            checkpoints,
         }
     }
 
@@ -317,6 +321,13 @@ impl raft_server::Raft for RaftService {
         self.authorize(&request)?;
         let rpc: crate::forward::ForwardRequest = decode(&request.into_inner().data, "Forward")?;
         encode(&self.desk.take(rpc).await)
+    }
+
+    async fn cosign(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let from = self.authorize(&request)?;
+        let rpc: crate::checkpoints::CosignRequest = decode(&request.into_inner().data, "Cosign")?;
+        let leader = self.raft.metrics().borrow().current_leader;
+        encode(&self.checkpoints.cosign(from, leader, rpc).await)
     }
 
     async fn pre_vote(

@@ -123,6 +123,9 @@ pub struct StateMachine {
     applied_tx: broadcast::Sender<Arc<Applied>>,
     // Signatures this node's admission already verified; apply reuses them (once each).
     verified: Arc<VerifiedSignatures>,
+    // Held by whatever replaces the stored audit base (snapshot install, retention), so the
+    // two never interleave their batches.
+    audit_base: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn sm_error<E: std::error::Error + 'static>(verb: ErrorVerb, e: &E) -> StorageError<u64> {
@@ -158,6 +161,7 @@ impl StateMachine {
             })),
             applied_tx,
             verified: Arc::new(VerifiedSignatures::new(VERIFIED_SIGNATURES_DEFAULT)),
+            audit_base: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -174,6 +178,11 @@ impl StateMachine {
         self.shared
             .read()
             .unwrap_or_else(|_| panic!("state machine lock poisoned by a panic during apply"))
+    }
+
+    /// The lock over the stored audit base (see [`crate::audit_log::AuditLog::prune_to`]).
+    pub(crate) fn audit_base_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.audit_base.clone()
     }
 
     /// Subscribe to applied batches (watch, leases).
@@ -378,6 +387,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let body = snapshot.into_inner();
+        let audit_base = self.audit_base.clone();
+        let _audit_base = audit_base.lock().await;
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let decoded = decode_snapshot(&body)
             .map_err(|e| io_error(subject.clone(), ErrorVerb::Read, &std::io::Error::other(e)))?;

@@ -38,15 +38,6 @@ pub struct AuditService {
     verifies: Arc<Semaphore>,
 }
 
-fn head(head: &AuditHead) -> ProtoHead {
-    ProtoHead {
-        tree_size: head.size,
-        root_hash: head.root.to_vec(),
-        revision: head.revision,
-        first_index: head.first_index,
-    }
-}
-
 impl AuditService {
     /// An audit service over `consensus` whose requests pass `admission`.
     pub fn new(consensus: Consensus, trust_domain: String, admission: Admission) -> Self {
@@ -55,6 +46,22 @@ impl AuditService {
             trust_domain,
             admission,
             verifies: Arc::new(Semaphore::new(VERIFIES_CONCURRENT_MAX)),
+        }
+    }
+
+    /// The head as served, with the latest quorum-signed checkpoint.
+    fn head(&self, head: &AuditHead) -> ProtoHead {
+        ProtoHead {
+            tree_size: head.size,
+            root_hash: head.root.to_vec(),
+            revision: head.revision,
+            first_index: head.first_index,
+            checkpoint: self
+                .consensus
+                .checkpoints()
+                .latest()
+                .map(|c| c.note)
+                .unwrap_or_default(),
         }
     }
 
@@ -87,7 +94,7 @@ impl Audit for AuditService {
     ) -> Result<Response<ProtoHead>, Status> {
         self.admit(&request)?;
         let current = self.blocking(|log| log.head()).await?;
-        Ok(Response::new(head(&current)))
+        Ok(Response::new(self.head(&current)))
     }
 
     async fn records(
@@ -126,7 +133,7 @@ impl Audit for AuditService {
             .collect();
         Ok(Response::new(AuditRecordsResponse {
             leaves,
-            head: Some(head(&current)),
+            head: Some(self.head(&current)),
         }))
     }
 
@@ -145,7 +152,7 @@ impl Audit for AuditService {
         let result = self.blocking(|log| log.verify()).await?;
         Ok(Response::new(AuditVerifyResponse {
             verified: result.verified,
-            head: Some(head(&result.head)),
+            head: Some(self.head(&result.head)),
             records_checked: result.checked,
             first_bad_index: result.first_bad,
             problem: result.problem,

@@ -41,6 +41,9 @@ pub struct Config {
     /// Change feed limits.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// The audit log's checkpoints.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Plain-HTTP listener for operators: `/metrics` (Prometheus text format), `/healthz`
     /// (the process is alive) and `/readyz` (ready for client traffic). None: no listener. It
     /// serves no registry data, only counters and health; bind it where only monitoring
@@ -77,6 +80,30 @@ impl Default for WatchConfig {
             watcher_buffer_bytes: 1024 * 1024,
             watch_buffers_bytes_max: 256 * 1024 * 1024,
             watchers_max: 20_000,
+        }
+    }
+}
+
+/// The audit log's checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// This node's checkpoint signing key (an ed25519 key file from `signpost keygen`). Its
+    /// public key must be bound, with the other nodes', to the service `signpost.checkpoint`
+    /// (`signpost bind signpost.checkpoint --key ...`); a majority of the bound keys must sign
+    /// a checkpoint. None: this node neither makes nor cosigns checkpoints.
+    pub checkpoint_key: Option<PathBuf>,
+    /// Bytes of audit records (with their keys and subtree hashes) this node keeps; older ones
+    /// are pruned, never past its latest quorum-signed checkpoint. The tree is not cut: the
+    /// records before the first kept one are summarized by their subtree hashes.
+    pub retain_bytes: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_key: None,
+            retain_bytes: signpost_consensus::DEFAULT_AUDIT_RETAIN_BYTES,
         }
     }
 }
@@ -319,6 +346,9 @@ impl Config {
         if let Some(crl) = &mut self.tls.crl {
             fix(crl);
         }
+        if let Some(key) = &mut self.audit.checkpoint_key {
+            fix(key);
+        }
     }
 
     /// The configured members as consensus addresses (the initial cluster, or the running
@@ -386,6 +416,13 @@ impl Config {
         }
         if self.bootstrap.admin_keys.is_empty() {
             return bad("bootstrap.admin_keys must not be empty".into());
+        }
+        let retain_min = signpost_consensus::audit_retention::RETAIN_BYTES_MIN;
+        if self.audit.retain_bytes < retain_min {
+            return bad(format!(
+                "audit.retain_bytes is {}, below the minimum of {retain_min}",
+                self.audit.retain_bytes
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for key in &self.bootstrap.admin_keys {
@@ -522,5 +559,19 @@ mod tests {
         identity[0] = 1;
         let weak = config_with_admin_keys(&[hex::encode(identity)]).validate();
         assert!(matches!(weak, Err(ServerError::Config(m)) if m.contains("small-order")));
+    }
+
+    #[test]
+    fn the_audit_retention_budget_has_a_floor() {
+        let min = signpost_consensus::audit_retention::RETAIN_BYTES_MIN;
+        let mut config = config_with_admin_keys(&[key_hex()]);
+        config.audit.retain_bytes = min;
+        assert!(config.validate().is_ok());
+        config.audit.retain_bytes = min - 1;
+        let low = config.validate();
+        assert!(
+            matches!(&low, Err(ServerError::Config(m)) if m.contains("audit.retain_bytes")),
+            "{low:?}"
+        );
     }
 }

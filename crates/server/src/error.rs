@@ -140,7 +140,7 @@ pub fn consensus_status(e: ConsensusError) -> Status {
 
 /// An audit log error for a client: a question about records or sizes the tree does not have
 /// is OUT_OF_RANGE, records this node no longer stores FAILED_PRECONDITION (`pruned`: ask a
-/// node that has them), damage INTERNAL.
+/// node that has them), a checkpoint that does not hold FAILED_PRECONDITION, damage INTERNAL.
 fn audit_status(e: signpost_audit::AuditError) -> Status {
     use signpost_audit::AuditError;
     match e {
@@ -155,5 +155,12 @@ fn audit_status(e: signpost_audit::AuditError) -> Status {
             status
         }
         e @ (AuditError::Corrupt { .. } | AuditError::Source(_)) => Status::internal(e.to_string()),
+        // A checkpoint that does not hold against this node's keys or tree: the cluster is not
+        // in a state to answer with one (keys rebound, no quorum yet).
+        e @ (AuditError::Checkpoint(_)
+        | AuditError::Signatures(_)
+        | AuditError::Quorum { .. }
+        | AuditError::Rollback { .. }
+        | AuditError::Fork(_)) => Status::failed_precondition(e.to_string()),
     }
 }

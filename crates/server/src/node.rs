@@ -72,6 +72,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     consensus_config.forward_to_leader = config.raft.forward_to_leader;
     consensus_config.log_entries_kept = config.raft.log_entries_kept;
     consensus_config.expected_genesis = Some(config.genesis_admin_set()?);
+    consensus_config.audit_retain_bytes = config.audit.retain_bytes;
+    if let Some(path) = &config.audit.checkpoint_key {
+        let key = signpost_record::read_signing_key(path).map_err(|e| {
+            ServerError::Config(format!("audit.checkpoint_key {}: {e}", path.display()))
+        })?;
+        consensus_config.checkpoint_key = Some(key);
+    }
     let consensus = Consensus::open(consensus_config).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -37,53 +37,43 @@ struct Named {
     envelope: Vec<u8>,
 }
 
-fn payload_of(envelope: &[u8]) -> Option<Vec<u8>> {
+/// The payload a signed envelope carries, decoded as `P`; empty where the bytes do not decode
+/// (a refused command's record names what it can).
+fn payload_of<P: Message + Default>(envelope: &[u8]) -> P {
     signpost_record::decode_envelope(envelope)
         .ok()
-        .map(|e| e.payload)
+        .and_then(|e| P::decode(&e.payload[..]).ok())
+        .unwrap_or_default()
+}
+
+impl Named {
+    fn signed(service: String, instance: String, sequence: u64, envelope: &[u8]) -> Named {
+        Named {
+            service,
+            instance,
+            sequence,
+            envelope: envelope.to_vec(),
+        }
+    }
 }
 
 fn named(command: &Command) -> Option<(Op, Named)> {
     let named = match command {
         Command::Genesis { .. } => (Op::Genesis, Named::default()),
         Command::Register { envelope } => {
-            let p = payload_of(envelope).and_then(|p| RecordPayload::decode(&p[..]).ok());
-            let p = p.unwrap_or_default();
-            (
-                Op::Register,
-                Named {
-                    service: p.service,
-                    instance: p.instance,
-                    sequence: p.sequence,
-                    envelope: envelope.clone(),
-                },
-            )
+            let p: RecordPayload = payload_of(envelope);
+            let named = Named::signed(p.service, p.instance, p.sequence, envelope);
+            (Op::Register, named)
         }
         Command::Deregister { envelope } => {
-            let p = payload_of(envelope).and_then(|p| DeregisterPayload::decode(&p[..]).ok());
-            let p = p.unwrap_or_default();
-            (
-                Op::Deregister,
-                Named {
-                    service: p.service,
-                    instance: p.instance,
-                    sequence: p.sequence,
-                    envelope: envelope.clone(),
-                },
-            )
+            let p: DeregisterPayload = payload_of(envelope);
+            let named = Named::signed(p.service, p.instance, p.sequence, envelope);
+            (Op::Deregister, named)
         }
         Command::Bind { envelope } => {
-            let p = payload_of(envelope).and_then(|p| BindingPayload::decode(&p[..]).ok());
-            let p = p.unwrap_or_default();
-            (
-                Op::Bind,
-                Named {
-                    service: p.service,
-                    sequence: p.version,
-                    envelope: envelope.clone(),
-                    ..Named::default()
-                },
-            )
+            let p: BindingPayload = payload_of(envelope);
+            let named = Named::signed(p.service, String::new(), p.version, envelope);
+            (Op::Bind, named)
         }
         Command::RotateAdmins { envelope, .. } => {
             let version = signpost_record::decode_multi_envelope(envelope)

@@ -539,6 +539,33 @@ impl Store {
         self.get(CF_AUDIT, AUDIT_BASE)
     }
 
+    /// Forgets the stored audit records before `base` and every stored subtree hash that lies
+    /// inside them, except the peaks of the tree of `base` records (its perfect subtrees, one
+    /// per set bit): those, and `base_frontier` stored as the new base, are what proofs about
+    /// any tree of at least `base` records need of the records before it. Apply only writes
+    /// records at the head and subtrees that end after it, so it never touches what this
+    /// deletes.
+    pub fn audit_prune(&self, base: u64, base_frontier: &[u8]) -> Result<()> {
+        let cf = self.cf(CF_AUDIT)?;
+        let mut batch = WriteBatch::default();
+        Self::check_len(base_frontier)?;
+        batch.put_cf(cf, AUDIT_BASE, base_frontier);
+        batch.delete_range_cf(cf, audit_leaf_key(0), audit_leaf_key(base));
+        for level in 0..64u8 {
+            // Subtrees (level, i) with i < base >> level lie inside the first `base` records;
+            // when bit `level` of base is set, the last of them is a peak and stays.
+            let inside = base >> level;
+            if inside == 0 {
+                break;
+            }
+            let end = inside - (inside & 1);
+            if end > 0 {
+                batch.delete_range_cf(cf, audit_node_key(level, 0), audit_node_key(level, end));
+            }
+        }
+        self.write_synced(batch)
+    }
+
     /// Rewrites stored record `index` as given, bypassing the tree: exactly what someone
     /// holding the disk could do. For the tests and drills of `signpost audit verify`, which
     /// must catch it.
@@ -825,6 +852,75 @@ mod tests {
         assert_eq!(store.audit_node(0, 3).unwrap(), None);
         assert_eq!(store.audit_node(3, 0).unwrap(), Some([8; AUDIT_HASH_BYTES]));
         assert_eq!(store.audit_base().unwrap().as_deref(), Some(&b"base"[..]));
+    }
+
+    #[test]
+    fn pruning_forgets_the_records_before_the_base_and_keeps_only_its_peaks_among_their_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+
+        eprintln!("phase 1: 13 records and every perfect subtree over them");
+        let mut puts: Vec<AuditPut> = (0..13u64)
+            .map(|i| AuditPut::Leaf {
+                index: i,
+                leaf: vec![i as u8; 4],
+            })
+            .collect();
+        for level in 0..4u8 {
+            for index in 0..(13u64 >> level) {
+                puts.push(AuditPut::Node {
+                    level,
+                    index,
+                    hash: [level * 16 + index as u8; AUDIT_HASH_BYTES],
+                });
+            }
+        }
+        store
+            .state_apply(&[], &[("applied", b"13")], &puts)
+            .unwrap();
+        let stored = |store: &Store| -> Vec<(u8, u64)> {
+            let mut out = Vec::new();
+            for level in 0..4u8 {
+                for index in 0..16u64 {
+                    if store.audit_node(level, index).unwrap().is_some() {
+                        out.push((level, index));
+                    }
+                }
+            }
+            out
+        };
+
+        eprintln!("phase 2: pruned to 6 = 4 + 2 records");
+        store.audit_prune(6, b"frontier of 6").unwrap();
+        assert_eq!(store.audit_first_index().unwrap(), Some(6));
+        assert_eq!(
+            store.audit_base().unwrap().as_deref(),
+            Some(&b"frontier of 6"[..])
+        );
+        assert_eq!(store.audit_leaves(0, 100, usize::MAX).unwrap(), vec![]);
+        assert_eq!(store.audit_leaves(6, 100, usize::MAX).unwrap().len(), 7);
+        let mut expected = vec![(0, 6), (0, 7), (0, 8), (0, 9), (0, 10), (0, 11), (0, 12)];
+        // The peaks of 6: records 0..4 (level 2, index 0) and 4..6 (level 1, index 2).
+        expected.extend([
+            (1, 2),
+            (1, 3),
+            (1, 4),
+            (1, 5),
+            (2, 0),
+            (2, 1),
+            (2, 2),
+            (3, 0),
+        ]);
+        expected.sort();
+        assert_eq!(stored(&store), expected);
+
+        eprintln!("phase 3: pruning again to 8 keeps the one peak of 8 and nothing inside it");
+        store.audit_prune(8, b"frontier of 8").unwrap();
+        assert_eq!(store.audit_first_index().unwrap(), Some(8));
+        let mut expected = vec![(0, 8), (0, 9), (0, 10), (0, 11), (0, 12)];
+        expected.extend([(1, 4), (1, 5), (2, 2), (3, 0)]);
+        expected.sort();
+        assert_eq!(stored(&store), expected);
     }
 
     #[test]
