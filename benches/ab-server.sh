@@ -4,6 +4,7 @@
 # with SERVER_BIN (an older build works: keys it does not know are dropped from the configs),
 # runs BENCH_BIN bench --rate 0 --clients 32 against them, prints one line, stops them.
 # Delete /tmp/ab-dev between servers of different versions (newer logs may not be readable).
+# AB_NO_CHECKPOINTS=1 removes the nodes' audit checkpoint keys (A/B of the checkpoint rounds).
 set -euo pipefail
 SERVER=$1; BENCH=$2; LABEL=$3; shift 3
 D=/tmp/ab-dev
@@ -12,6 +13,8 @@ if [ ! -f $D/client.toml ]; then
   ( $BENCH dev --dir $D --base-port 7700 --limits "$(cd "$(dirname "$0")" && pwd)/limits-throughput.toml" > /tmp/ab-dev.log 2>&1 & echo $! > /tmp/ab-dev.pid )
   for i in $(seq 1 100); do grep -q "cluster is up" /tmp/ab-dev.log && break; sleep 0.3; done
   kill -TERM $(cat /tmp/ab-dev.pid); sleep 3; sed -i "/batch_proposals/d" $D/node*/config.toml
+  # AB_NO_CHECKPOINTS=1: the nodes run without checkpoint keys (no checkpoint rounds).
+  if [ -n "${AB_NO_CHECKPOINTS:-}" ]; then sed -i "/checkpoint_key/d" $D/node*/config.toml; fi
 fi
 pids=()
 for n in 1 2 3; do

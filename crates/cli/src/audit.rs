@@ -494,7 +494,9 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             };
             println!(
                 "node {}: {} records, head {} ({state})",
-                r["id"], r["tree_size"], r["head_hash"]
+                r["id"],
+                r["tree_size"],
+                r["head_hash"].as_str().unwrap_or_default()
             );
             if let Some(size) = r["checkpoint"]["tree_size"].as_u64() {
                 println!(
