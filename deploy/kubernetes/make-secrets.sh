@@ -6,8 +6,11 @@
 #   DIR/admin.key(.pub)          the genesis admin signing key (the .pub goes into the Secret)
 #   DIR/admin-cert.{crt,key}     an admin client certificate (24 h)
 #   DIR/client.toml              a client config for use inside the cluster (signpost:7001)
+#   DIR/checkpoint-node{1,2,3}.key(.pub)  the nodes' audit checkpoint keys; bind the .pub files
+#                                once the cluster is up: signpost bind signpost.checkpoint
+#                                --pubkey DIR/checkpoint-node1.key.pub --pubkey ... (x3)
 #   DIR/secret.yaml              Secret signpost-tls: ca.crt, crl.pem, node{1,2,3}.{crt,key},
-#                                admin.key.pub
+#                                checkpoint-node{1,2,3}.key, admin.key.pub
 # Existing CA and admin key in DIR are reused (run it again to renew node certificates, which
 # last 30 days, then re-apply secret.yaml and restart the pods one at a time).
 #
@@ -45,6 +48,7 @@ for i in $(seq 1 "$replicas"); do
     --dns "$pod.signpost-peer.$ns.svc.cluster.local" \
     --dns signpost --dns "signpost.$ns.svc" --dns "signpost.$ns.svc.cluster.local" \
     --dns localhost --ip 127.0.0.1
+  [ -e "$out/checkpoint-node$i.key" ] || "$signpost" keygen --out "$out/checkpoint-node$i.key"
 done
 
 admin_pub=$(tr -d '[:space:]' <"$out/admin.key.pub")
@@ -81,6 +85,7 @@ b64() { base64 -w0 <"$1"; }
   for i in $(seq 1 "$replicas"); do
     echo "  node$i.crt: $(b64 "$out/node$i.crt")"
     echo "  node$i.key: $(b64 "$out/node$i.key")"
+    echo "  checkpoint-node$i.key: $(b64 "$out/checkpoint-node$i.key")"
   done
 } >"$out/secret.yaml"
 echo "make-secrets: wrote $out/secret.yaml (namespace $ns, trust domain $td)"
