@@ -412,6 +412,37 @@ async fn the_metrics_listener_serves_prometheus_text_healthz_and_readyz() {
     let (_, follower_page) = http_get(&cluster.metrics_addr(follower), "/metrics");
     assert_eq!(sample(&follower_page, "signpost_raft_is_leader"), Some(0.0));
 
+    eprintln!("phase 1b: audit gauges: the records are counted; no checkpoint until keys are bound, then a fresh one");
+    assert!(
+        sample(&page, "signpost_audit_records").is_some_and(|n| n >= 4.0),
+        "genesis, two binds and a registration:\n{page}"
+    );
+    assert_eq!(
+        sample(&page, "signpost_audit_checkpoint_timestamp_seconds"),
+        Some(0.0),
+        "{page}"
+    );
+    cluster.bind_checkpoint_keys(&[1, 2, 3]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, page) = http_get(&cluster.metrics_addr(follower), "/metrics");
+        let at = sample(&page, "signpost_audit_checkpoint_timestamp_seconds").unwrap_or(0.0);
+        if at > 0.0 {
+            let now = signpost_tests::now_ms() as f64 / 1000.0;
+            assert!((now - at).abs() < 60.0, "a fresh checkpoint: {at} vs {now}");
+            assert!(
+                sample(&page, "signpost_audit_checkpoint_size").is_some_and(|n| n >= 4.0),
+                "{page}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {follower} never reported a checkpoint:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     eprintln!("phase 2: the node logs JSON lines; the refusal's line says who, what and why");
     let log =
         std::fs::read_to_string(cluster.root().join(format!("node{leader}/server.log"))).unwrap();

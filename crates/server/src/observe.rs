@@ -221,16 +221,33 @@ const GAUGES: &[(&str, &str)] = &[
         CERT_EXPIRY,
         "Not-after time of this node's certificate, in seconds since the Unix epoch.",
     ),
+    (
+        "signpost_audit_records",
+        "Records in the audit tree as of the last applied entry.",
+    ),
+    (
+        "signpost_audit_checkpoint_size",
+        "Records covered by the latest quorum-signed audit checkpoint this node holds (0: none).",
+    ),
+    (
+        "signpost_audit_checkpoint_timestamp_seconds",
+        "Time of the latest quorum-signed audit checkpoint this node holds, in seconds since the Unix epoch (0: none).",
+    ),
 ];
 
 impl Node {
     fn refresh_gauges(&self) {
         let status = self.consensus.status();
+        let (checkpoint_size, checkpoint_ms) = self
+            .consensus
+            .checkpoints()
+            .latest()
+            .map_or((0, 0), |c| (c.checkpoint.size, c.checkpoint.time_ms));
         let state = self.consensus.state();
         let registry = &state.registry;
         let (history, buffered) = self.watch_hub.bytes();
         let leading = status.leader_id == Some(status.node_id) && status.quorum_lease;
-        let values: [(&str, f64); 19] = [
+        let values: [(&str, f64); 22] = [
             ("signpost_raft_term", status.term as f64),
             ("signpost_raft_is_leader", f64::from(u8::from(leading))),
             ("signpost_raft_commit_index", status.commit_index as f64),
@@ -276,6 +293,12 @@ impl Node {
             ("signpost_raft_snapshot_index", status.snapshot_index as f64),
             ("signpost_watchers", self.watch_hub.watchers() as f64),
             ("signpost_leases", self.leases.leases() as f64),
+            ("signpost_audit_records", state.audit.size() as f64),
+            ("signpost_audit_checkpoint_size", checkpoint_size as f64),
+            (
+                "signpost_audit_checkpoint_timestamp_seconds",
+                checkpoint_ms as f64 / 1000.0,
+            ),
         ];
         for (name, value) in values {
             metrics::gauge!(name).set(value);
