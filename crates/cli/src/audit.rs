@@ -406,6 +406,15 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
                 };
                 let verified = r.verified && checkpoint_ok;
                 all &= verified;
+                // The first thing that failed: the records, else the checkpoint.
+                let problem = if r.verified {
+                    checkpoint["problem"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                } else {
+                    r.problem
+                };
                 heads.push((m.id, m.addr.clone(), head.clone()));
                 json!({
                     "id": m.id,
@@ -418,7 +427,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
                     "first_index": head.first_index,
                     "records_checked": r.records_checked,
                     "first_bad_index": (!r.verified).then_some(r.first_bad_index),
-                    "problem": if r.verified { checkpoint["problem"].as_str().unwrap_or_default().to_string() } else { r.problem },
+                    "problem": problem,
                 })
             }
             Err(e) => {
