@@ -24,4 +24,4 @@ done
 trap 'kill -TERM ${pids[@]} 2>/dev/null; sleep 1; kill -KILL ${pids[@]} 2>/dev/null || true' EXIT
 for i in $(seq 1 100); do $BENCH status --config $D/client.toml >/dev/null 2>&1 && break; sleep 0.3; done
 sleep 1
-$BENCH bench --config $D/client.toml --rate 0 --clients 32 --json "$@" 2>/dev/null | python3 -c "import json,sys; r=json.load(sys.stdin); print('$LABEL', r['workload'], r['throughput_ops_s'], 'p50', r['p50_ms'], 'p99', r['p99_ms'], 'errors', r['errors'], r.get('errors_by_code'), r.get('first_error'))"
+$BENCH bench --config $D/client.toml --rate 0 --clients 32 --json "$@" 2>/dev/null | python3 -c "import json,sys; r=json.load(sys.stdin); print('$LABEL', r['workload'], 'records', r.get('records_per_resolve'), r['throughput_ops_s'], 'p50', r['p50_ms'], 'p99', r['p99_ms'], 'errors', r['errors'], r.get('errors_by_code'), r.get('first_error'))"

@@ -310,6 +310,31 @@ fn audit(c: &mut Criterion) {
     group.bench_function(format!("consistency_proof_at_{records}"), |b| {
         b.iter(|| signpost_audit::consistency_proof(&nodes, index, records))
     });
+    // What a verifying client checks per answer besides the note: its tree extends the
+    // checkpoint and the trees it holds (one of these each).
+    let old_root = {
+        let mut prefix = Frontier::new();
+        for i in 0..index {
+            prefix.append(signpost_audit::leaf_hash(&leaf(i)));
+        }
+        prefix.root()
+    };
+    let consistency: Vec<Vec<u8>> = signpost_audit::consistency_proof(&nodes, index, records)
+        .expect("proof")
+        .iter()
+        .map(|h| h.to_vec())
+        .collect();
+    eprintln!(
+        "audit: consistency proof {index} -> {records}: {} hashes, {} bytes",
+        consistency.len(),
+        consistency.len() * 32
+    );
+    group.bench_function(format!("verify_consistency_at_{records}"), |b| {
+        b.iter(|| {
+            signpost_audit::verify_consistency(index, &old_root, records, &root, &consistency)
+                .expect("verifies")
+        })
+    });
 
     // A checkpoint of this tree cosigned by three nodes: what a client checks per checkpoint.
     let origin = "signpost.audit/0011223344556677";

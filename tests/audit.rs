@@ -562,6 +562,35 @@ async fn each_node_keeps_its_audit_records_within_the_byte_budget_and_still_prov
     ))
     .unwrap();
     assert!(rfc9162_accepts("inclusion", &proof), "{proof}");
+
+    eprintln!("phase 3b: live registrations older than every node's base are still proven");
+    let leader_first = firsts[leader as usize - 1];
+    let proof: Value = serde_json::from_str(&cli_ok(
+        &["audit", "prove", "payments", "i0", "--json"],
+        &env,
+    ))
+    .unwrap();
+    assert!(rfc9162_accepts("inclusion", &proof), "{proof}");
+    assert!(
+        proof["index"].as_u64().unwrap() < leader_first,
+        "i0's record lies below the base: {proof}"
+    );
+    for id in 1..=3u64 {
+        let mut config = cluster.client_config(None, &[id]);
+        config.audit.require_checkpoint = true;
+        let client = signpost_client::Client::connect(&config).unwrap();
+        let resolved = client
+            .resolve("payments", true)
+            .await
+            .unwrap_or_else(|e| panic!("node {id} could not prove every live record: {e}"));
+        assert_eq!(resolved.instances.len(), 400);
+        let below = resolved
+            .inclusions
+            .iter()
+            .filter(|i| i.index < firsts[id as usize - 1])
+            .count();
+        assert!(below > 0, "node {id}: no proven record lies below its base");
+    }
     let first = firsts.iter().max().unwrap().to_string();
     let consistency: Value = serde_json::from_str(&cli_ok(
         &["audit", "consistency", &first, "0", "--json"],
@@ -580,14 +609,132 @@ async fn each_node_keeps_its_audit_records_within_the_byte_budget_and_still_prov
     cluster.kill9(follower);
     let data = cluster.root().join(format!("node{follower}/data"));
     let store = signpost_storage::Store::open(&data).unwrap();
-    let first = store.audit_first_index().unwrap().unwrap();
+    let first = signpost_audit::Frontier::decode(&store.audit_base().unwrap().expect("a base"))
+        .unwrap()
+        .size();
     assert!(first > 0);
     let kept = store.audit_leaves(first, usize::MAX, usize::MAX).unwrap();
     assert_eq!(kept.len() as u64, size - first, "no gap after the base");
+    // Below the base: only records of registrations that were live at the last prune (those
+    // replaced since go at the next one), at most one per instance.
+    let pinned = store.audit_leaves_sparse(0, first, usize::MAX).unwrap();
+    assert!(
+        !pinned.is_empty() && pinned.len() <= 400,
+        "{}",
+        pinned.len()
+    );
+    let mut instances = std::collections::BTreeSet::new();
+    for (index, leaf) in &pinned {
+        let record =
+            <signpost_proto::v1::AuditRecord as prost::Message>::decode(leaf.as_slice()).unwrap();
+        assert!(
+            record.applied && record.op == 4,
+            "record {index} kept below the base is not a registration: {record:?}"
+        );
+        assert!(
+            instances.insert(record.instance.clone()),
+            "two records of {} kept below the base",
+            record.instance
+        );
+    }
     // Counted as retention counts: each record's bytes plus its keys and subtree hashes
     // (signpost_consensus::audit_retention::RECORD_OVERHEAD_BYTES).
     let overhead = signpost_consensus::audit_retention::RECORD_OVERHEAD_BYTES;
     let bytes: u64 = kept.iter().map(|(_, l)| l.len() as u64 + overhead).sum();
     assert!(bytes <= BUDGET, "{bytes} bytes kept, above {BUDGET}");
     assert!(bytes > BUDGET / 2, "only {bytes} bytes kept of {BUDGET}");
+}
+
+/// Regression: apply moves the in-memory tree before it writes the batch with the records and
+/// subtree hashes, so an answer read in between was proven from hashes not yet stored
+/// (FAILED_PRECONDITION "pruned"); found by `signpost bench --workload mixed --audit-proofs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_read_while_registrations_apply_are_proven_from_the_tree_they_were_read_from() {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    let leader = cluster.wait_ready(READY).await;
+    let key = signpost_record::read_signing_key(&cluster.bind_new_key("payments")).unwrap();
+    let writer = cluster.client_as(&cluster.issue("service", "payments"), &[leader]);
+    writer
+        .register(signed_record(&key, "payments", "p0", 1, 443))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: 600 registrations while 4 readers ask the leader for proven answers");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut registry =
+            signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), leader);
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let (mut answers, mut failures) = (0u32, Vec::new());
+            let mut asked = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) && asked < 50_000 {
+                asked += 1;
+                let request = signpost_proto::v1::ResolveRequest {
+                    service: "payments".into(),
+                    stale: true,
+                    audit: Some(signpost_proto::v1::AuditEvidenceRequest {
+                        prove: true,
+                        ..Default::default()
+                    }),
+                };
+                answers += 1;
+                match registry.resolve(request).await {
+                    Ok(answer) => {
+                        let answer = answer.into_inner();
+                        let evidence = answer.audit.unwrap();
+                        let root: signpost_audit::Hash =
+                            evidence.root_hash.as_slice().try_into().unwrap();
+                        for inclusion in &answer.service.unwrap().inclusions {
+                            if let Err(e) = signpost_audit::verify_inclusion(
+                                &inclusion.leaf,
+                                inclusion.index,
+                                evidence.tree_size,
+                                &root,
+                                &inclusion.hashes,
+                            ) {
+                                failures.push(format!("proof of {}: {e}", inclusion.index));
+                            }
+                        }
+                    }
+                    // Four readers outrun the admin's read quota: that is admission at work.
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                        answers -= 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(status) => failures.push(status.to_string()),
+                }
+            }
+            (answers, failures)
+        }));
+    }
+    for batch in 0..(600 / 20) {
+        let writes = (0..20).map(|i| {
+            let envelope = signed_record(&key, "payments", &format!("i{}", batch * 20 + i), 1, 80);
+            let writer = &writer;
+            async move { writer.register(envelope).await }
+        });
+        for result in futures::future::join_all(writes).await {
+            result.unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+
+    eprintln!("phase 2: every answer came with proofs that verify");
+    let mut total = 0;
+    for reader in readers {
+        let (answers, failures) = reader.await.unwrap();
+        total += answers;
+        assert!(
+            failures.is_empty(),
+            "{} of {answers} failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
+    }
+    assert!(
+        total > 100,
+        "only {total} answers were read during the writes"
+    );
 }

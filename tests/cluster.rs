@@ -111,6 +111,7 @@ async fn with_forwarding_a_follower_takes_writes_and_linearizable_reads_itself()
         .resolve(ResolveRequest {
             service: "payments".into(),
             stale: false,
+            audit: None,
         })
         .await
         .expect("a follower confirms the read index with the leader")

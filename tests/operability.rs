@@ -743,6 +743,7 @@ async fn concurrent_linearizable_reads_share_leadership_confirmations_and_see_pr
                 .resolve(signpost_proto::v1::ResolveRequest {
                     service: "payments".into(),
                     stale: false,
+                    audit: None,
                 })
                 .await
         }

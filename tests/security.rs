@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use sha2::Digest;
 use signpost_client::{Client, ClientConfig};
 use signpost_identity::{Ca, Identity, IssueOptions, TlsFiles, TlsIncoming, TlsSettings, Trust};
 use signpost_proto::v1::registry_server::{Registry, RegistryServer};
@@ -360,6 +361,28 @@ struct RogueRegistry {
     /// If set, what Resolve serves from its second call on (a genuine but older answer).
     later: Option<ResolveResponse>,
     resolves: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// If set, Resolve answers this way instead, audit evidence included.
+    tamper: Option<Tamper>,
+}
+
+/// How a rogue node lies to a client that checks the audit log.
+#[derive(Clone)]
+enum Tamper {
+    /// Forwards the client's request (its audit request included) to an honest node and adds a
+    /// record nobody registered, signed with the service's stolen key, that it cannot prove.
+    Unlogged {
+        upstream: signpost_proto::v1::registry_client::RegistryClient<tonic::transport::Channel>,
+        record: Envelope,
+    },
+    /// Serves this genuine answer, evidence and all, whatever is asked (an old checkpoint),
+    /// after forwarding the first request to `first_honest` if set.
+    Replay {
+        first_honest:
+            Option<signpost_proto::v1::registry_client::RegistryClient<tonic::transport::Channel>>,
+        answer: ResolveResponse,
+    },
+    /// Serves this answer once (a tree of its own making), then is unavailable.
+    Once(ResolveResponse),
 }
 
 type Stream<T> = Pin<Box<dyn futures_core::Stream<Item = Result<T, Status>> + Send>>;
@@ -389,11 +412,34 @@ impl Registry for RogueRegistry {
     }
     async fn resolve(
         &self,
-        _: Request<ResolveRequest>,
+        request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
         let calls = self
             .resolves
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        match &self.tamper {
+            None => {}
+            Some(Tamper::Unlogged { upstream, record }) => {
+                let mut answer = upstream
+                    .clone()
+                    .resolve(request.into_inner())
+                    .await?
+                    .into_inner();
+                let service = answer.service.as_mut().unwrap();
+                service.records.push(record.clone());
+                service.inclusions.push(RecordInclusion::default());
+                return Ok(Response::new(answer));
+            }
+            Some(Tamper::Replay {
+                first_honest: Some(upstream),
+                ..
+            }) if calls == 0 => {
+                return upstream.clone().resolve(request.into_inner()).await;
+            }
+            Some(Tamper::Replay { answer, .. }) => return Ok(Response::new(answer.clone())),
+            Some(Tamper::Once(answer)) if calls == 0 => return Ok(Response::new(answer.clone())),
+            Some(Tamper::Once(_)) => return Err(Status::unavailable("rogue went away")),
+        }
         if let (Some(later), true) = (&self.later, calls > 0) {
             return Ok(Response::new(later.clone()));
         }
@@ -493,6 +539,7 @@ async fn a_rogue_node_cannot_make_a_client_accept_a_forged_record() {
         watch: Vec::new(),
         later: None,
         resolves: Default::default(),
+        tamper: None,
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -616,6 +663,7 @@ async fn the_instance_connector_refuses_an_endpoint_whose_certificate_does_not_m
         watch: Vec::new(),
         later: None,
         resolves: Default::default(),
+        tamper: None,
     };
     let port = serve_rogue(&cluster, &billing, rogue).await.port();
 
@@ -849,6 +897,7 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         watch: Vec::new(),
         later: None,
         resolves: Default::default(),
+        tamper: None,
     };
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
 
@@ -900,6 +949,7 @@ async fn a_rogue_node_cannot_roll_a_client_back_to_a_rotated_out_admin_set_or_ke
         watch: Vec::new(),
         later: None,
         resolves: Default::default(),
+        tamper: None,
     };
     let stolen = cluster.issue("node", "67");
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
@@ -984,6 +1034,7 @@ async fn a_client_keeps_one_record_per_instance_the_newest_whatever_a_node_serve
         watch: Vec::new(),
         later: None,
         resolves: Default::default(),
+        tamper: None,
     };
     let rogue_addr = serve_rogue(&cluster, &cluster.issue("node", "66"), rogue)
         .await
@@ -1083,6 +1134,7 @@ async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
             watch: events,
             later: None,
             resolves: Default::default(),
+            tamper: None,
         };
         let stolen = cluster.issue("node", &format!("{}", 70 + index));
         let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
@@ -1118,6 +1170,7 @@ async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
         watch: vec![start_at(first, second), genuine.clone(), again],
         later: None,
         resolves: Default::default(),
+        tamper: None,
     };
     let stolen = cluster.issue("node", "79");
     let rogue_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
@@ -1236,6 +1289,7 @@ async fn a_client_refuses_a_linearizable_answer_older_than_one_it_has_seen() {
         watch: Vec::new(),
         later: Some(old),
         resolves: Default::default(),
+        tamper: None,
     };
     let rogue_addr = serve_rogue(&cluster, &cluster.issue("node", "68"), rogue)
         .await
@@ -1365,4 +1419,369 @@ async fn a_forwarded_request_is_taken_only_from_members_and_only_for_signed_comm
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+}
+
+/// A raw Resolve of `service` by the admin from node `id`, asking for audit evidence from
+/// scratch (as a fresh client does).
+async fn resolve_with_evidence(cluster: &TestCluster, id: u64, service: &str) -> ResolveResponse {
+    signpost_tests::raw_registry(cluster, &cluster.root().join("admin-cert"), id)
+        .resolve(ResolveRequest {
+            service: service.into(),
+            stale: true,
+            audit: Some(AuditEvidenceRequest {
+                prove: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("raw resolve with evidence")
+        .into_inner()
+}
+
+/// Waits until node `id` answers for `service` with a quorum-signed checkpoint that covers its
+/// whole tree; returns that answer.
+async fn covered_answer(cluster: &TestCluster, id: u64, service: &str) -> ResolveResponse {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = resolve_with_evidence(cluster, id, service).await;
+        let evidence = answer.audit.clone().expect("evidence was asked for");
+        if !evidence.checkpoint.is_empty() {
+            let text = String::from_utf8_lossy(&evidence.checkpoint).to_string();
+            let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+            if size == evidence.tree_size {
+                return answer;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} never served a checkpoint covering its tree"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every audit record node `id` stores, in order (the test cluster never prunes).
+async fn all_leaves(cluster: &TestCluster, id: u64) -> Vec<Vec<u8>> {
+    let channel = signpost_tests::raw_channel(
+        cluster,
+        &cluster.root().join("admin-cert"),
+        &cluster.client_addr(id),
+        None,
+    );
+    let mut audit = signpost_proto::v1::audit_client::AuditClient::new(channel);
+    let mut leaves = Vec::new();
+    loop {
+        let page = audit
+            .records(AuditRecordsRequest {
+                from_index: leaves.len() as u64,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if page.leaves.is_empty() {
+            return leaves;
+        }
+        leaves.extend(page.leaves.into_iter().map(|l| l.leaf));
+    }
+}
+
+/// An audit tree in memory: what a rogue computes to serve a history of its own.
+#[derive(Default)]
+struct ForgedTree {
+    frontier: signpost_audit::Frontier,
+    nodes: std::collections::HashMap<(u8, u64), signpost_audit::Hash>,
+}
+
+impl signpost_audit::NodeSource for ForgedTree {
+    fn node(
+        &self,
+        level: u8,
+        index: u64,
+    ) -> Result<signpost_audit::Hash, signpost_audit::AuditError> {
+        self.nodes
+            .get(&(level, index))
+            .copied()
+            .ok_or(signpost_audit::AuditError::Missing { level, index })
+    }
+}
+
+impl ForgedTree {
+    fn append(&mut self, leaf: &[u8]) {
+        for node in self.frontier.append(signpost_audit::leaf_hash(leaf)) {
+            self.nodes.insert((node.level, node.index), node.hash);
+        }
+    }
+}
+
+fn hex_hashes(proof: Vec<signpost_audit::Hash>) -> Vec<Vec<u8>> {
+    proof.into_iter().map(|h| h.to_vec()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_that_lies_about_the_log(
+) {
+    let cluster = TestCluster::start(ClusterOptions::default());
+    cluster.wait_ready(READY).await;
+    let key_path = cluster.bind_new_key("payments");
+    let key = signpost_record::read_signing_key(&key_path).unwrap();
+    let payments = cluster.client_as(&cluster.issue("service", "payments"), &[]);
+    payments
+        .register(signed_record(&key, "payments", "p1", 1, 443))
+        .await
+        .unwrap();
+
+    eprintln!("phase 1: before checkpoint keys are bound, answers carry no checkpoint and a client accepts them");
+    let bare = resolve_with_evidence(&cluster, 1, "payments").await;
+    assert!(bare.audit.as_ref().unwrap().checkpoint.is_empty());
+    let honest = cluster.client(&[]);
+    honest.resolve("payments", false).await.unwrap();
+    assert_eq!(honest.audit_checkpoint(), None);
+    let mut strict_config = cluster.client_config(None, &[]);
+    strict_config.audit.require_checkpoint = true;
+    let strict = Client::connect(&strict_config).unwrap();
+    let refused = strict.resolve("payments", true).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("no quorum-signed checkpoint"),
+        "{refused}"
+    );
+
+    eprintln!("phase 2: keys bound; every node proves its answers from a quorum checkpoint");
+    cluster.bind_checkpoint_keys(&cluster.ids());
+    let genuine = covered_answer(&cluster, 1, "payments").await;
+    let evidence = genuine.audit.clone().unwrap();
+    let service = genuine.service.clone().unwrap();
+    assert_eq!(service.inclusions.len(), 1);
+    assert!(!service.inclusions[0].leaf.is_empty());
+    for id in cluster.ids() {
+        covered_answer(&cluster, id, "payments").await;
+        let mut only = cluster.client_config(None, &[id]);
+        only.audit.require_checkpoint = true;
+        let client = Client::connect(&only).unwrap();
+        let resolved = client.resolve("payments", true).await.unwrap();
+        assert_eq!(resolved.instances[0].payload.endpoints[0].port, 443);
+        let (size, _) = client
+            .audit_checkpoint()
+            .expect("a checkpoint was verified");
+        assert!(size >= evidence.tree_size, "node {id}: {size}");
+    }
+
+    eprintln!(
+        "phase 3: a rogue adds a validly signed record nobody registered: it cannot prove it"
+    );
+    let unlogged = signed_record(&key, "payments", "p9", 1, 6666);
+    let rogue = RogueRegistry {
+        honest: genuine.clone(),
+        forger: None,
+        extra: Vec::new(),
+        watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
+        tamper: Some(Tamper::Unlogged {
+            upstream: signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1),
+            record: unlogged,
+        }),
+    };
+    let stolen = cluster.issue("node", "66");
+    let unlogged_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = cluster.client_config(None, &[]);
+    config.endpoints = vec![unlogged_addr.clone()];
+    let err = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("an unlogged record was accepted");
+    assert!(
+        err.to_string().contains("cannot prove payments/p9"),
+        "{err}"
+    );
+    config.endpoints = vec![
+        unlogged_addr,
+        cluster.client_addr(1),
+        cluster.client_addr(2),
+    ];
+    let fell_back = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("an honest node answers");
+    assert_eq!(fell_back.instances.len(), 1, "only p1 is registered");
+
+    eprintln!("phase 4: a rogue replays a genuine answer: refused once its checkpoint is too old");
+    let rogue = RogueRegistry {
+        honest: genuine.clone(),
+        forger: None,
+        extra: Vec::new(),
+        watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
+        tamper: Some(Tamper::Replay {
+            first_honest: None,
+            answer: genuine.clone(),
+        }),
+    };
+    let replay_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = cluster.client_config(None, &[]);
+    config.endpoints = vec![replay_addr.clone()];
+    config.audit.checkpoint_max_age_ms = signpost_client::CHECKPOINT_MAX_AGE_MIN_MS;
+    let replayed_to = Client::connect(&config).unwrap();
+    // (Its checkpoint has aged through phase 3 already; the wait makes sure. The side of the
+    // limit where it is accepted is the client's unit test.)
+    tokio::time::sleep(Duration::from_millis(
+        signpost_client::CHECKPOINT_MAX_AGE_MIN_MS + 1_000,
+    ))
+    .await;
+    let err = replayed_to
+        .resolve("payments", true)
+        .await
+        .expect_err("an old checkpoint was accepted");
+    assert!(err.to_string().contains("s old; at most 3.0 s"), "{err}");
+    config.endpoints = vec![replay_addr.clone(), cluster.client_addr(2)];
+    Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("an honest node's checkpoint is fresh");
+
+    eprintln!(
+        "phase 5: the same replay to a client that has seen a larger checkpoint is a rollback"
+    );
+    payments
+        .register(signed_record(&key, "payments", "p2", 1, 444))
+        .await
+        .unwrap();
+    covered_answer(&cluster, 1, "payments").await;
+    let rogue = RogueRegistry {
+        honest: genuine.clone(),
+        forger: None,
+        extra: Vec::new(),
+        watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
+        tamper: Some(Tamper::Replay {
+            first_honest: Some(signpost_tests::raw_registry(
+                &cluster,
+                &cluster.root().join("admin-cert"),
+                1,
+            )),
+            answer: genuine.clone(),
+        }),
+    };
+    let rollback_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = cluster.client_config(None, &[]);
+    config.endpoints = vec![rollback_addr];
+    config.audit.checkpoint_max_age_ms = 3_600_000;
+    let victim = Client::connect(&config).unwrap();
+    let first = victim.resolve("payments", true).await.unwrap();
+    assert_eq!(first.instances.len(), 2, "the first answer is forwarded");
+    let (trusted, _) = victim.audit_checkpoint().unwrap();
+    assert!(trusted > evidence.tree_size);
+    let err = victim
+        .resolve("payments", true)
+        .await
+        .expect_err("a rollback was accepted");
+    assert!(err.to_string().contains("(rolled back)"), "{err}");
+
+    eprintln!(
+        "phase 6: a rogue serves a tree of its own, the honest log plus a forged registration"
+    );
+    let base = covered_answer(&cluster, 1, "payments").await;
+    let base_evidence = base.audit.clone().unwrap();
+    let leaves = all_leaves(&cluster, 1).await;
+    let mut tree = ForgedTree::default();
+    for leaf in &leaves[..base_evidence.tree_size as usize] {
+        tree.append(leaf);
+    }
+    assert_eq!(tree.frontier.root().to_vec(), base_evidence.root_hash);
+    let forged = signed_record(&key, "payments", "p1", 1 << 40, 31337);
+    let leaf = AuditRecord {
+        revision: base.revision + 1,
+        op: audit_record::Op::Register as i32,
+        service: "payments".into(),
+        instance: "p1".into(),
+        applied: true,
+        envelope_sha256: sha2::Sha256::digest(prost::Message::encode_to_vec(&forged)).to_vec(),
+        sequence: 1 << 40,
+        ..Default::default()
+    };
+    let leaf = prost::Message::encode_to_vec(&leaf);
+    let index = tree.frontier.size();
+    tree.append(&leaf);
+    let size = tree.frontier.size();
+    let mut answer = base.clone();
+    let service = answer.service.as_mut().unwrap();
+    service.records = vec![forged];
+    service.inclusions = vec![RecordInclusion {
+        index,
+        leaf,
+        hashes: hex_hashes(signpost_audit::inclusion_proof(&tree, index, size).unwrap()),
+    }];
+    answer.audit = Some(AuditEvidence {
+        tree_size: size,
+        root_hash: tree.frontier.root().to_vec(),
+        checkpoint_consistency: hex_hashes(
+            signpost_audit::consistency_proof(&tree, base_evidence.tree_size, size).unwrap(),
+        ),
+        trusted_consistency: Vec::new(),
+        accepted_consistency: Vec::new(),
+        ..base_evidence
+    });
+    let rogue = RogueRegistry {
+        honest: genuine.clone(),
+        forger: None,
+        extra: Vec::new(),
+        watch: Vec::new(),
+        later: None,
+        resolves: Default::default(),
+        tamper: Some(Tamper::Once(answer)),
+    };
+    let fork_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = cluster.client_config(None, &[]);
+    config.endpoints = vec![
+        fork_addr.clone(),
+        cluster.client_addr(1),
+        cluster.client_addr(2),
+    ];
+    let victim = Client::connect(&config).unwrap();
+    // The limit of what a client can check at once: no quorum has signed anything beyond the
+    // checkpoint yet, so a record "applied since" is the node's word, proven in its own tree.
+    let fooled = victim
+        .resolve("payments", true)
+        .await
+        .expect("a tree beyond the latest checkpoint is taken on the node's word");
+    assert_eq!(fooled.instances[0].payload.endpoints[0].port, 31337);
+    assert!(victim.audit_alarms().is_empty());
+
+    eprintln!(
+        "phase 7: once a quorum checkpoint covers that size, the next answer names the rogue"
+    );
+    payments
+        .register(signed_record(&key, "payments", "p3", 1, 445))
+        .await
+        .unwrap();
+    let covering = covered_answer(&cluster, 1, "payments").await;
+    assert!(covering.audit.unwrap().tree_size >= size);
+    // A node whose copy of the checkpoint still lags cannot decide yet and is skipped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        match victim.resolve("payments", true).await {
+            Ok(after) => break after,
+            Err(e) if Instant::now() < deadline => eprintln!("not yet: {e}"),
+            Err(e) => panic!("no honest node answered: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let ports: Vec<u32> = after
+        .instances
+        .iter()
+        .map(|i| i.payload.endpoints[0].port)
+        .collect();
+    assert_eq!(ports, vec![443, 444, 445]);
+    let alarms = victim.audit_alarms();
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    assert!(
+        alarms[0].starts_with(&format!("{fork_addr} served a tree of {size} records"))
+            && alarms[0].contains("a forked history"),
+        "{alarms:?}"
+    );
 }

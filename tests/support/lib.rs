@@ -923,6 +923,7 @@ pub async fn raw_resolve(
         .resolve(signpost_proto::v1::ResolveRequest {
             service: service.into(),
             stale: true,
+            audit: None,
         })
         .await
         .expect("raw resolve")

@@ -9,15 +9,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use prost::Message;
 use serde_json::{json, Value};
-use signpost_client::Client;
+use signpost_client::{Client, ClientConfig};
 use signpost_proto::v1::audit_client::AuditClient;
 use signpost_proto::v1::{
-    audit_record::Op, AuditConsistencyRequest, AuditHead, AuditHeadRequest, AuditLeaf,
-    AuditProveRequest, AuditRecord, AuditRecordsRequest, AuditVerifyRequest,
+    audit_record::Op, AuditConsistencyRequest, AuditHead, AuditHeadRequest, AuditLeaf, AuditProof,
+    AuditRecord, AuditRecordsRequest, AuditVerifyRequest,
 };
 use tonic::transport::Channel;
 
-use crate::commands::connect;
 use crate::output;
 use crate::ClientOpts;
 
@@ -192,6 +191,16 @@ fn print_leaf(leaf: &AuditLeaf, as_json: bool) {
 }
 
 /// The client address of `node`, or the first configured endpoint.
+/// The client of the audit commands. It does not check answers against the audit log itself:
+/// these commands check the log, and must work when it is what is wrong (a checkpoint that no
+/// longer verifies under the bound keys, say) and report that, not fail to connect.
+fn connect(opts: &ClientOpts) -> anyhow::Result<(ClientConfig, Client)> {
+    let (mut config, _) = crate::commands::connect(opts)?;
+    config.audit.verify = false;
+    let client = Client::connect(&config)?;
+    Ok((config, client))
+}
+
 async fn node_addr(client: &Client, node: Option<u64>) -> anyhow::Result<(u64, String)> {
     let status = client.status().await?;
     let id = node.unwrap_or(status.node_id);
@@ -533,68 +542,57 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 }
 
 async fn prove(args: ProveArgs) -> anyhow::Result<()> {
-    let (_, client) = connect(&args.opts)?;
+    let (mut config, client) = connect(&args.opts)?;
+    let (id, addr) = node_addr(&client, args.node.node).await?;
+    // That node alone, asked for its audit evidence whatever the config says: it finds the
+    // record's leaf (a binary search by revision) and proves it into the tree it answered from.
+    config.endpoints = vec![addr];
+    config.audit.verify = true;
+    let client = Client::connect(&config)?;
     let resolved = client.resolve(&args.service, false).await?;
-    let Some(current) = resolved
+    let Some(position) = resolved
         .instances
         .iter()
-        .find(|i| i.payload.instance == args.instance)
+        .position(|i| i.payload.instance == args.instance)
     else {
         bail!("{}/{} is not registered", args.service, args.instance);
     };
-    let sequence = current.payload.sequence;
-    let (_, mut audit) = stub(&client, args.node.node).await?;
-    let top = head(&mut audit).await?;
-    // The record is recent more often than not: search from the head back.
-    let mut found = None;
-    let mut end = top.tree_size;
-    while end > top.first_index && found.is_none() {
-        let from = end.saturating_sub(u64::from(PAGE)).max(top.first_index);
-        let leaves = page(&mut audit, from).await?;
-        found = leaves
-            .iter()
-            .filter(|l| l.index < end)
-            .rev()
-            .find(|l| {
-                AuditRecord::decode(l.leaf.as_slice()).is_ok_and(|r| {
-                    r.op == Op::Register as i32
-                        && r.applied
-                        && r.service == args.service
-                        && r.instance == args.instance
-                        && r.sequence == sequence
-                })
-            })
-            .cloned();
-        end = from;
-    }
-    let Some(leaf) = found else {
+    let sequence = resolved.instances[position].payload.sequence;
+    let (tree_size, root) = resolved
+        .audit_tree
+        .with_context(|| format!("node {id} served no audit evidence"))?;
+    let Some(inclusion) = resolved
+        .inclusions
+        .get(position)
+        .filter(|i| !i.leaf.is_empty())
+    else {
         bail!(
-            "no record of {}/{} at sequence {sequence} among the records this node stores",
+            "node {id} cannot prove {}/{} sequence {sequence}: it no longer stores the record of that registration (before a snapshot it installed)",
             args.service,
             args.instance
         );
     };
-    let proof = audit
-        .prove(AuditProveRequest {
-            index: leaf.index,
-            tree_size: top.tree_size,
-        })
-        .await?
-        .into_inner();
-    if proof.leaf != leaf.leaf {
-        bail!(
-            "the node proved another record than the one it listed at {}",
-            leaf.index
-        );
-    }
     signpost_audit::verify_inclusion(
-        &proof.leaf,
-        proof.index,
-        proof.tree_size,
-        &hash32(&proof.root_hash, "the root")?,
-        &proof.hashes,
+        &inclusion.leaf,
+        inclusion.index,
+        tree_size,
+        &root,
+        &inclusion.hashes,
     )
     .context("the node's inclusion proof does not verify")?;
+    let leaf = AuditLeaf {
+        index: inclusion.index,
+        leaf: inclusion.leaf.clone(),
+        record: None,
+    };
+    let proof = AuditProof {
+        tree_size,
+        root_hash: root.to_vec(),
+        index: inclusion.index,
+        leaf: inclusion.leaf.clone(),
+        hashes: inclusion.hashes.clone(),
+        ..AuditProof::default()
+    };
     let value = json!({
         "service": args.service,
         "instance": args.instance,

@@ -181,6 +181,10 @@ pub(crate) struct BenchArgs {
     /// of linearizably.
     #[arg(long)]
     stale: bool,
+    /// Ask for audit evidence with every Signpost resolve (the checkpoint and proofs a
+    /// verifying client gets): measures what proving answers costs the nodes.
+    #[arg(long)]
+    audit_proofs: bool,
     /// Send every Signpost client's requests to the members in turn (client i to member
     /// i mod N) instead of writes and linearizable reads to the leader: measures a cluster
     /// whose followers forward (`[raft] forward_to_leader`); without it, followers refuse.
@@ -708,6 +712,8 @@ enum LegitTask {
         client: RegistryClient<Channel>,
         service: String,
         stale: bool,
+        // Ask for audit evidence with each resolve.
+        audit_proofs: bool,
         // The registrations the task sends, in order.
         signed: Signing,
         // Renewals of the task's instance (mixed workload with keep-alives).
@@ -755,6 +761,7 @@ impl LegitTask {
                     client,
                     service,
                     stale,
+                    audit_proofs,
                     ..
                 },
                 Op::Resolve,
@@ -763,6 +770,10 @@ impl LegitTask {
                 .resolve(ResolveRequest {
                     service: service.clone(),
                     stale: *stale,
+                    audit: audit_proofs.then(|| signpost_proto::v1::AuditEvidenceRequest {
+                        prove: true,
+                        ..Default::default()
+                    }),
                 })
                 .await
                 .map(|_| ()),
@@ -913,6 +924,7 @@ impl Legit {
                 .resolve(ResolveRequest {
                     service: service.clone(),
                     stale: true,
+                    audit: None,
                 })
                 .await
                 .with_context(|| format!("connecting to {addr} and resolving {service}"))?
@@ -935,6 +947,7 @@ impl Legit {
                 client: raw,
                 service,
                 stale: args.stale,
+                audit_proofs: args.audit_proofs,
                 signed,
                 keepalive,
             }));
@@ -1367,6 +1380,7 @@ impl FloodWorker {
                             .resolve(ResolveRequest {
                                 service: service.clone(),
                                 stale: false,
+                                audit: None,
                             })
                             .await
                             .map(|_| ())

@@ -205,6 +205,7 @@ fn prepare(args: &DevArgs) -> anyhow::Result<ClientConfig> {
         deadline_ms: 15_000,
         source_ip: None,
         state_file: None,
+        audit: signpost_client::AuditConfig::default(),
     };
     Ok(client)
 }

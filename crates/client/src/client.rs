@@ -11,14 +11,15 @@ use signpost_proto::v1::registry_client::RegistryClient;
 use signpost_proto::v1::{
     AddMemberRequest, AdminSetPayload, BackupRequest, BindRequest, BindingPayload,
     DeregisterRequest, Envelope, KeepAliveRequest, ListRequest, ListResponse, MembershipResponse,
-    MultiEnvelope, RegisterRequest, RemoveMemberRequest, ResolveRequest, RotateAdminsRequest,
-    ServiceRecords, SnapshotRequest, StatusRequest, StatusResponse, TransferLeaderRequest,
-    WatchEvent, WatchRequest,
+    MultiEnvelope, RecordInclusion, RegisterRequest, RemoveMemberRequest, ResolveRequest,
+    RotateAdminsRequest, ServiceRecords, SnapshotRequest, StatusRequest, StatusResponse,
+    TransferLeaderRequest, WatchEvent, WatchRequest,
 };
 use signpost_record::{AdminSet, VerifiedRecord};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+use crate::audit_trust::{Asked, AuditTrust, Checked};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::watcher::Watcher;
@@ -52,26 +53,37 @@ pub struct Resolved {
     pub binding: signpost_record::Binding,
     /// The signed binding, as served.
     pub binding_envelope: Envelope,
+    /// The audit tree the answer was read from (size, root), when the client asked for
+    /// evidence (`[audit] verify`) and the node served it.
+    pub audit_tree: Option<(u64, signpost_audit::Hash)>,
+    /// With `audit_tree`: each instance's audit leaf and inclusion proof in that tree, in the
+    /// order of `instances` (an empty leaf where the node could not prove one; such an answer
+    /// is only accepted while the client demands no checkpoint).
+    pub inclusions: Vec<signpost_proto::v1::RecordInclusion>,
 }
 
 /// One record per instance, the one with the highest sequence, ordered by instance id: an
 /// honest node never serves two, and a node that serves a superseded record beside the
 /// current one must not make the client see both.
 fn newest_per_instance(
-    instances: Vec<VerifiedRecord>,
-    envelopes: Vec<Envelope>,
-) -> (Vec<VerifiedRecord>, Vec<Envelope>) {
-    let mut newest: std::collections::BTreeMap<String, (VerifiedRecord, Envelope)> =
-        std::collections::BTreeMap::new();
-    for (record, envelope) in instances.into_iter().zip(envelopes) {
+    served: Vec<(VerifiedRecord, Envelope, RecordInclusion)>,
+) -> Vec<(VerifiedRecord, Envelope, RecordInclusion)> {
+    let mut newest: std::collections::BTreeMap<
+        String,
+        (VerifiedRecord, Envelope, RecordInclusion),
+    > = std::collections::BTreeMap::new();
+    for (record, envelope, inclusion) in served {
         let keep = newest
             .get(&record.payload.instance)
-            .is_none_or(|(kept, _)| record.payload.sequence > kept.payload.sequence);
+            .is_none_or(|(kept, _, _)| record.payload.sequence > kept.payload.sequence);
         if keep {
-            newest.insert(record.payload.instance.clone(), (record, envelope));
+            newest.insert(
+                record.payload.instance.clone(),
+                (record, envelope, inclusion),
+            );
         }
     }
-    newest.into_values().unzip()
+    newest.into_values().collect()
 }
 
 /// The answer to [`Client::list`].
@@ -107,6 +119,10 @@ pub struct Client {
     revision_floor: AtomicU64,
     /// Every admin set of the longest admin chain verified so far, genesis first.
     admin_sets: Mutex<Vec<AdminSet>>,
+    /// The audit log as this client has verified it; `None` when `[audit] verify` is off.
+    audit: Option<Mutex<AuditTrust>>,
+    /// The origin the cluster's checkpoints name, from the pinned genesis.
+    origin: String,
 }
 
 /// The pause before retry `attempt` (0-based): exponential with "equal jitter" (half fixed,
@@ -212,7 +228,89 @@ impl Client {
             )?),
             revision_floor: AtomicU64::new(0),
             admin_sets: Mutex::new(Vec::new()),
+            audit: config.audit.verify.then(|| {
+                Mutex::new(AuditTrust::new(
+                    config.audit.checkpoint_max_age_ms,
+                    config.audit.require_checkpoint,
+                ))
+            }),
+            origin: signpost_audit::origin_for(&keys, config.trust.admin_threshold),
         })
+    }
+
+    fn audit_trust(&self) -> Option<std::sync::MutexGuard<'_, AuditTrust>> {
+        self.audit
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// The largest quorum-signed audit checkpoint this client has verified (size, root).
+    pub fn audit_checkpoint(&self) -> Option<(u64, signpost_audit::Hash)> {
+        self.audit_trust()?.trusted().map(|c| (c.size, c.root))
+    }
+
+    /// Forked histories this client caught: a node served a tree that a later quorum-signed
+    /// checkpoint does not extend. Each names the node. Also logged at error level.
+    pub fn audit_alarms(&self) -> Vec<String> {
+        self.audit_trust()
+            .map(|t| t.alarms().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Checks an answer's audit evidence (see [`AuditTrust::check`]); `None` when the client
+    /// does not verify the audit log.
+    fn check_audit(
+        &self,
+        asked: Option<Asked>,
+        from: &str,
+        evidence: Option<&signpost_proto::v1::AuditEvidence>,
+        admins: &AdminSet,
+    ) -> Result<Option<Checked>, ClientError> {
+        let (Some(asked), Some(trust)) = (asked, self.audit_trust()) else {
+            return Ok(None);
+        };
+        trust
+            .check(
+                asked,
+                from,
+                evidence,
+                |binding| self.witnesses(admins, binding),
+                now_ms(),
+            )
+            .map(Some)
+    }
+
+    fn commit_audit(&self, checked: Option<Checked>) {
+        if let (Some(checked), Some(mut trust)) = (checked, self.audit_trust()) {
+            trust.commit(checked);
+        }
+    }
+
+    /// The checkpoint keys a served binding of `signpost.checkpoint` names, verified like any
+    /// binding: signed by the current admin set, not older than one this client saw.
+    fn witnesses(
+        &self,
+        admins: &AdminSet,
+        envelope: &Envelope,
+    ) -> Result<signpost_audit::Witnesses, ClientError> {
+        let binding = signpost_record::verify_binding(admins, envelope, now_ms())
+            .map_err(|e| ClientError::Verification(format!("checkpoint binding: {e}")))?;
+        if binding.service != signpost_audit::CHECKPOINT_SERVICE {
+            return Err(ClientError::Verification(format!(
+                "the checkpoint keys came in a binding of {}",
+                binding.service
+            )));
+        }
+        let mut floors = self
+            .floors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        floors.check(admins.version, &binding.service, binding.version)?;
+        floors.raise(admins.version, &binding.service, binding.version);
+        drop(floors);
+        let keys: Vec<[u8; 32]> = binding.keys.iter().copied().collect();
+        signpost_audit::Witnesses::new(&self.origin, &keys)
+            .map_err(|e| ClientError::Verification(format!("checkpoint keys: {e}")))
     }
 
     /// The same client with another per-call deadline (retries included) and per-attempt
@@ -515,6 +613,8 @@ impl Client {
     pub async fn resolve(&self, service: &str, stale: bool) -> Result<Resolved, ClientError> {
         let mut failures = Vec::new();
         for _ in 0..self.endpoints.len().max(1) {
+            let asked = self.audit_trust().map(|t| t.asked());
+            let audit = asked.as_ref().map(Asked::request);
             let response = self
                 .with_retries(|addr| async move {
                     let r = self
@@ -522,6 +622,7 @@ impl Client {
                         .resolve(ResolveRequest {
                             service: service.to_string(),
                             stale,
+                            audit,
                         })
                         .await?;
                     Ok((addr, r.into_inner()))
@@ -536,20 +637,24 @@ impl Client {
             let verified = checked
                 .and_then(|()| self.current_admin_set(&response.admin_chain))
                 .and_then(|admins| {
-                    self.verify(
+                    let audit = self.check_audit(asked, &addr, response.audit.as_ref(), &admins)?;
+                    let resolved = self.verify(
                         response.service.unwrap_or_default(),
                         &admins,
                         response.revision,
-                    )
+                        audit.as_ref(),
+                    )?;
+                    Ok((resolved, audit))
                 });
             match verified {
-                Ok(resolved) if resolved.service == service => {
+                Ok((resolved, audit)) if resolved.service == service => {
+                    self.commit_audit(audit);
                     if !stale {
                         self.saw_revision(resolved.revision);
                     }
                     return Ok(resolved);
                 }
-                Ok(resolved) => failures.push(format!(
+                Ok((resolved, _)) => failures.push(format!(
                     "{addr} answered for {} instead of {service}",
                     resolved.service
                 )),
@@ -619,6 +724,7 @@ impl Client {
         let mut token = String::new();
         let mut first_addr: Option<String> = None;
         for _ in 0..LIST_PAGES_MAX {
+            let asked = self.audit_trust().map(|t| t.asked());
             let (addr, page) = self
                 .with_retries(|addr| {
                     let request = ListRequest {
@@ -626,6 +732,7 @@ impl Client {
                         limit: 0,
                         page_token: token.clone(),
                         all_bound,
+                        audit: asked.as_ref().map(Asked::request),
                     };
                     async move {
                         let r = self.registry(&addr)?.list(request).await?;
@@ -634,18 +741,25 @@ impl Client {
                 })
                 .await?;
             let first = first_addr.get_or_insert_with(|| addr.clone()).clone();
-            let admins = match self.check_page(&addr, &page, &token, &listed, stale) {
-                Ok(admins) => admins,
+            let checked = self
+                .check_page(&addr, &page, &token, &listed, stale)
+                .and_then(|admins| {
+                    let audit = self.check_audit(asked, &addr, page.audit.as_ref(), &admins)?;
+                    Ok((admins, audit))
+                });
+            let (admins, audit) = match checked {
+                Ok(checked) => checked,
                 Err(e) => return Ok((first, Err(e))),
             };
             listed.revision = listed.revision.max(page.revision);
             for service in page.services {
                 let name = service.service.clone();
-                match self.verify(service, &admins, page.revision) {
+                match self.verify(service, &admins, page.revision, audit.as_ref()) {
                     Ok(resolved) => listed.services.push(resolved),
                     Err(e) => listed.unverified.push((name, e.to_string())),
                 }
             }
+            self.commit_audit(audit);
             if page.next_page_token.is_empty() {
                 return Ok((first, Ok(listed)));
             }
@@ -734,6 +848,7 @@ impl Client {
         records: ServiceRecords,
         admins: &AdminSet,
         revision: u64,
+        audit: Option<&Checked>,
     ) -> Result<Resolved, ClientError> {
         let binding_envelope = records.binding.ok_or_else(|| {
             ClientError::Verification(format!(
@@ -754,23 +869,47 @@ impl Client {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         floors.check(admins.version, &binding.service, binding.version)?;
-        let mut instances = Vec::new();
-        let mut envelopes = Vec::new();
-        for envelope in records.records {
-            match signpost_record::verify_record_against(&binding, &envelope) {
+        let mut served = Vec::new();
+        for (i, envelope) in records.records.into_iter().enumerate() {
+            let verified = signpost_record::verify_record_against(&binding, &envelope)
+                .map_err(|e| ClientError::Verification(format!("record: {e}")))
+                .and_then(|record| {
+                    if let Some(audit) = audit {
+                        audit.check_record(
+                            &records.service,
+                            &record.payload.instance,
+                            record.payload.sequence,
+                            &envelope,
+                            records.inclusions.get(i),
+                        )?;
+                    }
+                    Ok(record)
+                });
+            match verified {
                 Ok(record) => {
-                    instances.push(record);
-                    envelopes.push(envelope);
+                    let inclusion = records.inclusions.get(i).cloned().unwrap_or_default();
+                    served.push((record, envelope, inclusion));
                 }
                 Err(e) => {
                     tracing::warn!(service = %records.service, error = %e, "a record failed verification; refusing the whole answer");
-                    return Err(ClientError::Verification(format!("record: {e}")));
+                    return Err(e);
                 }
             }
         }
         floors.raise(admins.version, &binding.service, binding.version);
         drop(floors);
-        let (instances, envelopes) = newest_per_instance(instances, envelopes);
+        let mut instances = Vec::new();
+        let mut envelopes = Vec::new();
+        let mut inclusions = Vec::new();
+        for (record, envelope, inclusion) in newest_per_instance(served) {
+            instances.push(record);
+            envelopes.push(envelope);
+            inclusions.push(inclusion);
+        }
+        let audit_tree = audit.and_then(Checked::tree);
+        if audit_tree.is_none() {
+            inclusions.clear();
+        }
         Ok(Resolved {
             service: records.service,
             instances,
@@ -778,6 +917,8 @@ impl Client {
             revision,
             binding,
             binding_envelope,
+            audit_tree,
+            inclusions,
         })
     }
 
@@ -792,6 +933,7 @@ impl Client {
                     limit: 1,
                     page_token: String::new(),
                     all_bound: true,
+                    audit: None,
                 };
                 self.registry(&addr)?
                     .list(request)
@@ -1022,6 +1164,7 @@ impl Client {
         let request = ResolveRequest {
             service: service.to_string(),
             stale: true,
+            audit: None,
         };
         let response = tokio::time::timeout(self.timeout, client.resolve(request))
             .await
@@ -1033,6 +1176,7 @@ impl Client {
             response.service.unwrap_or_default(),
             &admins,
             response.revision,
+            None,
         )?;
         if resolved.service != service {
             return Err(ClientError::Verification(format!(

@@ -34,7 +34,51 @@ pub struct ClientConfig {
     /// versions it has verified, so a restarted client cannot be rolled back either.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// What the client demands of the audit log with every answer.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
+
+/// `[audit]`: the audit evidence every Resolve and List answer must carry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Ask for and check the evidence: a quorum-signed checkpoint, proofs that the answer's tree
+    /// extends it and every tree this client saw before, and an inclusion proof of each record.
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// Refuse answers without a checkpoint even before this client has seen one (set it once
+    /// the cluster's checkpoint keys are bound). Without it, a client that never saw a
+    /// checkpoint accepts answers that carry none; once it has seen one, it demands them.
+    #[serde(default)]
+    pub require_checkpoint: bool,
+    /// Refuse an answer whose checkpoint is older than this: how long a lying node can keep
+    /// serving a frozen answer. Nodes sign one every 2 s while there is a leader.
+    #[serde(default = "default_checkpoint_max_age_ms")]
+    pub checkpoint_max_age_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> AuditConfig {
+        AuditConfig {
+            verify: true,
+            require_checkpoint: false,
+            checkpoint_max_age_ms: default_checkpoint_max_age_ms(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_checkpoint_max_age_ms() -> u64 {
+    30_000
+}
+
+/// Below this, a healthy cluster's checkpoints (every 2 s, plus the cosigning round and clock
+/// skew) would be refused as too old.
+pub const CHECKPOINT_MAX_AGE_MIN_MS: u64 = 3_000;
 
 fn default_timeout_ms() -> u64 {
     5_000
@@ -105,6 +149,11 @@ impl ClientConfig {
         }
         if config.endpoints.is_empty() {
             return Err(ClientError::Config("endpoints must not be empty".into()));
+        }
+        if config.audit.checkpoint_max_age_ms < CHECKPOINT_MAX_AGE_MIN_MS {
+            return Err(ClientError::Config(format!(
+                "audit.checkpoint_max_age_ms must be at least {CHECKPOINT_MAX_AGE_MIN_MS}: checkpoints are signed every 2 s"
+            )));
         }
         if config.timeout_ms == 0 || config.deadline_ms < config.timeout_ms {
             return Err(ClientError::Config(

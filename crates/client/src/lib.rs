@@ -27,6 +27,7 @@
     unused_must_use
 )]
 
+mod audit_trust;
 mod client;
 mod config;
 mod error;
@@ -34,7 +35,7 @@ mod floors;
 mod watcher;
 
 pub use client::{Client, Listed, Resolved};
-pub use config::{ClientConfig, ClientTls, TrustConfig};
+pub use config::{AuditConfig, ClientConfig, ClientTls, TrustConfig, CHECKPOINT_MAX_AGE_MIN_MS};
 pub use error::{code_name, ClientError};
 pub use watcher::{Change, Watcher};
 

@@ -6,13 +6,17 @@
 //! batch as the apply that produced them. Reads here are blocking RocksDB reads: call them from
 //! a blocking task.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use prost::Message;
 use signpost_audit::{
     consistency_proof, inclusion_proof, leaf_hash, subtree_hash, AuditError, Frontier, Hash,
-    NodeSource,
+    NodeSource, HASH_BYTES,
 };
-use signpost_storage::Store;
+use signpost_proto::v1::audit_record::Op;
+use signpost_proto::v1::AuditRecord;
+use signpost_storage::{AuditPut, Store};
 
 use crate::error::ConsensusError;
 use crate::state_machine::StateMachine;
@@ -84,14 +88,134 @@ pub struct Consistency {
     pub proof: Vec<Hash>,
 }
 
+/// A served record to prove: the revision of the write that stored it, and its names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProofTarget {
+    /// [`signpost_state::ServiceView::revisions`]: the entry whose apply logged it.
+    pub revision: u64,
+    /// The service.
+    pub service: String,
+    /// The instance.
+    pub instance: String,
+}
+
+/// A record's leaf and its inclusion proof.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordProof {
+    /// Its leaf index.
+    pub index: u64,
+    /// The leaf, as hashed.
+    pub leaf: Vec<u8>,
+    /// The audit path, bottom-up.
+    pub proof: Vec<Hash>,
+}
+
+/// What an answer needs proven: the tree it was read from and the smaller trees it must extend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvidenceRequest {
+    /// The tree the answer was read from: the frontier read together with the registry state
+    /// served (it is no longer the head once apply has moved on). Its peaks are every hash a
+    /// proof into it needs of its right edge, so those come from memory.
+    pub tree: Frontier,
+    /// Sizes the proof must show it extends: the checkpoint's, and the two the client named.
+    /// Each is proven when not 0 and below the tree's size; otherwise its proof is empty.
+    pub extends: [u64; 3],
+}
+
+/// Proofs for one answer, see [`AuditLog::evidence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// Consistency proofs from each of [`EvidenceRequest::extends`] to the answer's tree.
+    pub consistency: [Vec<Hash>; 3],
+    /// For each target in order: its record's proof, or `None` when this node does not store
+    /// the leaf (pruned, or before the snapshot it installed) or finds no such record.
+    pub inclusions: Vec<Option<RecordProof>>,
+}
+
+/// Leaves read per page while looking through one revision's records.
+const REVISION_PAGE: usize = 256;
+/// Most leaves one revision's search looks at: far above the commands one entry batches.
+const REVISION_LEAVES_MAX: usize = 65_536;
+
+fn decode_leaf(index: u64, leaf: &[u8]) -> Result<AuditRecord, ConsensusError> {
+    AuditRecord::decode(leaf).map_err(|e| {
+        AuditError::Source(format!("stored audit record {index} does not decode: {e}")).into()
+    })
+}
+
+fn is_registration_of(record: &AuditRecord, service: &str, instance: &str) -> bool {
+    record.op == Op::Register as i32
+        && record.applied
+        && record.service == service
+        && record.instance == instance
+}
+
 /// Read access to the node's audit log.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     store: Arc<Store>,
     state: StateMachine,
+    /// Where the records of registrations were found: (service, instance, revision) -> leaf
+    /// index, a fact that never changes (the leaf is read and checked again on use). Cleared
+    /// when full.
+    found: Arc<std::sync::Mutex<HashMap<FoundKey, u64>>>,
+    /// The evidence of recent answers, by what it is a function of.
+    evidence: Arc<std::sync::Mutex<EvidenceCache>>,
+}
+
+/// Registrations whose leaf index [`AuditLog`] remembers (about 100 bytes each).
+const FOUND_CACHE_MAX: usize = 100_000;
+/// Bytes of proofs [`AuditLog`] keeps for answers asked again about the same tree (a
+/// read-heavy registry): cleared when full.
+const EVIDENCE_CACHE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// A registration: service, instance, revision.
+type FoundKey = (String, String, u64);
+
+/// What one answer's evidence is a function of.
+type EvidenceKey = (u64, Hash, [u64; 3], Vec<ProofTarget>);
+
+#[derive(Debug, Default)]
+struct EvidenceCache {
+    entries: HashMap<EvidenceKey, Evidence>,
+    bytes: usize,
+}
+
+impl Evidence {
+    /// About what it holds in memory.
+    fn size_bytes(&self) -> usize {
+        let hashes: usize = self.consistency.iter().map(Vec::len).sum::<usize>()
+            + self
+                .inclusions
+                .iter()
+                .flatten()
+                .map(|p| p.proof.len())
+                .sum::<usize>();
+        let leaves: usize = self.inclusions.iter().flatten().map(|p| p.leaf.len()).sum();
+        hashes * HASH_BYTES + leaves + 64 * (self.inclusions.len() + 1)
+    }
 }
 
 struct StoredNodes<'a>(&'a Store);
+
+/// Stored subtree hashes, with the peaks of one tree in memory first.
+struct PeakedNodes<'a> {
+    peaks: Vec<signpost_audit::Node>,
+    store: &'a Store,
+}
+
+impl NodeSource for PeakedNodes<'_> {
+    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
+        match self
+            .peaks
+            .iter()
+            .find(|p| p.level == level && p.index == index)
+        {
+            Some(peak) => Ok(peak.hash),
+            None => StoredNodes(self.store).node(level, index),
+        }
+    }
+}
 
 impl NodeSource for StoredNodes<'_> {
     fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
@@ -104,7 +228,12 @@ impl NodeSource for StoredNodes<'_> {
 
 impl AuditLog {
     pub(crate) fn new(store: Arc<Store>, state: StateMachine) -> AuditLog {
-        AuditLog { store, state }
+        AuditLog {
+            store,
+            state,
+            found: Arc::default(),
+            evidence: Arc::default(),
+        }
     }
 
     fn base(&self) -> Result<Frontier, ConsensusError> {
@@ -196,7 +325,8 @@ impl AuditLog {
             // Refuse to store a base that does not decode: it would make this node's log
             // unreadable.
             Frontier::decode(&frontier)?;
-            this.store.audit_prune(base, &frontier)?;
+            let keep = this.live_below(base)?;
+            this.store.audit_prune(base, &frontier, &keep)?;
             Ok(true)
         })
         .await
@@ -252,6 +382,315 @@ impl AuditLog {
             new_root,
             proof,
         })
+    }
+
+    /// The proofs an answer read from the tree of `request.size` records carries: that tree
+    /// extends each size in `request.extends`, and each target's record is in it. Reads
+    /// O(log n) leaves per target to find it (leaves are in revision order) and O(log² n)
+    /// stored hashes per proof.
+    pub fn evidence(
+        &self,
+        request: &EvidenceRequest,
+        targets: &[ProofTarget],
+    ) -> Result<Evidence, ConsensusError> {
+        let evidence = self.evidence_uncached(request, targets)?;
+        let bytes = evidence.size_bytes();
+        if bytes <= EVIDENCE_CACHE_BYTES_MAX / 16 {
+            let mut cache = self
+                .evidence
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if cache.bytes + bytes > EVIDENCE_CACHE_BYTES_MAX {
+                *cache = EvidenceCache::default();
+            }
+            let key = (
+                request.tree.size(),
+                request.tree.root(),
+                request.extends,
+                targets.to_vec(),
+            );
+            if cache.entries.insert(key, evidence.clone()).is_none() {
+                cache.bytes += bytes;
+            }
+        }
+        Ok(evidence)
+    }
+
+    /// Waits (at most `wait`) until the tree of `size` records is in the store, so proofs about
+    /// a frontier just read from the state can be made from it.
+    pub async fn stored(&self, size: u64, wait: std::time::Duration) -> Result<(), ConsensusError> {
+        let mut stored = self.state.audit_stored();
+        let reached = tokio::time::timeout(wait, stored.wait_for(|s| *s >= size))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        if reached {
+            Ok(())
+        } else {
+            Err(ConsensusError::Unavailable(format!(
+                "the audit tree of {size} records is not in this node's store yet"
+            )))
+        }
+    }
+
+    /// The evidence [`AuditLog::evidence`] made for the same tree, sizes and records, if it
+    /// still has it: memory only, so callers on the async workers ask this first.
+    pub fn cached_evidence(
+        &self,
+        request: &EvidenceRequest,
+        targets: &[ProofTarget],
+    ) -> Option<Evidence> {
+        let key = (
+            request.tree.size(),
+            request.tree.root(),
+            request.extends,
+            targets.to_vec(),
+        );
+        self.evidence
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entries
+            .get(&key)
+            .cloned()
+    }
+
+    fn evidence_uncached(
+        &self,
+        request: &EvidenceRequest,
+        targets: &[ProofTarget],
+    ) -> Result<Evidence, ConsensusError> {
+        let size = request.tree.size();
+        let nodes = PeakedNodes {
+            peaks: request.tree.peaks(),
+            store: &self.store,
+        };
+        let mut consistency: [Vec<Hash>; 3] = Default::default();
+        for (proof, &old) in consistency.iter_mut().zip(&request.extends) {
+            if old != 0 && old < size {
+                *proof = consistency_proof(&nodes, old, size)?;
+            }
+        }
+        let mut inclusions = Vec::with_capacity(targets.len());
+        for target in targets {
+            let found = self.find_record_cached(target, size)?;
+            inclusions.push(match found {
+                None => None,
+                Some((index, leaf)) => Some(RecordProof {
+                    index,
+                    leaf,
+                    proof: inclusion_proof(&nodes, index, size)?,
+                }),
+            });
+        }
+        Ok(Evidence {
+            consistency,
+            inclusions,
+        })
+    }
+
+    /// [`AuditLog::find_record`], remembering where it found each record: a read-heavy
+    /// registry proves the same records over and over.
+    fn find_record_cached(
+        &self,
+        target: &ProofTarget,
+        size: u64,
+    ) -> Result<Option<(u64, Vec<u8>)>, ConsensusError> {
+        let key = (
+            target.service.clone(),
+            target.instance.clone(),
+            target.revision,
+        );
+        let known = self
+            .found
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&key)
+            .copied();
+        if let Some(index) = known.filter(|&index| index < size) {
+            if let Some(leaf) = self.store.audit_leaf(index)? {
+                let record = decode_leaf(index, &leaf)?;
+                if record.revision == target.revision
+                    && is_registration_of(&record, &target.service, &target.instance)
+                {
+                    return Ok(Some((index, leaf)));
+                }
+            }
+        }
+        let found = self.find_record(target, size)?;
+        if let Some((index, _)) = &found {
+            let mut cache = self
+                .found
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if cache.len() >= FOUND_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key, *index);
+        }
+        Ok(found)
+    }
+
+    /// The leaf of the applied registration of `target` logged at its revision, among the
+    /// stored leaves below `size` (those after the base, and those kept below it for live
+    /// registrations): a binary search, by seeks, for the revision's first stored leaf, then
+    /// the last matching leaf of that revision (one entry can register an instance twice; the
+    /// state holds the last).
+    fn find_record(
+        &self,
+        target: &ProofTarget,
+        size: u64,
+    ) -> Result<Option<(u64, Vec<u8>)>, ConsensusError> {
+        // Invariant: stored leaves below `lo` are of earlier revisions, stored leaves from `hi`
+        // (below `size`) of this one or later.
+        let (mut lo, mut hi) = (0u64, size);
+        // Most records served are recent: gallop back from the head by point reads while the
+        // leaves are contiguous (from the base on), then search what is left.
+        let base = self.base()?.size();
+        let mut step = 1u64;
+        while hi > base && step <= hi - base {
+            let probe = hi - step;
+            let Some(leaf) = self.store.audit_leaf(probe)? else {
+                break;
+            };
+            if decode_leaf(probe, &leaf)?.revision < target.revision {
+                lo = probe + 1;
+                break;
+            }
+            hi = probe;
+            step = step.saturating_mul(2);
+        }
+        if lo > 0 {
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let leaf = self.store.audit_leaf(mid)?.ok_or(AuditError::Missing {
+                    level: 0,
+                    index: mid,
+                })?;
+                if decode_leaf(mid, &leaf)?.revision < target.revision {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+        }
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.store.audit_leaves_sparse(mid, hi, 1)?.pop() {
+                None => hi = mid,
+                Some((index, leaf)) => {
+                    if decode_leaf(index, &leaf)?.revision < target.revision {
+                        lo = index + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+            }
+        }
+        let mut found = None;
+        let mut at = lo;
+        let mut seen = 0usize;
+        'pages: while at < size && seen < REVISION_LEAVES_MAX {
+            let page = self.store.audit_leaves_sparse(at, size, REVISION_PAGE)?;
+            if page.is_empty() {
+                break;
+            }
+            for (index, leaf) in page {
+                seen += 1;
+                at = index + 1;
+                let record = decode_leaf(index, &leaf)?;
+                if record.revision != target.revision {
+                    break 'pages;
+                }
+                if is_registration_of(&record, &target.service, &target.instance) {
+                    found = Some((index, leaf));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// What a prune to `base` must keep below it so that every live registration whose record
+    /// lies there can still be proven: its record, and the subtree hashes of its audit path
+    /// inside its peak of `base` (every other hash its proofs need is a peak or lies after the
+    /// base). One pass over the stored records below `base`; bounded by the live instances.
+    fn live_below(&self, base: u64) -> Result<Vec<AuditPut>, ConsensusError> {
+        // Records of revisions after the first kept record's are all after the base.
+        let after = match self.store.audit_leaves(base, 1, usize::MAX)?.pop() {
+            Some((index, leaf)) => decode_leaf(index, &leaf)?.revision,
+            None => u64::MAX,
+        };
+        let live: HashMap<(String, String), u64> = {
+            let shared = self.state.read();
+            shared
+                .registry
+                .record_revisions()
+                .filter(|(_, _, revision)| *revision <= after)
+                .map(|(s, i, r)| ((s.to_owned(), i.to_owned()), r))
+                .collect()
+        };
+        let mut found: HashMap<(String, String), (u64, Vec<u8>)> = HashMap::new();
+        let mut at = 0;
+        while !live.is_empty() && at < base {
+            let page = self.store.audit_leaves_sparse(at, base, VERIFY_PAGE)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            at = last + 1;
+            for (index, leaf) in page {
+                let record = decode_leaf(index, &leaf)?;
+                let key = (record.service.clone(), record.instance.clone());
+                if live.get(&key) == Some(&record.revision)
+                    && is_registration_of(&record, &key.0, &key.1)
+                {
+                    found.insert(key, (index, leaf));
+                }
+            }
+        }
+        let nodes = StoredNodes(&self.store);
+        let mut keep = Vec::new();
+        let mut kept_nodes = std::collections::HashSet::new();
+        for (index, leaf) in found.into_values() {
+            // The peak of `base` holding the record: the set bit of `base` whose run covers it.
+            let mut start = 0u64;
+            let mut peak_level = 0u8;
+            for level in (0..64u8).rev() {
+                if (base >> level) & 1 == 1 {
+                    if index < start + (1u64 << level) {
+                        peak_level = level;
+                        break;
+                    }
+                    start += 1u64 << level;
+                }
+            }
+            // A path hash this node lacks (a record kept by an older version without its
+            // path) makes the record unprovable here anyway: keep neither.
+            let path: Result<Vec<(u8, u64, Hash)>, AuditError> = (0..peak_level)
+                .map(|level| {
+                    let sibling = (index >> level) ^ 1;
+                    nodes
+                        .node(level, sibling)
+                        .map(|hash| (level, sibling, hash))
+                })
+                .collect();
+            let Ok(path) = path else {
+                tracing::warn!(
+                    index,
+                    "a live registration's audit path is incomplete; not kept"
+                );
+                continue;
+            };
+            for (level, sibling, hash) in path {
+                if kept_nodes.insert((level, sibling)) {
+                    keep.push(AuditPut::Node {
+                        level,
+                        index: sibling,
+                        hash,
+                    });
+                }
+            }
+            keep.push(AuditPut::Leaf { index, leaf });
+        }
+        Ok(keep)
     }
 
     /// Rehashes every stored record from the first, checks each stored subtree hash it
@@ -313,6 +752,32 @@ impl AuditLog {
             result.first_bad = head.size;
             result.problem = "the records rehash to another root than the head".into();
             return Ok(result);
+        }
+        // The records kept below the base for live registrations: each must still prove into
+        // the head from the hashes kept with it.
+        let mut at = 0;
+        while at < head.first_index {
+            let page = self
+                .store
+                .audit_leaves_sparse(at, head.first_index, VERIFY_PAGE)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            at = last + 1;
+            for (index, leaf) in page {
+                result.checked += 1;
+                let proven = inclusion_proof(&nodes, index, head.size).and_then(|proof| {
+                    let proof: Vec<Vec<u8>> = proof.iter().map(|h| h.to_vec()).collect();
+                    signpost_audit::verify_inclusion(&leaf, index, head.size, &head.root, &proof)
+                });
+                if let Err(e) = proven {
+                    result.first_bad = index;
+                    result.problem = format!(
+                        "record {index}, kept below the base for a live registration, does not prove into the head: {e}"
+                    );
+                    return Ok(result);
+                }
+            }
         }
         result.verified = true;
         result.first_bad = 0;

@@ -126,6 +126,10 @@ pub struct StateMachine {
     // Held by whatever replaces the stored audit base (snapshot install, retention), so the
     // two never interleave their batches.
     audit_base: Arc<tokio::sync::Mutex<()>>,
+    // The size of the audit tree whose records and subtree hashes are in the store: apply
+    // moves `SharedState::audit` first and writes its batch after, so a reader of the frontier
+    // waits for this before proving anything about it.
+    audit_stored: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn sm_error<E: std::error::Error + 'static>(verb: ErrorVerb, e: &E) -> StorageError<u64> {
@@ -151,6 +155,7 @@ impl StateMachine {
             })?,
         };
         let (applied_tx, _) = broadcast::channel(APPLIED_CHANNEL_CAPACITY);
+        let audit_stored = Arc::new(tokio::sync::watch::Sender::new(audit.size()));
         Ok(StateMachine {
             store,
             shared: Arc::new(RwLock::new(SharedState {
@@ -162,7 +167,23 @@ impl StateMachine {
             applied_tx,
             verified: Arc::new(VerifiedSignatures::new(VERIFIED_SIGNATURES_DEFAULT)),
             audit_base: Arc::new(tokio::sync::Mutex::new(())),
+            audit_stored,
         })
+    }
+
+    /// Follows the size of the audit tree that is in the store (see the field).
+    pub(crate) fn audit_stored(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.audit_stored.subscribe()
+    }
+
+    fn stored_audit_size(&self, size: u64) {
+        self.audit_stored.send_if_modified(|stored| {
+            let grows = size > *stored;
+            if grows {
+                *stored = size;
+            }
+            grows
+        });
     }
 
     /// The signatures this node verified before proposing them, for its admission check to
@@ -285,7 +306,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut changes = Vec::new();
         let mut events = Vec::new();
         let mut audit = Vec::new();
-        let (last_applied, membership, frontier) = {
+        let (last_applied, membership, frontier, audit_size) = {
             let mut shared = self.write();
             for entry in entries {
                 let index = entry.log_id.index;
@@ -337,6 +358,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 shared.last_applied,
                 shared.membership.clone(),
                 shared.audit.encode(),
+                shared.audit.size(),
             )
         };
         if outcomes.is_empty() {
@@ -363,6 +385,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| sm_error(ErrorVerb::Write, &e))?
         .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        self.stored_audit_size(audit_size);
         let revision = last_applied.map(|l| l.index).unwrap_or(0);
         // Nobody listening is fine: send only fails when there are no receivers.
         let _ = self
@@ -440,6 +463,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| sm_error(ErrorVerb::Write, &e))?
         .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        let audit_size = frontier.size();
         {
             let mut shared = self.write();
             shared.registry = registry;
@@ -447,6 +471,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             shared.membership = meta.last_membership.clone();
             shared.audit = frontier;
         }
+        self.stored_audit_size(audit_size);
         let revision = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         metrics::counter!(crate::SNAPSHOTS_INSTALLED_TOTAL).increment(1);

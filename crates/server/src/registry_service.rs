@@ -2,12 +2,14 @@
 //! → map the apply outcome. Reads are authorize → (read index) → serve from local state.
 
 use prost::Message;
+use signpost_consensus::audit_log::{EvidenceRequest, ProofTarget};
 use signpost_consensus::Consensus;
 use signpost_proto::v1::registry_server::Registry;
 use signpost_proto::v1::{
-    BindRequest, DeregisterRequest, Envelope, KeepAliveRequest, KeepAliveResponse, ListRequest,
-    ListResponse, MultiEnvelope, RegisterRequest, ResolveRequest, ResolveResponse,
-    RotateAdminsRequest, ServiceRecords, WatchEvent, WatchRequest, WriteResponse,
+    AuditEvidence, AuditEvidenceRequest, BindRequest, DeregisterRequest, Envelope,
+    KeepAliveRequest, KeepAliveResponse, ListRequest, ListResponse, MultiEnvelope, RecordInclusion,
+    RegisterRequest, ResolveRequest, ResolveResponse, RotateAdminsRequest, ServiceRecords,
+    WatchEvent, WatchRequest, WriteResponse,
 };
 use signpost_record::{self as record, Reason};
 use signpost_state::{Command, Outcome, Request as LogRequest, ServiceView};
@@ -175,6 +177,104 @@ impl RegistryService {
             .map_err(consensus_status)
     }
 
+    /// The audit evidence of an answer read from the tree `tree` (size and root, read with the
+    /// state served): the checkpoint (read before that state, so never larger than the tree),
+    /// consistency proofs to the tree, and an inclusion proof of each served record, filled
+    /// into `services`. Blocking reads run off the async workers.
+    async fn evidence(
+        &self,
+        ask: &AuditEvidenceRequest,
+        checkpoint: Option<signpost_audit::SignedCheckpoint>,
+        tree: signpost_audit::Frontier,
+        checkpoint_binding: Option<Vec<u8>>,
+        views: &[ServiceView],
+        services: &mut [ServiceRecords],
+    ) -> Result<AuditEvidence, Status> {
+        let checkpoint_size = checkpoint.as_ref().map_or(0, |c| c.checkpoint.size);
+        let (tree_size, root) = (tree.size(), tree.root());
+        let request = EvidenceRequest {
+            tree,
+            extends: [checkpoint_size, ask.trusted_size, ask.accepted_size],
+        };
+        let targets: Vec<ProofTarget> = views
+            .iter()
+            .flat_map(|view| {
+                view.instances
+                    .iter()
+                    .zip(&view.revisions)
+                    .map(|(instance, &revision)| ProofTarget {
+                        revision,
+                        service: view.service.clone(),
+                        instance: instance.clone(),
+                    })
+            })
+            .collect();
+        let audit = self.consensus.audit().clone();
+        audit
+            .stored(tree_size, EVIDENCE_STORED_WAIT)
+            .await
+            .map_err(consensus_status)?;
+        let evidence = match audit.cached_evidence(&request, &targets) {
+            Some(evidence) => evidence,
+            None => tokio::task::spawn_blocking(move || audit.evidence(&request, &targets))
+                .await
+                .map_err(|e| Status::unavailable(format!("audit evidence task: {e}")))?
+                .map_err(consensus_status)?,
+        };
+        let mut inclusions = evidence.inclusions.into_iter();
+        for service in services.iter_mut() {
+            service.inclusions = service
+                .records
+                .iter()
+                .map(|_| {
+                    inclusions
+                        .next()
+                        .flatten()
+                        .map(|p| RecordInclusion {
+                            index: p.index,
+                            leaf: p.leaf,
+                            hashes: p.proof.iter().map(|h| h.to_vec()).collect(),
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+        }
+        let hashes = |proof: &Vec<signpost_audit::Hash>| -> Vec<Vec<u8>> {
+            proof.iter().map(|h| h.to_vec()).collect()
+        };
+        let [from_checkpoint, from_trusted, from_accepted] = &evidence.consistency;
+        Ok(AuditEvidence {
+            checkpoint: checkpoint.map(|c| c.note).unwrap_or_default(),
+            checkpoint_binding: checkpoint_binding
+                .map(|b| {
+                    Envelope::decode(b.as_slice())
+                        .map_err(|e| Status::internal(format!("stored binding is corrupt: {e}")))
+                })
+                .transpose()?,
+            tree_size,
+            root_hash: root.to_vec(),
+            checkpoint_consistency: hashes(from_checkpoint),
+            trusted_consistency: hashes(from_trusted),
+            accepted_consistency: hashes(from_accepted),
+        })
+    }
+
+    /// `read` of the registry, with the revision, audit tree and checkpoint binding it was read
+    /// at, all under one lock.
+    fn read_at<T>(&self, read: impl FnOnce(&signpost_state::Registry) -> T) -> ReadAt<T> {
+        let state = self.consensus.state();
+        ReadAt {
+            answer: read(&state.registry),
+            revision: state.revision(),
+            tree: state.audit.clone(),
+            checkpoint_binding: state
+                .registry
+                .resolve(signpost_audit::CHECKPOINT_SERVICE)
+                .map(|view| view.binding)
+                .filter(|binding| !binding.is_empty()),
+        }
+    }
+
     fn admin_chain(&self) -> Result<Vec<MultiEnvelope>, Status> {
         let chain = self.consensus.state().registry.admin_chain();
         chain
@@ -186,6 +286,10 @@ impl RegistryService {
             .collect()
     }
 }
+
+/// Longest an answer waits for the audit tree it was read from to be written (apply writes its
+/// batch right after moving the state; milliseconds).
+const EVIDENCE_STORED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Replies buffered per keep-alive stream; a client that stops reading stalls only itself.
 const KEEP_ALIVE_BUFFER: usize = 64;
@@ -222,7 +326,17 @@ fn service_records(view: ServiceView) -> Result<ServiceRecords, Status> {
         service: view.service,
         binding,
         records,
+        inclusions: Vec::new(),
     })
+}
+
+/// What one read takes from the state in one go, so the evidence proves the tree the answer
+/// was read from.
+struct ReadAt<T> {
+    answer: T,
+    revision: u64,
+    tree: signpost_audit::Frontier,
+    checkpoint_binding: Option<Vec<u8>>,
 }
 
 type EventStream =
@@ -334,21 +448,36 @@ impl Registry for RegistryService {
         let request = request.into_inner();
         precheck(record::validate_service_name(&request.service))?;
         let barrier = self.read_revision(request.stale).await?;
-        let (view, revision) = {
-            let state = self.consensus.state();
-            (state.registry.resolve(&request.service), state.revision())
-        };
-        debug_assert!(revision >= barrier || request.stale);
-        let view = view.ok_or_else(|| {
+        let checkpoint = self.consensus.checkpoints().latest();
+        let read = self.read_at(|registry| registry.resolve(&request.service));
+        debug_assert!(read.revision >= barrier || request.stale);
+        let view = read.answer.ok_or_else(|| {
             refusal(
                 Reason::NotFound,
                 &format!("service {} is not registered", request.service),
             )
         })?;
+        let mut services = [service_records(view.clone())?];
+        let audit = match request.audit.filter(|a| a.prove) {
+            Some(ask) => Some(
+                self.evidence(
+                    &ask,
+                    checkpoint,
+                    read.tree,
+                    read.checkpoint_binding,
+                    std::slice::from_ref(&view),
+                    &mut services,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let [service] = services;
         Ok(Response::new(ResolveResponse {
-            service: Some(service_records(view)?),
-            revision,
+            service: Some(service),
+            revision: read.revision,
             admin_chain: self.admin_chain()?,
+            audit,
         }))
     }
 
@@ -371,27 +500,43 @@ impl Registry for RegistryService {
             (limit / crate::admission::LIST_SERVICES_PER_TOKEN) as f64,
         );
         self.read_revision(request.stale).await?;
-        let (views, next, revision) = {
-            let state = self.consensus.state();
-            let (views, next) = state.registry.list_page(
+        let checkpoint = self.consensus.checkpoints().latest();
+        let read = self.read_at(|registry| {
+            registry.list_page(
                 &request.page_token,
                 request.all_bound,
                 limit,
                 LIST_PAGE_BYTES_MAX,
-            );
-            (views, next, state.revision())
-        };
+            )
+        });
+        let (views, next) = read.answer;
         let records: usize = views.iter().map(|v| v.records.len()).sum();
         self.admission.charge_answer(&caller, records);
-        let services = views
-            .into_iter()
+        let mut services = views
+            .iter()
+            .cloned()
             .map(service_records)
             .collect::<Result<Vec<_>, _>>()?;
+        let audit = match request.audit.filter(|a| a.prove) {
+            Some(ask) => Some(
+                self.evidence(
+                    &ask,
+                    checkpoint,
+                    read.tree,
+                    read.checkpoint_binding,
+                    &views,
+                    &mut services,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         Ok(Response::new(ListResponse {
             services,
-            revision,
+            revision: read.revision,
             admin_chain: self.admin_chain()?,
             next_page_token: next.unwrap_or_default(),
+            audit,
         }))
     }
 

@@ -79,6 +79,12 @@ impl Registry {
             records: records
                 .map(|instances| instances.values().map(|r| r.envelope.clone()).collect())
                 .unwrap_or_default(),
+            instances: records
+                .map(|instances| instances.keys().cloned().collect())
+                .unwrap_or_default(),
+            revisions: records
+                .map(|instances| instances.values().map(|r| r.revision).collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -204,6 +210,16 @@ impl Registry {
                     record.sequence,
                     record.ttl_secs,
                 )
+            })
+        })
+    }
+
+    /// Every live instance as (service, instance, revision of the write that stored its
+    /// record): where the audit leaf of its current version is.
+    pub fn record_revisions(&self) -> impl Iterator<Item = (&str, &str, u64)> + '_ {
+        self.services.iter().flat_map(|(service, instances)| {
+            instances.iter().map(move |(instance, record)| {
+                (service.as_str(), instance.as_str(), record.revision)
             })
         })
     }

@@ -9,6 +9,11 @@ pub struct ServiceView {
     pub binding: Vec<u8>,
     /// The encoded `Envelope`s of the live `RecordPayload`s, ordered by instance id.
     pub records: Vec<Vec<u8>>,
+    /// For each record, in the same order, its instance id.
+    pub instances: Vec<String>,
+    /// For each record, in the same order, the revision of the write that stored it: where
+    /// its audit leaf is.
+    pub revisions: Vec<u64>,
 }
 
 /// What the lease tracker needs to know about one live instance.

@@ -493,6 +493,38 @@ impl Store {
         Ok(out)
     }
 
+    /// Stored audit record `index`, if stored: one point read.
+    pub fn audit_leaf(&self, index: u64) -> Result<Option<Vec<u8>>> {
+        self.get(CF_AUDIT, &audit_leaf_key(index))
+    }
+
+    /// Stored audit records with indexes in `[from, end)`, in order, gaps allowed (below the
+    /// base, only the records of live registrations are kept): at most `limit` of them.
+    pub fn audit_leaves_sparse(
+        &self,
+        from: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let cf = self.cf(CF_AUDIT)?;
+        let start = audit_leaf_key(from);
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            match parse_index(&key, AUDIT_LEAF) {
+                Some(index) if index < end => out.push((index, value.into_vec())),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// The index of the first stored audit record, if any.
     pub fn audit_first_index(&self) -> Result<Option<u64>> {
         let cf = self.cf(CF_AUDIT)?;
@@ -544,8 +576,9 @@ impl Store {
     /// per set bit): those, and `base_frontier` stored as the new base, are what proofs about
     /// any tree of at least `base` records need of the records before it. Apply only writes
     /// records at the head and subtrees that end after it, so it never touches what this
-    /// deletes.
-    pub fn audit_prune(&self, base: u64, base_frontier: &[u8]) -> Result<()> {
+    /// deletes. `keep` (records and subtree hashes inside the pruned range that proofs of live
+    /// registrations need) is written back in the same batch, after the deletes.
+    pub fn audit_prune(&self, base: u64, base_frontier: &[u8], keep: &[AuditPut]) -> Result<()> {
         let cf = self.cf(CF_AUDIT)?;
         let mut batch = WriteBatch::default();
         Self::check_len(base_frontier)?;
@@ -563,6 +596,7 @@ impl Store {
                 batch.delete_range_cf(cf, audit_node_key(level, 0), audit_node_key(level, end));
             }
         }
+        Self::audit_to(&mut batch, cf, keep)?;
         self.write_synced(batch)
     }
 
@@ -891,7 +925,7 @@ mod tests {
         };
 
         eprintln!("phase 2: pruned to 6 = 4 + 2 records");
-        store.audit_prune(6, b"frontier of 6").unwrap();
+        store.audit_prune(6, b"frontier of 6", &[]).unwrap();
         assert_eq!(store.audit_first_index().unwrap(), Some(6));
         assert_eq!(
             store.audit_base().unwrap().as_deref(),
@@ -915,11 +949,46 @@ mod tests {
         assert_eq!(stored(&store), expected);
 
         eprintln!("phase 3: pruning again to 8 keeps the one peak of 8 and nothing inside it");
-        store.audit_prune(8, b"frontier of 8").unwrap();
+        store.audit_prune(8, b"frontier of 8", &[]).unwrap();
         assert_eq!(store.audit_first_index().unwrap(), Some(8));
         let mut expected = vec![(0, 8), (0, 9), (0, 10), (0, 11), (0, 12)];
         expected.extend([(1, 4), (1, 5), (2, 2), (3, 0)]);
         expected.sort();
+        assert_eq!(stored(&store), expected);
+        assert_eq!(store.audit_leaves_sparse(0, 8, 100).unwrap(), vec![]);
+
+        eprintln!("phase 4: pruning to 12 writes back what it is told to keep, after the deletes");
+        let keep = [
+            AuditPut::Leaf {
+                index: 9,
+                leaf: vec![9; 4],
+            },
+            AuditPut::Node {
+                level: 0,
+                index: 8,
+                hash: [8; AUDIT_HASH_BYTES],
+            },
+            AuditPut::Node {
+                level: 1,
+                index: 5,
+                hash: [21; AUDIT_HASH_BYTES],
+            },
+        ];
+        store.audit_prune(12, b"frontier of 12", &keep).unwrap();
+        assert_eq!(store.audit_first_index().unwrap(), Some(9));
+        assert_eq!(
+            store.audit_leaves_sparse(0, 12, 100).unwrap(),
+            vec![(9, vec![9; 4])]
+        );
+        assert_eq!(
+            store.audit_leaves_sparse(0, 13, 100).unwrap(),
+            vec![(9, vec![9; 4]), (12, vec![12; 4])]
+        );
+        assert_eq!(
+            store.audit_leaves_sparse(10, 13, 1).unwrap(),
+            vec![(12, vec![12; 4])]
+        );
+        let expected = vec![(0, 8), (0, 12), (1, 5), (2, 2), (3, 0)];
         assert_eq!(stored(&store), expected);
     }
 
