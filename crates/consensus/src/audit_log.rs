@@ -784,3 +784,170 @@ impl AuditLog {
         Ok(result)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(revision: u64, position: u32, instance: &str, applied: bool) -> Vec<u8> {
+        AuditRecord {
+            revision,
+            position,
+            op: Op::Register as i32,
+            service: "payments".into(),
+            instance: instance.into(),
+            applied,
+            sequence: revision,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// A log of `revisions` entries of three commands each: p0 applied, p1 refused, p0 applied
+    /// again (the state holds the second); returns it and its stored tree.
+    fn log_of(revisions: u64) -> (tempfile::TempDir, AuditLog, Frontier) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let state = StateMachine::open(Arc::clone(&store)).unwrap();
+        let mut frontier = Frontier::new();
+        let mut puts = Vec::new();
+        for revision in 1..=revisions {
+            for (position, (instance, applied)) in [("p0", true), ("p1", false), ("p0", true)]
+                .into_iter()
+                .enumerate()
+            {
+                let bytes = leaf(revision, position as u32, instance, applied);
+                let index = frontier.size();
+                for node in frontier.append(leaf_hash(&bytes)) {
+                    puts.push(AuditPut::Node {
+                        level: node.level,
+                        index: node.index,
+                        hash: node.hash,
+                    });
+                }
+                puts.push(AuditPut::Leaf { index, leaf: bytes });
+            }
+        }
+        store.state_apply(&[], &[], &puts).unwrap();
+        (dir, AuditLog::new(store, state), frontier)
+    }
+
+    fn target(revision: u64, instance: &str) -> ProofTarget {
+        ProofTarget {
+            revision,
+            service: "payments".into(),
+            instance: instance.into(),
+        }
+    }
+
+    #[test]
+    fn a_registration_is_found_at_the_last_applied_leaf_of_its_revision_wherever_it_lies() {
+        let (_dir, log, frontier) = log_of(100);
+        let size = frontier.size();
+
+        eprintln!("phase 1: every revision, near the head (gallop) and far from it (search)");
+        for revision in 1..=100 {
+            let (index, _) = log
+                .find_record(&target(revision, "p0"), size)
+                .unwrap()
+                .expect("found");
+            assert_eq!(index, (revision - 1) * 3 + 2, "revision {revision}");
+        }
+
+        eprintln!("phase 2: a refused command or another revision is none; a smaller tree holds only the first");
+        assert_eq!(log.find_record(&target(50, "p1"), size).unwrap(), None);
+        assert_eq!(log.find_record(&target(101, "p0"), size).unwrap(), None);
+        let first_of_last = log.find_record(&target(100, "p0"), size - 1).unwrap();
+        assert_eq!(first_of_last.map(|f| f.0), Some(size - 3));
+
+        eprintln!("phase 3: the evidence proves it, and the cached lookup agrees");
+        let request = EvidenceRequest {
+            tree: frontier.clone(),
+            extends: [10, 0, size],
+        };
+        let evidence = log.evidence(&request, &[target(7, "p0")]).unwrap();
+        let proof = evidence.inclusions[0].clone().expect("proven");
+        let hashes: Vec<Vec<u8>> = proof.proof.iter().map(|h| h.to_vec()).collect();
+        signpost_audit::verify_inclusion(&proof.leaf, proof.index, size, &frontier.root(), &hashes)
+            .unwrap();
+        assert!(evidence.consistency[1].is_empty() && evidence.consistency[2].is_empty());
+        assert!(!evidence.consistency[0].is_empty());
+        assert_eq!(
+            log.cached_evidence(&request, &[target(7, "p0")]),
+            Some(evidence)
+        );
+        assert_eq!(
+            log.find_record_cached(&target(7, "p0"), size)
+                .unwrap()
+                .map(|f| f.0),
+            Some(20)
+        );
+    }
+
+    #[test]
+    fn a_record_kept_below_the_base_is_found_and_proven_after_the_prune() {
+        let (_dir, log, frontier) = log_of(40);
+        let size = frontier.size();
+        let nodes = StoredNodes(&log.store);
+
+        eprintln!(
+            "phase 1: prune to 64, keeping revision 5's registration and its path in its peak"
+        );
+        let index = 14u64;
+        let mut keep = vec![AuditPut::Leaf {
+            index,
+            leaf: leaf(5, 2, "p0", true),
+        }];
+        for level in 0..6u8 {
+            let sibling = (index >> level) ^ 1;
+            keep.push(AuditPut::Node {
+                level,
+                index: sibling,
+                hash: nodes.node(level, sibling).unwrap(),
+            });
+        }
+        let mut base = Frontier::new();
+        for revision in 1..=40u64 {
+            for (position, (instance, applied)) in [("p0", true), ("p1", false), ("p0", true)]
+                .into_iter()
+                .enumerate()
+            {
+                if base.size() < 64 {
+                    base.append(leaf_hash(&leaf(
+                        revision,
+                        position as u32,
+                        instance,
+                        applied,
+                    )));
+                }
+            }
+        }
+        log.store.audit_prune(64, &base.encode(), &keep).unwrap();
+
+        eprintln!("phase 2: the kept record is found below the base, one after it too");
+        let found = log
+            .find_record(&target(5, "p0"), size)
+            .unwrap()
+            .expect("kept");
+        assert_eq!(found.0, index);
+        assert_eq!(
+            log.find_record(&target(6, "p0"), size).unwrap(),
+            None,
+            "pruned"
+        );
+        assert_eq!(
+            log.find_record(&target(30, "p0"), size)
+                .unwrap()
+                .map(|f| f.0),
+            Some(89)
+        );
+
+        eprintln!("phase 3: it proves into the head from what was kept");
+        let proof: Vec<Vec<u8>> = inclusion_proof(&nodes, index, size)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_vec())
+            .collect();
+        signpost_audit::verify_inclusion(&found.1, index, size, &frontier.root(), &proof).unwrap();
+    }
+}
