@@ -365,6 +365,23 @@ struct RogueRegistry {
     tamper: Option<Tamper>,
 }
 
+impl RogueRegistry {
+    /// A rogue that answers Resolve as `tamper` says (`honest` serves its other calls).
+    fn tampering(honest: &ResolveResponse, tamper: Tamper) -> RogueRegistry {
+        RogueRegistry {
+            honest: honest.clone(),
+            forger: None,
+            extra: Vec::new(),
+            watch: Vec::new(),
+            later: None,
+            resolves: Default::default(),
+            tamper: Some(tamper),
+        }
+    }
+}
+
+type Upstream = signpost_proto::v1::registry_client::RegistryClient<tonic::transport::Channel>;
+
 /// How a rogue node lies to a client that checks the audit log.
 #[derive(Clone)]
 enum Tamper {
@@ -383,6 +400,22 @@ enum Tamper {
     },
     /// Serves this answer once (a tree of its own making), then is unavailable.
     Once(ResolveResponse),
+    /// Forwards to an honest node and leaves the last instance out of the answer, with its
+    /// proof: every record it serves is genuine and logged.
+    Hide { upstream: Upstream },
+    /// Forwards to an honest node and serves, instead of `instance`'s current record, its older
+    /// `record`, whose genuine leaf `index` `audit` (an honest node) proves in the answer's
+    /// tree: a frozen view made only of logged records.
+    Freeze {
+        upstream: Upstream,
+        audit: signpost_proto::v1::audit_client::AuditClient<tonic::transport::Channel>,
+        instance: String,
+        record: Envelope,
+        index: u64,
+    },
+    /// Denies the service exists: NOT_FOUND with these status details (a genuine proof of
+    /// absence of another service, or nothing).
+    Deny { details: Vec<u8> },
 }
 
 type Stream<T> = Pin<Box<dyn futures_core::Stream<Item = Result<T, Status>> + Send>>;
@@ -439,6 +472,64 @@ impl Registry for RogueRegistry {
             Some(Tamper::Replay { answer, .. }) => return Ok(Response::new(answer.clone())),
             Some(Tamper::Once(answer)) if calls == 0 => return Ok(Response::new(answer.clone())),
             Some(Tamper::Once(_)) => return Err(Status::unavailable("rogue went away")),
+            Some(Tamper::Hide { upstream }) => {
+                let mut answer = upstream
+                    .clone()
+                    .resolve(request.into_inner())
+                    .await?
+                    .into_inner();
+                let service = answer.service.as_mut().unwrap();
+                service.records.pop();
+                service.inclusions.pop();
+                return Ok(Response::new(answer));
+            }
+            Some(Tamper::Freeze {
+                upstream,
+                audit,
+                instance,
+                record,
+                index,
+            }) => {
+                let mut answer = upstream
+                    .clone()
+                    .resolve(request.into_inner())
+                    .await?
+                    .into_inner();
+                let tree_size = answer.audit.as_ref().unwrap().tree_size;
+                let proof = audit
+                    .clone()
+                    .prove(AuditProveRequest {
+                        index: *index,
+                        tree_size,
+                    })
+                    .await?
+                    .into_inner();
+                let service = answer.service.as_mut().unwrap();
+                let at = service
+                    .records
+                    .iter()
+                    .position(|r| {
+                        <RecordPayload as prost::Message>::decode(r.payload.as_slice())
+                            .unwrap()
+                            .instance
+                            == *instance
+                    })
+                    .unwrap();
+                service.records[at] = record.clone();
+                service.inclusions[at] = RecordInclusion {
+                    index: *index,
+                    leaf: proof.leaf,
+                    hashes: proof.hashes,
+                };
+                return Ok(Response::new(answer));
+            }
+            Some(Tamper::Deny { details }) => {
+                return Err(Status::with_details(
+                    tonic::Code::NotFound,
+                    "not_found: service is not registered",
+                    details.clone().into(),
+                ))
+            }
         }
         if let (Some(later), true) = (&self.later, calls > 0) {
             return Ok(Response::new(later.clone()));
@@ -1570,18 +1661,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
         "phase 3: a rogue adds a validly signed record nobody registered: it cannot prove it"
     );
     let unlogged = signed_record(&key, "payments", "p9", 1, 6666);
-    let rogue = RogueRegistry {
-        honest: genuine.clone(),
-        forger: None,
-        extra: Vec::new(),
-        watch: Vec::new(),
-        later: None,
-        resolves: Default::default(),
-        tamper: Some(Tamper::Unlogged {
+    let rogue = RogueRegistry::tampering(
+        &genuine,
+        Tamper::Unlogged {
             upstream: signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1),
             record: unlogged,
-        }),
-    };
+        },
+    );
     let stolen = cluster.issue("node", "66");
     let unlogged_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
     let mut config = cluster.client_config(None, &[]);
@@ -1608,18 +1694,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
     assert_eq!(fell_back.instances.len(), 1, "only p1 is registered");
 
     eprintln!("phase 4: a rogue replays a genuine answer: refused once its checkpoint is too old");
-    let rogue = RogueRegistry {
-        honest: genuine.clone(),
-        forger: None,
-        extra: Vec::new(),
-        watch: Vec::new(),
-        later: None,
-        resolves: Default::default(),
-        tamper: Some(Tamper::Replay {
+    let rogue = RogueRegistry::tampering(
+        &genuine,
+        Tamper::Replay {
             first_honest: None,
             answer: genuine.clone(),
-        }),
-    };
+        },
+    );
     let replay_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
     let mut config = cluster.client_config(None, &[]);
     config.endpoints = vec![replay_addr.clone()];
@@ -1651,22 +1732,17 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
         .await
         .unwrap();
     covered_answer(&cluster, 1, "payments").await;
-    let rogue = RogueRegistry {
-        honest: genuine.clone(),
-        forger: None,
-        extra: Vec::new(),
-        watch: Vec::new(),
-        later: None,
-        resolves: Default::default(),
-        tamper: Some(Tamper::Replay {
+    let rogue = RogueRegistry::tampering(
+        &genuine,
+        Tamper::Replay {
             first_honest: Some(signpost_tests::raw_registry(
                 &cluster,
                 &cluster.root().join("admin-cert"),
                 1,
             )),
             answer: genuine.clone(),
-        }),
-    };
+        },
+    );
     let rollback_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
     let mut config = cluster.client_config(None, &[]);
     config.endpoints = vec![rollback_addr];
@@ -1694,7 +1770,24 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
     }
     assert_eq!(tree.frontier.root().to_vec(), base_evidence.root_hash);
     let forged = signed_record(&key, "payments", "p1", 1 << 40, 31337);
+    // Its state: payments with the forged record alone, which its last record commits to.
+    let digest = |bytes: Vec<u8>| -> signpost_audit::Hash { sha2::Sha256::digest(bytes).into() };
+    let binding = base.service.as_ref().unwrap().binding.clone().unwrap();
+    let instances = signpost_audit::StateTree::from_entries(vec![(
+        signpost_audit::name_key("p1"),
+        digest(prost::Message::encode_to_vec(&forged)),
+    )])
+    .unwrap();
+    let mut state = signpost_audit::StateTree::new();
+    state.insert(
+        signpost_audit::name_key("payments"),
+        signpost_audit::service_value(
+            &digest(prost::Message::encode_to_vec(&binding)),
+            &instances.root(),
+        ),
+    );
     let leaf = AuditRecord {
+        state_root: state.root().to_vec(),
         revision: base.revision + 1,
         op: audit_record::Op::Register as i32,
         service: "payments".into(),
@@ -1711,11 +1804,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
     let mut answer = base.clone();
     let service = answer.service.as_mut().unwrap();
     service.records = vec![forged];
+    let hashes = hex_hashes(signpost_audit::inclusion_proof(&tree, index, size).unwrap());
     service.inclusions = vec![RecordInclusion {
         index,
-        leaf,
-        hashes: hex_hashes(signpost_audit::inclusion_proof(&tree, index, size).unwrap()),
+        leaf: leaf.clone(),
+        hashes: hashes.clone(),
     }];
+    service.state = Some(StateProof::default());
     answer.audit = Some(AuditEvidence {
         tree_size: size,
         root_hash: tree.frontier.root().to_vec(),
@@ -1724,17 +1819,11 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
         ),
         trusted_consistency: Vec::new(),
         accepted_consistency: Vec::new(),
+        head_leaf: leaf,
+        head_inclusion: hashes,
         ..base_evidence
     });
-    let rogue = RogueRegistry {
-        honest: genuine.clone(),
-        forger: None,
-        extra: Vec::new(),
-        watch: Vec::new(),
-        later: None,
-        resolves: Default::default(),
-        tamper: Some(Tamper::Once(answer)),
-    };
+    let rogue = RogueRegistry::tampering(&genuine, Tamper::Once(answer));
     let fork_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
     let mut config = cluster.client_config(None, &[]);
     config.endpoints = vec![
@@ -1784,4 +1873,133 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
             && alarms[0].contains("a forked history"),
         "{alarms:?}"
     );
+
+    eprintln!("phase 8: a rogue leaves an instance out of an honest answer: the state proof fails");
+    let admin_registry =
+        || signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1);
+    let rogue = RogueRegistry::tampering(
+        &genuine,
+        Tamper::Hide {
+            upstream: admin_registry(),
+        },
+    );
+    let hide_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = cluster.client_config(None, &[]);
+    config.endpoints = vec![hide_addr.clone()];
+    let err = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("an answer without p3 was accepted");
+    assert!(
+        err.to_string()
+            .contains("is not the whole current state of the service"),
+        "{err}"
+    );
+    config.endpoints = vec![hide_addr, cluster.client_addr(2)];
+    let whole = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("an honest node answers");
+    assert_eq!(whole.instances.len(), 3);
+
+    eprintln!(
+        "phase 9: a rogue freezes p1 at its first version, logged and proven in the current tree"
+    );
+    payments
+        .register(signed_record(&key, "payments", "p1", 2, 4443))
+        .await
+        .unwrap();
+    covered_answer(&cluster, 1, "payments").await;
+    let genuine_p1 = genuine.service.as_ref().unwrap();
+    let rogue = RogueRegistry::tampering(
+        &genuine,
+        Tamper::Freeze {
+            upstream: admin_registry(),
+            audit: signpost_proto::v1::audit_client::AuditClient::new(signpost_tests::raw_channel(
+                &cluster,
+                &cluster.root().join("admin-cert"),
+                &cluster.client_addr(1),
+                None,
+            )),
+            instance: "p1".into(),
+            record: genuine_p1.records[0].clone(),
+            index: genuine_p1.inclusions[0].index,
+        },
+    );
+    let freeze_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    let mut config = cluster.client_config(None, &[]);
+    config.endpoints = vec![freeze_addr.clone()];
+    let err = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("a frozen p1 was accepted");
+    assert!(
+        err.to_string()
+            .contains("is not the whole current state of the service"),
+        "{err}"
+    );
+    config.endpoints = vec![freeze_addr, cluster.client_addr(2)];
+    let current = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("an honest node answers");
+    let ports: Vec<u32> = current
+        .instances
+        .iter()
+        .map(|i| i.payload.endpoints[0].port)
+        .collect();
+    assert_eq!(ports, vec![4443, 444, 445]);
+
+    eprintln!("phase 10: NOT_FOUND is proven; a rogue cannot deny a service that exists");
+    let mut strict_config = cluster.client_config(None, &[2]);
+    strict_config.audit.require_checkpoint = true;
+    let strict = Client::connect(&strict_config).unwrap();
+    let absent = strict
+        .resolve("ghost", true)
+        .await
+        .expect_err("ghost is not registered");
+    assert_eq!(absent.code(), Some(tonic::Code::NotFound), "{absent}");
+    let ghost = admin_registry()
+        .resolve(ResolveRequest {
+            service: "ghost".into(),
+            stale: true,
+            audit: Some(AuditEvidenceRequest {
+                prove: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("ghost is not registered");
+    assert!(!ghost.details().is_empty(), "the absence carries its proof");
+    for (details, refusal) in [
+        (
+            ghost.details().to_vec(),
+            "does not prove the service absent",
+        ),
+        (Vec::new(), "served no quorum-signed checkpoint"),
+    ] {
+        let rogue = RogueRegistry::tampering(&genuine, Tamper::Deny { details });
+        let deny_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+        let mut config = cluster.client_config(None, &[]);
+        config.audit.require_checkpoint = true;
+        config.endpoints = vec![deny_addr.clone()];
+        let err = Client::connect(&config)
+            .unwrap()
+            .resolve("payments", true)
+            .await
+            .expect_err("a denial was believed");
+        assert_ne!(err.code(), Some(tonic::Code::NotFound), "{err}");
+        assert!(err.to_string().contains(refusal), "{err}");
+        config.endpoints = vec![deny_addr, cluster.client_addr(2)];
+        let found = Client::connect(&config)
+            .unwrap()
+            .resolve("payments", true)
+            .await
+            .expect("an honest node answers");
+        assert_eq!(found.instances.len(), 3);
+    }
 }

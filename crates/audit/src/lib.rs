@@ -8,12 +8,16 @@
 //! yields the perfect subtrees it completed ([`Node`]); a node stores those with the leaves,
 //! and answers proofs from them through a [`NodeSource`], reading O(log² n) of them at worst.
 //!
+//! The registry's state is committed to by a sparse Merkle tree ([`StateTree`]) whose root
+//! every audit record carries, so an answer can be proven whole and current, not only logged.
+//!
 //! Proofs are generated here (by the RFC's recursive definitions) and verified with the
 //! `ct-merkle` crate, an independent implementation; the tests check each against the other.
 
 mod checkpoint;
 mod error;
 mod proof;
+mod state_tree;
 mod tree;
 
 pub use checkpoint::{
@@ -24,5 +28,9 @@ pub use error::AuditError;
 pub use proof::{
     consistency_proof, inclusion_proof, subtree_hash, verify_consistency, verify_inclusion,
     NodeSource,
+};
+pub use state_tree::{
+    name_key, service_value, state_leaf_hash, verify_state_proof, StateProof, StateTree, EMPTY,
+    KEY_BITS,
 };
 pub use tree::{empty_root, leaf_hash, node_hash, Frontier, Hash, Node, HASH_BYTES};

@@ -11,6 +11,13 @@
 //! it saw before, take it back to a smaller tree, serve answers older than the age limit, or
 //! serve a record the cluster never logged.
 //!
+//! Each record of the log carries the root of a commitment to the whole registry state after
+//! it (see `signpost_audit::StateTree`). An anchored answer proves its tree's last record, and
+//! each service it serves proves its path from that root: the client rebuilds the service's
+//! value from the binding and every record served, so a node cannot leave an instance out,
+//! serve an older version of one, or deny that a service exists (the proof of absence of a
+//! NOT_FOUND), in a tree the checkpoint covers or that a later checkpoint will check.
+//!
 //! A tree that no quorum has signed yet can be invented by the node that served it. It is
 //! checked as soon as a later answer's checkpoint covers it: if that checkpoint's tree does not
 //! extend it, the node that served it showed a forked history; the client drops it, keeps an
@@ -18,10 +25,14 @@
 
 use prost::Message;
 use sha2::{Digest, Sha256};
-use signpost_audit::{verify_consistency, verify_inclusion, Checkpoint, Hash, Witnesses};
+use signpost_audit::{
+    name_key, service_value, verify_consistency, verify_inclusion, verify_state_proof, Checkpoint,
+    Hash, StateTree, Witnesses, EMPTY,
+};
 use signpost_proto::v1::audit_record::Op;
 use signpost_proto::v1::{
-    AuditEvidence, AuditEvidenceRequest, AuditRecord, Envelope, RecordInclusion,
+    AuditEvidence, AuditEvidenceRequest, AuditRecord, Envelope, RecordInclusion, RecordPayload,
+    ServiceRecords, StateProof,
 };
 
 use crate::error::ClientError;
@@ -77,6 +88,9 @@ pub(crate) struct Checked {
     /// serves no checkpoint and this client does not demand one yet: then nothing is checked.
     anchored: bool,
     checkpoint: Option<Checkpoint>,
+    /// With `anchored`: the state commitment's root the tree's last record carries, which
+    /// every service served must prove its path from.
+    state_root: Option<Hash>,
     /// Set when the answer's checkpoint shows the accepted tree was a fork.
     fork: Option<String>,
 }
@@ -143,6 +157,7 @@ impl AuditTrust {
                 }),
                 anchored: false,
                 checkpoint: None,
+                state_root: None,
                 fork: None,
             });
         };
@@ -230,12 +245,14 @@ impl AuditTrust {
                 }
             }
         }
+        let state_root = head_state_root(from, evidence, size, &root)?;
         Ok(Checked {
             asked,
             from: from.to_owned(),
             tree: Some((size, root)),
             anchored: true,
             checkpoint: Some(checkpoint),
+            state_root: Some(state_root),
             fork,
         })
     }
@@ -284,6 +301,117 @@ impl AuditTrust {
             }
         }
     }
+}
+
+/// The state root carried by the last record of the tree of `size` records with `root`, as
+/// `evidence` proves it.
+fn head_state_root(
+    from: &str,
+    evidence: &AuditEvidence,
+    size: u64,
+    root: &Hash,
+) -> Result<Hash, ClientError> {
+    if evidence.head_leaf.is_empty() || size == 0 {
+        return Err(refused(format!(
+            "{from} cannot prove the state its answer was read from (no last record of its tree)"
+        )));
+    }
+    verify_inclusion(
+        &evidence.head_leaf,
+        size - 1,
+        size,
+        root,
+        &evidence.head_inclusion,
+    )
+    .map_err(|e| {
+        refused(format!(
+            "{from}'s last record is not the last of its tree of {size}: {e}"
+        ))
+    })?;
+    let head = AuditRecord::decode(evidence.head_leaf.as_slice())
+        .map_err(|e| refused(format!("{from}'s last record does not decode: {e}")))?;
+    hash32(&head.state_root, "the last record's state root")
+}
+
+impl Checked {
+    /// Checks that `records` is the whole of its service (binding and every live record) in
+    /// the state the answer was read from, or, with neither, that the service does not exist
+    /// there. Nothing to check when the answer has no checkpoint.
+    pub(crate) fn check_service(&self, records: &ServiceRecords) -> Result<(), ClientError> {
+        let Some(state_root) = &self.state_root else {
+            return Ok(());
+        };
+        let service = &records.service;
+        let proof = records.state.as_ref().ok_or_else(|| {
+            refused(format!(
+                "{} served {service} without a proof that it is the whole service",
+                self.from
+            ))
+        })?;
+        let proof = decode_state_proof(proof)?;
+        let value = if records.binding.is_none() && records.records.is_empty() {
+            None
+        } else {
+            let binding = records
+                .binding
+                .as_ref()
+                .map_or(EMPTY, |b| Sha256::digest(b.encode_to_vec()).into());
+            let mut entries = Vec::with_capacity(records.records.len());
+            for envelope in &records.records {
+                let payload = RecordPayload::decode(envelope.payload.as_slice())
+                    .map_err(|e| refused(format!("a record of {service} does not decode: {e}")))?;
+                let digest: Hash = Sha256::digest(envelope.encode_to_vec()).into();
+                entries.push((name_key(&payload.instance), digest));
+            }
+            let instances = StateTree::from_entries(entries).map_err(|e| {
+                refused(format!(
+                    "{} served {service} with an instance twice: {e}",
+                    self.from
+                ))
+            })?;
+            Some(service_value(&binding, &instances.root()))
+        };
+        let key = name_key(service);
+        let mut proof = proof;
+        // A present service's entry is the one just rebuilt: the node does not send it.
+        if let (Some(value), None) = (&value, &proof.leaf) {
+            proof.leaf = Some((key, *value));
+        }
+        verify_state_proof(state_root, &key, value.as_ref(), &proof).map_err(|e| {
+            let what = if value.is_some() {
+                "is not the whole current state of the service (an instance left out, or an older version served)"
+            } else {
+                "does not prove the service absent"
+            };
+            refused(format!(
+                "{}'s answer for {service} {what}: {e}",
+                self.from
+            ))
+        })
+    }
+}
+
+fn decode_state_proof(proof: &StateProof) -> Result<signpost_audit::StateProof, ClientError> {
+    if proof.siblings.len() > signpost_audit::KEY_BITS {
+        return Err(refused(format!(
+            "a state proof of {} siblings",
+            proof.siblings.len()
+        )));
+    }
+    let siblings = proof
+        .siblings
+        .iter()
+        .map(|h| hash32(h, "a state proof's sibling"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = if proof.other_key.is_empty() && proof.other_value.is_empty() {
+        None
+    } else {
+        Some((
+            hash32(&proof.other_key, "a state proof's entry key")?,
+            hash32(&proof.other_value, "a state proof's entry value")?,
+        ))
+    };
+    Ok(signpost_audit::StateProof { siblings, leaf })
 }
 
 impl Checked {
@@ -361,12 +489,14 @@ mod tests {
     const NOW: u64 = 1_700_000_000_000;
     const MAX_AGE: u64 = 30_000;
 
-    /// An audit log in memory: the leaves, every stored subtree hash.
+    /// An audit log in memory: the leaves, every stored subtree hash, and the state root the
+    /// next record carries.
     #[derive(Default)]
     struct Log {
         leaves: Vec<Vec<u8>>,
         frontier: Frontier,
         nodes: HashMap<(u8, u64), Hash>,
+        state_root: Hash,
     }
 
     impl NodeSource for Log {
@@ -405,6 +535,7 @@ mod tests {
                     applied: true,
                     sequence,
                     envelope_sha256: Sha256::digest(envelope.encode_to_vec()).to_vec(),
+                    state_root: self.state_root.to_vec(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
@@ -413,7 +544,17 @@ mod tests {
 
         fn noise(&mut self, n: usize) {
             for i in 0..n {
-                self.append(format!("other command {i}").into_bytes());
+                self.append(
+                    AuditRecord {
+                        revision: self.leaves.len() as u64 + 1,
+                        op: Op::Bind as i32,
+                        service: format!("other-{i}"),
+                        applied: true,
+                        state_root: self.state_root.to_vec(),
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                );
             }
         }
 
@@ -501,6 +642,7 @@ mod tests {
             time_ms: u64,
         ) -> AuditEvidence {
             let request = asked.request();
+            let head = log.inclusion(log.size() - 1);
             AuditEvidence {
                 checkpoint: self.checkpoint(log, checkpoint_size, time_ms, 3),
                 checkpoint_binding: Some(Envelope::default()),
@@ -509,6 +651,8 @@ mod tests {
                 checkpoint_consistency: log.consistency(checkpoint_size),
                 trusted_consistency: log.consistency(request.trusted_size),
                 accepted_consistency: log.consistency(request.accepted_size),
+                head_leaf: head.leaf,
+                head_inclusion: head.hashes,
             }
         }
     }
@@ -795,5 +939,178 @@ mod tests {
         );
         assert_eq!(trust.trusted().map(|c| c.size), Some(9));
         assert_eq!(trust.asked().request().accepted_size, 10);
+    }
+
+    /// A service of `instances` (instance, port) as a node serves it, with the state it is in
+    /// (beside one other service): the state's root and the service's proof.
+    fn service_in_state(instances: &[(&str, u16)]) -> (ServiceRecords, Hash, StateProof) {
+        let binding = envelope(0xb0);
+        let records: Vec<Envelope> = instances
+            .iter()
+            .map(|(instance, port)| Envelope {
+                payload: RecordPayload {
+                    service: "payments".into(),
+                    instance: (*instance).into(),
+                    sequence: u64::from(*port),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                signature: vec![1; 64],
+                ..Default::default()
+            })
+            .collect();
+        let entries = records
+            .iter()
+            .zip(instances)
+            .map(|(r, (instance, _))| {
+                (name_key(instance), Sha256::digest(r.encode_to_vec()).into())
+            })
+            .collect();
+        let value = service_value(
+            &Sha256::digest(binding.encode_to_vec()).into(),
+            &StateTree::from_entries(entries).unwrap().root(),
+        );
+        let mut state = StateTree::new();
+        state.insert(name_key("payments"), value);
+        state.insert(name_key("orders"), [7; 32]);
+        let proof = state.prove(&name_key("payments"));
+        let records = ServiceRecords {
+            service: "payments".into(),
+            binding: Some(binding),
+            records,
+            inclusions: Vec::new(),
+            state: Some(StateProof {
+                siblings: proof.siblings.iter().map(|h| h.to_vec()).collect(),
+                ..Default::default()
+            }),
+        };
+        let absent = state.prove(&name_key("ghost"));
+        let (other_key, other_value) = absent
+            .leaf
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .unwrap_or_default();
+        let absence = StateProof {
+            siblings: absent.siblings.iter().map(|h| h.to_vec()).collect(),
+            other_key,
+            other_value,
+        };
+        (records, state.root(), absence)
+    }
+
+    #[test]
+    fn an_answer_must_prove_the_last_record_of_its_tree_and_the_state_root_it_carries() {
+        let cluster = Cluster::new();
+        let trust = AuditTrust::new(MAX_AGE, true);
+        let mut log = Log {
+            state_root: [5; 32],
+            ..Log::default()
+        };
+        log.noise(9);
+        let honest = cluster.evidence(&log, 9, &trust.asked(), NOW);
+        let checked = check(&trust, &cluster, "n1", &honest).expect("honest");
+        assert_eq!(checked.state_root, Some([5; 32]));
+
+        let without = AuditEvidence {
+            head_leaf: Vec::new(),
+            ..honest.clone()
+        };
+        assert!(problem(check(&trust, &cluster, "n1", &without))
+            .contains("cannot prove the state its answer was read from"));
+        let not_last = AuditEvidence {
+            head_leaf: log.leaves[7].clone(),
+            head_inclusion: log.inclusion(7).hashes,
+            ..honest.clone()
+        };
+        assert!(problem(check(&trust, &cluster, "n1", &not_last))
+            .contains("is not the last of its tree of 9"));
+        let mut bent = honest.clone();
+        bent.head_inclusion[0][0] ^= 1;
+        assert!(problem(check(&trust, &cluster, "n1", &bent)).contains("is not the last"));
+        let mut short_root = Log::default();
+        for revision in 1..=9 {
+            short_root.append(
+                AuditRecord {
+                    revision,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            );
+        }
+        let short = cluster.evidence(&short_root, 9, &trust.asked(), NOW);
+        assert!(problem(check(&trust, &cluster, "n1", &short))
+            .contains("the last record's state root is 0 bytes"));
+    }
+
+    #[test]
+    fn a_service_must_be_whole_and_current_in_the_committed_state() {
+        let cluster = Cluster::new();
+        let trust = AuditTrust::new(MAX_AGE, true);
+        let (whole, root, absence) = service_in_state(&[("p1", 1), ("p2", 2), ("p3", 3)]);
+        let mut log = Log {
+            state_root: root,
+            ..Log::default()
+        };
+        log.noise(4);
+        let evidence = cluster.evidence(&log, 4, &trust.asked(), NOW);
+        let checked = check(&trust, &cluster, "n1", &evidence).expect("honest");
+
+        // Phase 1: the whole service passes; so does a proven absence of another.
+        checked.check_service(&whole).expect("the whole service");
+        let ghost = ServiceRecords {
+            service: "ghost".into(),
+            state: Some(absence.clone()),
+            ..Default::default()
+        };
+        checked.check_service(&ghost).expect("ghost is absent");
+
+        // Phase 2: an instance left out, an older version, an instance twice, another binding.
+        let mut hidden = whole.clone();
+        hidden.records.remove(1);
+        let why = checked.check_service(&hidden).unwrap_err().to_string();
+        assert!(why.contains("is not the whole current state"), "{why}");
+        let (older, _, _) = service_in_state(&[("p1", 1), ("p2", 1), ("p3", 3)]);
+        let older = ServiceRecords {
+            state: whole.state.clone(),
+            ..older
+        };
+        assert!(checked.check_service(&older).is_err());
+        let mut twice = whole.clone();
+        twice.records.push(twice.records[0].clone());
+        let why = checked.check_service(&twice).unwrap_err().to_string();
+        assert!(why.contains("an instance twice"), "{why}");
+        let rebound = ServiceRecords {
+            binding: Some(envelope(0xb1)),
+            ..whole.clone()
+        };
+        assert!(checked.check_service(&rebound).is_err());
+
+        // Phase 3: denying a service that exists, with another's absence proof or none.
+        let denied = ServiceRecords {
+            service: "payments".into(),
+            state: Some(absence),
+            ..Default::default()
+        };
+        let why = checked.check_service(&denied).unwrap_err().to_string();
+        assert!(why.contains("does not prove the service absent"), "{why}");
+        let unproven = ServiceRecords {
+            state: None,
+            ..whole.clone()
+        };
+        let why = checked.check_service(&unproven).unwrap_err().to_string();
+        assert!(
+            why.contains("without a proof that it is the whole service"),
+            "{why}"
+        );
+        let mut malformed = whole.clone();
+        malformed.state.as_mut().unwrap().siblings[0].pop();
+        let why = checked.check_service(&malformed).unwrap_err().to_string();
+        assert!(why.contains("not 32"), "{why}");
+
+        // Phase 4: an answer without a checkpoint (none required yet) checks nothing.
+        let lax = AuditTrust::new(MAX_AGE, false);
+        let unanchored = lax
+            .check(lax.asked(), "n1", None, |_| unreachable!(), NOW)
+            .expect("no checkpoint seen or required");
+        unanchored.check_service(&hidden).expect("nothing to check");
     }
 }

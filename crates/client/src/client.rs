@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prost::Message;
 use signpost_identity::{PeerRule, SpiffeId, TlsFiles, TlsSettings, Trust};
 use signpost_proto::v1::audit_client::AuditClient;
 use signpost_proto::v1::cluster_client::ClusterClient;
@@ -12,8 +13,8 @@ use signpost_proto::v1::{
     AddMemberRequest, AdminSetPayload, BackupRequest, BindRequest, BindingPayload,
     DeregisterRequest, Envelope, KeepAliveRequest, ListRequest, ListResponse, MembershipResponse,
     MultiEnvelope, RecordInclusion, RegisterRequest, RemoveMemberRequest, ResolveRequest,
-    RotateAdminsRequest, ServiceRecords, SnapshotRequest, StatusRequest, StatusResponse,
-    TransferLeaderRequest, WatchEvent, WatchRequest,
+    ResolveResponse, RotateAdminsRequest, ServiceRecords, SnapshotRequest, StatusRequest,
+    StatusResponse, TransferLeaderRequest, WatchEvent, WatchRequest,
 };
 use signpost_record::{AdminSet, VerifiedRecord};
 use tonic::transport::Channel;
@@ -617,19 +618,29 @@ impl Client {
             let audit = asked.as_ref().map(Asked::request);
             let response = self
                 .with_retries(|addr| async move {
-                    let r = self
+                    let answer = self
                         .registry(&addr)?
                         .resolve(ResolveRequest {
                             service: service.to_string(),
                             stale,
                             audit,
                         })
-                        .await?;
-                    Ok((addr, r.into_inner()))
+                        .await;
+                    match answer {
+                        Ok(r) => Ok((addr, r.into_inner(), None)),
+                        // A proof of absence rides in the details of NOT_FOUND: checked below
+                        // like any answer, so a node cannot hide a service by denying it.
+                        Err(status) if audit.is_some() && status.code() == Code::NotFound => {
+                            let details =
+                                ResolveResponse::decode(status.details()).unwrap_or_default();
+                            Ok((addr, details, Some(ClientError::from_status(&status))))
+                        }
+                        Err(status) => Err(status),
+                    }
                 })
                 .await?;
-            let (addr, response) = response;
-            let checked = if stale {
+            let (addr, response, absent) = response;
+            let checked = if stale || (absent.is_some() && response.revision == 0) {
                 Ok(())
             } else {
                 self.check_not_behind(&addr, response.revision)
@@ -638,23 +649,34 @@ impl Client {
                 .and_then(|()| self.current_admin_set(&response.admin_chain))
                 .and_then(|admins| {
                     let audit = self.check_audit(asked, &addr, response.audit.as_ref(), &admins)?;
-                    let resolved = self.verify(
-                        response.service.unwrap_or_default(),
-                        &admins,
-                        response.revision,
-                        audit.as_ref(),
-                    )?;
-                    Ok((resolved, audit))
+                    let records = response.service.unwrap_or_default();
+                    if let Some(absent) = absent {
+                        if let Some(audit) = &audit {
+                            audit.check_service(&ServiceRecords {
+                                service: service.to_owned(),
+                                state: records.state,
+                                ..ServiceRecords::default()
+                            })?;
+                        }
+                        return Ok((Err(absent), audit));
+                    }
+                    let resolved =
+                        self.verify(records, &admins, response.revision, audit.as_ref())?;
+                    Ok((Ok(resolved), audit))
                 });
             match verified {
-                Ok((resolved, audit)) if resolved.service == service => {
+                Ok((Err(absent), audit)) => {
+                    self.commit_audit(audit);
+                    return Err(absent);
+                }
+                Ok((Ok(resolved), audit)) if resolved.service == service => {
                     self.commit_audit(audit);
                     if !stale {
                         self.saw_revision(resolved.revision);
                     }
                     return Ok(resolved);
                 }
-                Ok((resolved, _)) => failures.push(format!(
+                Ok((Ok(resolved), _)) => failures.push(format!(
                     "{addr} answered for {} instead of {service}",
                     resolved.service
                 )),
@@ -850,6 +872,9 @@ impl Client {
         revision: u64,
         audit: Option<&Checked>,
     ) -> Result<Resolved, ClientError> {
+        // Checked here, reported after the records: a record that is not logged at all is the
+        // more precise complaint.
+        let whole = audit.map(|audit| audit.check_service(&records));
         let binding_envelope = records.binding.ok_or_else(|| {
             ClientError::Verification(format!(
                 "service {} came without a binding",
@@ -896,6 +921,7 @@ impl Client {
                 }
             }
         }
+        whole.transpose()?;
         floors.raise(admins.version, &binding.service, binding.version);
         drop(floors);
         let mut instances = Vec::new();

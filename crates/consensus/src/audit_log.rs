@@ -100,7 +100,7 @@ pub struct ProofTarget {
 }
 
 /// A record's leaf and its inclusion proof.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RecordProof {
     /// Its leaf index.
     pub index: u64,
@@ -130,6 +130,9 @@ pub struct Evidence {
     /// For each target in order: its record's proof, or `None` when this node does not store
     /// the leaf (pruned, or before the snapshot it installed) or finds no such record.
     pub inclusions: Vec<Option<RecordProof>>,
+    /// The tree's last record and its proof: the record whose state root commits to the
+    /// state the answer was read from. `None` when this node does not store it.
+    pub head: Option<RecordProof>,
 }
 
 /// Leaves read per page while looking through one revision's records.
@@ -184,14 +187,10 @@ struct EvidenceCache {
 impl Evidence {
     /// About what it holds in memory.
     fn size_bytes(&self) -> usize {
+        let proofs = || self.inclusions.iter().flatten().chain(&self.head);
         let hashes: usize = self.consistency.iter().map(Vec::len).sum::<usize>()
-            + self
-                .inclusions
-                .iter()
-                .flatten()
-                .map(|p| p.proof.len())
-                .sum::<usize>();
-        let leaves: usize = self.inclusions.iter().flatten().map(|p| p.leaf.len()).sum();
+            + proofs().map(|p| p.proof.len()).sum::<usize>();
+        let leaves: usize = proofs().map(|p| p.leaf.len()).sum();
         hashes * HASH_BYTES + leaves + 64 * (self.inclusions.len() + 1)
     }
 }
@@ -482,9 +481,21 @@ impl AuditLog {
                 }),
             });
         }
+        let head = match size.checked_sub(1) {
+            Some(index) => match self.store.audit_leaf(index)? {
+                Some(leaf) => Some(RecordProof {
+                    index,
+                    leaf,
+                    proof: inclusion_proof(&nodes, index, size)?,
+                }),
+                None => None,
+            },
+            None => None,
+        };
         Ok(Evidence {
             consistency,
             inclusions,
+            head,
         })
     }
 
@@ -649,7 +660,17 @@ impl AuditLog {
         let nodes = StoredNodes(&self.store);
         let mut keep = Vec::new();
         let mut kept_nodes = std::collections::HashSet::new();
-        for (index, leaf) in found.into_values() {
+        let mut kept: Vec<(u64, Vec<u8>)> = found.into_values().collect();
+        // The last record below the base is the head while nothing is applied after it, and
+        // the head's state root is what proves an answer whole (see `Evidence::head`).
+        if let Some(last) = base.checked_sub(1) {
+            if !kept.iter().any(|(index, _)| *index == last) {
+                if let Some(leaf) = self.store.audit_leaf(last)? {
+                    kept.push((last, leaf));
+                }
+            }
+        }
+        for (index, leaf) in kept {
             // The peak of `base` holding the record: the set bit of `base` whose run covers it.
             let mut start = 0u64;
             let mut peak_level = 0u8;

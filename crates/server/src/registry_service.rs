@@ -9,7 +9,7 @@ use signpost_proto::v1::{
     AuditEvidence, AuditEvidenceRequest, BindRequest, DeregisterRequest, Envelope,
     KeepAliveRequest, KeepAliveResponse, ListRequest, ListResponse, MultiEnvelope, RecordInclusion,
     RegisterRequest, ResolveRequest, ResolveResponse, RotateAdminsRequest, ServiceRecords,
-    WatchEvent, WatchRequest, WriteResponse,
+    StateProof, WatchEvent, WatchRequest, WriteResponse,
 };
 use signpost_record::{self as record, Reason};
 use signpost_state::{Command, Outcome, Request as LogRequest, ServiceView};
@@ -177,19 +177,23 @@ impl RegistryService {
             .map_err(consensus_status)
     }
 
-    /// The audit evidence of an answer read from the tree `tree` (size and root, read with the
-    /// state served): the checkpoint (read before that state, so never larger than the tree),
-    /// consistency proofs to the tree, and an inclusion proof of each served record, filled
-    /// into `services`. Blocking reads run off the async workers.
+    /// The audit evidence `ask` asks for (`None` unless it does) of an answer read from the
+    /// tree `tree` (its frontier, read with the state served): the checkpoint (read before that
+    /// state, so never larger than the tree), consistency proofs to the tree, the tree's last
+    /// record (whose state root the services' state proofs lead to) and an inclusion proof of
+    /// each served record, filled into `services`. Blocking reads run off the async workers.
     async fn evidence(
         &self,
-        ask: &AuditEvidenceRequest,
+        ask: Option<&AuditEvidenceRequest>,
         checkpoint: Option<signpost_audit::SignedCheckpoint>,
         tree: signpost_audit::Frontier,
         checkpoint_binding: Option<Vec<u8>>,
         views: &[ServiceView],
         services: &mut [ServiceRecords],
-    ) -> Result<AuditEvidence, Status> {
+    ) -> Result<Option<AuditEvidence>, Status> {
+        let Some(ask) = ask.filter(|a| a.prove) else {
+            return Ok(None);
+        };
         let checkpoint_size = checkpoint.as_ref().map_or(0, |c| c.checkpoint.size);
         let (tree_size, root) = (tree.size(), tree.root());
         let request = EvidenceRequest {
@@ -243,7 +247,8 @@ impl RegistryService {
             proof.iter().map(|h| h.to_vec()).collect()
         };
         let [from_checkpoint, from_trusted, from_accepted] = &evidence.consistency;
-        Ok(AuditEvidence {
+        let head = evidence.head.unwrap_or_default();
+        Ok(Some(AuditEvidence {
             checkpoint: checkpoint.map(|c| c.note).unwrap_or_default(),
             checkpoint_binding: checkpoint_binding
                 .map(|b| {
@@ -256,22 +261,32 @@ impl RegistryService {
             checkpoint_consistency: hashes(from_checkpoint),
             trusted_consistency: hashes(from_trusted),
             accepted_consistency: hashes(from_accepted),
-        })
+            head_leaf: head.leaf,
+            head_inclusion: hashes(&head.proof),
+        }))
     }
 
-    /// `read` of the registry, with the revision, audit tree and checkpoint binding it was read
-    /// at, all under one lock.
-    fn read_at<T>(&self, read: impl FnOnce(&signpost_state::Registry) -> T) -> ReadAt<T> {
+    /// `read` of the registry, with the revision and audit tree it was read at, and (when the
+    /// answer is to be proven) the checkpoint binding, all under one lock.
+    fn read_at<T>(
+        &self,
+        prove: bool,
+        read: impl FnOnce(&signpost_state::Registry) -> T,
+    ) -> ReadAt<T> {
         let state = self.consensus.state();
         ReadAt {
             answer: read(&state.registry),
             revision: state.revision(),
             tree: state.audit.clone(),
-            checkpoint_binding: state
-                .registry
-                .resolve(signpost_audit::CHECKPOINT_SERVICE)
-                .map(|view| view.binding)
-                .filter(|binding| !binding.is_empty()),
+            checkpoint_binding: prove
+                .then(|| {
+                    state
+                        .registry
+                        .resolve(signpost_audit::CHECKPOINT_SERVICE)
+                        .map(|view| view.binding)
+                        .filter(|binding| !binding.is_empty())
+                })
+                .flatten(),
         }
     }
 
@@ -309,7 +324,7 @@ fn precheck<T>(result: Result<T, record::RecordError>) -> Result<T, Status> {
     result.map_err(|e| refusal(e.reason(), &e.to_string()))
 }
 
-fn service_records(view: ServiceView) -> Result<ServiceRecords, Status> {
+fn service_records(view: &ServiceView) -> Result<ServiceRecords, Status> {
     let corrupt =
         |e: prost::DecodeError| Status::internal(format!("stored record is corrupt: {e}"));
     let binding = if view.binding.is_empty() {
@@ -323,11 +338,28 @@ fn service_records(view: ServiceView) -> Result<ServiceRecords, Status> {
         .map(|r| Envelope::decode(r.as_slice()).map_err(corrupt))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceRecords {
-        service: view.service,
+        service: view.service.clone(),
         binding,
         records,
         inclusions: Vec::new(),
+        state: None,
     })
+}
+
+/// The wire form of a service's path in the state commitment. The entry ending the path is
+/// sent only when it is another service's (an absence): a present service's the client rebuilds
+/// from what it was served.
+fn state_proof(service: &str, proof: signpost_audit::StateProof) -> StateProof {
+    let own = signpost_audit::name_key(service);
+    let (other_key, other_value) = match proof.leaf {
+        Some((key, value)) if key != own => (key.to_vec(), value.to_vec()),
+        _ => (Vec::new(), Vec::new()),
+    };
+    StateProof {
+        siblings: proof.siblings.iter().map(|h| h.to_vec()).collect(),
+        other_key,
+        other_value,
+    }
 }
 
 /// What one read takes from the state in one go, so the evidence proves the tree the answer
@@ -449,29 +481,65 @@ impl Registry for RegistryService {
         precheck(record::validate_service_name(&request.service))?;
         let barrier = self.read_revision(request.stale).await?;
         let checkpoint = self.consensus.checkpoints().latest();
-        let read = self.read_at(|registry| registry.resolve(&request.service));
+        let prove = request.audit.as_ref().is_some_and(|a| a.prove);
+        let read = self.read_at(prove, |registry| {
+            let proof = prove.then(|| registry.state_proof(&request.service));
+            (registry.resolve(&request.service), proof)
+        });
         debug_assert!(read.revision >= barrier || request.stale);
-        let view = read.answer.ok_or_else(|| {
-            refusal(
+        let (view, proof) = read.answer;
+        let state = proof.map(|p| state_proof(&request.service, p));
+        let Some(view) = view else {
+            let absent = refusal(
                 Reason::NotFound,
                 &format!("service {} is not registered", request.service),
-            )
-        })?;
-        let mut services = [service_records(view.clone())?];
-        let audit = match request.audit.filter(|a| a.prove) {
-            Some(ask) => Some(
-                self.evidence(
-                    &ask,
+            );
+            if !prove {
+                return Err(absent);
+            }
+            // The proof of absence rides in the status details, so NOT_FOUND stays NOT_FOUND
+            // for every client while a verifying one can check it.
+            let mut services = [ServiceRecords {
+                service: request.service.clone(),
+                state,
+                ..ServiceRecords::default()
+            }];
+            let audit = self
+                .evidence(
+                    request.audit.as_ref(),
                     checkpoint,
                     read.tree,
                     read.checkpoint_binding,
-                    std::slice::from_ref(&view),
+                    &[],
                     &mut services,
                 )
-                .await?,
-            ),
-            None => None,
+                .await?;
+            let [service] = services;
+            let details = ResolveResponse {
+                service: Some(service),
+                revision: read.revision,
+                admin_chain: self.admin_chain()?,
+                audit,
+            };
+            return Err(Status::with_details_and_metadata(
+                absent.code(),
+                absent.message(),
+                details.encode_to_vec().into(),
+                absent.metadata().clone(),
+            ));
         };
+        let mut services = [service_records(&view)?];
+        services[0].state = state;
+        let audit = self
+            .evidence(
+                request.audit.as_ref(),
+                checkpoint,
+                read.tree,
+                read.checkpoint_binding,
+                std::slice::from_ref(&view),
+                &mut services,
+            )
+            .await?;
         let [service] = services;
         Ok(Response::new(ResolveResponse {
             service: Some(service),
@@ -501,36 +569,44 @@ impl Registry for RegistryService {
         );
         self.read_revision(request.stale).await?;
         let checkpoint = self.consensus.checkpoints().latest();
-        let read = self.read_at(|registry| {
-            registry.list_page(
+        let prove = request.audit.as_ref().is_some_and(|a| a.prove);
+        let read = self.read_at(prove, |registry| {
+            let (views, next) = registry.list_page(
                 &request.page_token,
                 request.all_bound,
                 limit,
                 LIST_PAGE_BYTES_MAX,
-            )
+            );
+            let proofs: Vec<_> = if prove {
+                views
+                    .iter()
+                    .map(|view| registry.state_proof(&view.service))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (views, next, proofs)
         });
-        let (views, next) = read.answer;
+        let (views, next, proofs) = read.answer;
         let records: usize = views.iter().map(|v| v.records.len()).sum();
         self.admission.charge_answer(&caller, records);
         let mut services = views
             .iter()
-            .cloned()
             .map(service_records)
             .collect::<Result<Vec<_>, _>>()?;
-        let audit = match request.audit.filter(|a| a.prove) {
-            Some(ask) => Some(
-                self.evidence(
-                    &ask,
-                    checkpoint,
-                    read.tree,
-                    read.checkpoint_binding,
-                    &views,
-                    &mut services,
-                )
-                .await?,
-            ),
-            None => None,
-        };
+        for (service, proof) in services.iter_mut().zip(proofs) {
+            service.state = Some(state_proof(&service.service, proof));
+        }
+        let audit = self
+            .evidence(
+                request.audit.as_ref(),
+                checkpoint,
+                read.tree,
+                read.checkpoint_binding,
+                &views,
+                &mut services,
+            )
+            .await?;
         Ok(Response::new(ListResponse {
             services,
             revision: read.revision,

@@ -112,13 +112,15 @@ fn named(command: &Command) -> Option<(Op, Named)> {
 }
 
 /// The encoded [`AuditRecord`] of `request`, applied at `revision` (its `position`-th request)
-/// at `time_ms` with `outcome`; `None` for what is not audited (no-ops).
+/// at `time_ms` with `outcome`, after which the state commitment's root is `state_root`;
+/// `None` for what is not audited (no-ops).
 pub(crate) fn audit_leaf(
     revision: u64,
     position: u32,
     time_ms: u64,
     request: &Request,
     outcome: &Outcome,
+    state_root: &signpost_audit::Hash,
 ) -> Option<Vec<u8>> {
     let (op, named) = named(&request.command)?;
     let (applied, reason, detail) = match outcome {
@@ -147,6 +149,7 @@ pub(crate) fn audit_leaf(
         detail,
         envelope_sha256,
         sequence: named.sequence,
+        state_root: state_root.to_vec(),
     };
     Some(record.encode_to_vec())
 }

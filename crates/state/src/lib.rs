@@ -146,6 +146,7 @@
 
 mod applied;
 mod audit;
+mod commitment;
 mod error;
 mod registry;
 mod request;

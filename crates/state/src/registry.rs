@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use signpost_record::{AdminSet, Binding};
 
+use crate::commitment::Commitment;
 use crate::request::Quotas;
 use crate::service_view::{InstanceInfo, ServiceView};
 use crate::storage_key::StorageKey;
@@ -36,6 +37,8 @@ pub struct Registry {
     /// leader whose clock ran ahead cannot be followed by one that makes time run backwards
     /// (which would let a replay slip in after its tombstone was dropped).
     clock_ms: u64,
+    /// The commitment to bindings and live records whose root each audit record carries.
+    commitment: Commitment,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +231,18 @@ impl Registry {
     /// is what `Quotas::state_bytes_max` limits.
     pub fn state_bytes(&self) -> u64 {
         self.state_bytes
+    }
+
+    /// The root of the state commitment (see `signpost_audit::StateTree`): bindings and live
+    /// records, as every audit record carries it.
+    pub fn state_root(&self) -> signpost_audit::Hash {
+        self.commitment.root()
+    }
+
+    /// The path of `service` in the state commitment, proving its binding and live records
+    /// (which the prover rebuilds from an answer), or that it has neither.
+    pub fn state_proof(&self, service: &str) -> signpost_audit::StateProof {
+        self.commitment.prove(service)
     }
 
     /// The largest entry time applied so far (milliseconds since the epoch).

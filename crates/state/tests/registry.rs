@@ -1718,3 +1718,98 @@ fn every_applied_or_refused_command_is_one_audit_record_that_names_caller_and_re
         "only the no-op is not audited"
     );
 }
+
+/// The state commitment as a client rebuilds it from what Resolve serves: the binding and every
+/// live record of the service.
+fn rebuilt_value(view: &ServiceView) -> signpost_audit::Hash {
+    use sha2::Digest;
+    let entries = view
+        .records
+        .iter()
+        .zip(&view.instances)
+        .map(|(record, instance)| {
+            (
+                signpost_audit::name_key(instance),
+                sha2::Sha256::digest(record).into(),
+            )
+        })
+        .collect();
+    let instances = signpost_audit::StateTree::from_entries(entries).expect("distinct instances");
+    signpost_audit::service_value(
+        &sha2::Sha256::digest(&view.binding).into(),
+        &instances.root(),
+    )
+}
+
+#[test]
+fn every_audit_record_commits_to_the_whole_state_after_its_command() {
+    use signpost_proto::v1::AuditRecord;
+    let root_in = |applied: &Applied| {
+        AuditRecord::decode(applied.audit.as_deref().expect("audited"))
+            .expect("decodes")
+            .state_root
+    };
+    let proves = |registry: &Registry, service: &str| {
+        let value = registry.resolve(service).map(|view| rebuilt_value(&view));
+        signpost_audit::verify_state_proof(
+            &registry.state_root(),
+            &signpost_audit::name_key(service),
+            value.as_ref(),
+            &registry.state_proof(service),
+        )
+    };
+    let mut w = World::new();
+    let k = key(1);
+
+    eprintln!("phase: each applied command's record carries the root after it");
+    let genesis_root = w.registry.state_root();
+    assert_eq!(genesis_root, signpost_audit::EMPTY, "no binding, no record");
+    let binding = w.bind("payments", &[&k], 1);
+    let bound = w.applied(binding);
+    assert_eq!(root_in(&bound), w.registry.state_root().to_vec());
+    assert_ne!(w.registry.state_root(), genesis_root, "a binding is state");
+    let before_p2 = {
+        w.applied(register(&k, &w.record("payments", "p1", 5)));
+        w.registry.state_root()
+    };
+    let p2 = w.applied(register(&k, &w.record("payments", "p2", 5)));
+    assert_eq!(root_in(&p2), w.registry.state_root().to_vec());
+    assert_ne!(w.registry.state_root(), before_p2);
+
+    eprintln!("phase: every service proves its whole binding and records; others their absence");
+    proves(&w.registry, "payments").expect("payments whole");
+    proves(&w.registry, "ghost").expect("ghost absent");
+
+    eprintln!("phase: a refused command leaves the root; a removal restores the earlier one");
+    let after_p2 = w.registry.state_root();
+    let refused = w.apply(register(&k, &w.record("payments", "p2", 5)));
+    assert_eq!(root_in(&refused), after_p2.to_vec());
+    w.applied(deregister(&k, &w.dereg("payments", "p2", 6)));
+    assert_eq!(
+        w.registry.state_root(),
+        before_p2,
+        "tombstones are not part of what clients are served"
+    );
+    let newer = w.applied(register(&k, &w.record("payments", "p1", 7)));
+    assert_ne!(
+        w.registry.state_root(),
+        before_p2,
+        "a new version is a new state"
+    );
+    assert_eq!(root_in(&newer), w.registry.state_root().to_vec());
+    proves(&w.registry, "payments").expect("the new version");
+
+    eprintln!("phase: a random log: every record's root is the state's, every service proves");
+    let mut w = random_world(11, 400);
+    for service in ["alpha", "beta", "gamma", "nothing-here"] {
+        proves(&w.registry, service).expect("whole or absent");
+    }
+    let loaded = Registry::load(w.registry.export()).unwrap();
+    assert_eq!(loaded.state_root(), w.registry.state_root());
+    let again = w.apply(Command::Expire {
+        service: "nothing-here".into(),
+        instance: "i".into(),
+        sequence: 1,
+    });
+    assert_eq!(root_in(&again), w.registry.state_root().to_vec());
+}

@@ -109,7 +109,14 @@ impl Registry {
                         };
                         let time_ms = inner.time_ms.max(self.clock_ms);
                         Applied {
-                            audit: audit_leaf(revision, position, time_ms, inner, &outcome),
+                            audit: audit_leaf(
+                                revision,
+                                position,
+                                time_ms,
+                                inner,
+                                &outcome,
+                                &self.commitment.root(),
+                            ),
                             outcome,
                             changes: Vec::new(),
                             events: Vec::new(),
@@ -187,7 +194,14 @@ impl Registry {
                 self.advance_clock(&mut txn);
                 let outcome = Outcome::Applied { revision };
                 Applied {
-                    audit: audit_leaf(revision, position, txn.time_ms, request, &outcome),
+                    audit: audit_leaf(
+                        revision,
+                        position,
+                        txn.time_ms,
+                        request,
+                        &outcome,
+                        &self.commitment.root(),
+                    ),
                     outcome,
                     changes: txn.changes,
                     events: txn.events,
@@ -204,7 +218,14 @@ impl Registry {
                     detail: error.detail(),
                 };
                 Applied {
-                    audit: audit_leaf(revision, position, txn.time_ms, request, &outcome),
+                    audit: audit_leaf(
+                        revision,
+                        position,
+                        txn.time_ms,
+                        request,
+                        &outcome,
+                        &self.commitment.root(),
+                    ),
                     outcome,
                     changes: Vec::new(),
                     events: Vec::new(),
@@ -640,6 +661,8 @@ impl Registry {
             old_len,
             Some(encode_value(&record)),
         );
+        self.commitment
+            .put_record(service, instance, &record.envelope);
         self.services
             .entry(service.to_owned())
             .or_default()
@@ -665,6 +688,7 @@ impl Registry {
         if instances.is_empty() {
             self.services.remove(service);
         }
+        self.commitment.remove_record(service, instance);
         self.write(
             txn,
             StorageKey::record(service, instance),
@@ -722,6 +746,8 @@ impl Registry {
             old_len,
             Some(encode_value(&entry.stored)),
         );
+        self.commitment
+            .put_binding(&service, &entry.stored.envelope);
         self.bindings.insert(service, entry);
     }
 

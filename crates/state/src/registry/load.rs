@@ -20,6 +20,7 @@ use signpost_record::{
 };
 
 use super::{apply::MAX_AGE_MS, apply::MAX_SKEW_MS, Admins, BindingEntry, Registry};
+use crate::commitment::Commitment;
 use crate::error::{escape_key, StateError};
 use crate::request::Quotas;
 use crate::storage_key::StorageKey;
@@ -309,7 +310,14 @@ impl Loader {
                 )
             })
             .collect();
+        let commitment = Commitment::build(
+            self.bindings
+                .iter()
+                .map(|(service, entry)| (service, entry.stored.envelope.as_slice())),
+            &services,
+        );
         Ok(Registry {
+            commitment,
             admins,
             quotas,
             bindings: self.bindings,
