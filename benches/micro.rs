@@ -375,5 +375,79 @@ fn audit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, signatures, apply, log_append, snapshot, audit);
+/// The state commitment: what apply pays per registration, a restart per instance, and a
+/// verifying client per service answer.
+fn state_commitment(c: &mut Criterion) {
+    use signpost_audit::{name_key, service_value, verify_state_proof, StateTree};
+
+    let instances: u32 = std::env::var("SIGNPOST_MICRO_STATE_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let entries = |n: u32, salt: &str| -> Vec<([u8; 32], [u8; 32])> {
+        (0..n)
+            .map(|i| (name_key(&format!("i{i}")), name_key(&format!("{salt}{i}"))))
+            .collect()
+    };
+    let mut group = c.benchmark_group("state");
+    group.sample_size(10);
+    group.bench_function(format!("commitment_build_{instances}"), |b| {
+        b.iter_batched(
+            || entries(instances, "v"),
+            |e| StateTree::from_entries(e).expect("distinct"),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+
+    let mut tree = StateTree::from_entries(entries(instances, "v")).expect("distinct");
+    let proof = tree.prove(&name_key("i7"));
+    eprintln!(
+        "state: a path in a tree of {instances} entries: {} siblings, {} bytes",
+        proof.siblings.len(),
+        proof.siblings.len() * 32
+    );
+    let mut group = c.benchmark_group("state");
+    let mut next = 0u32;
+    group.bench_function(format!("commitment_replace_one_of_{instances}"), |b| {
+        b.iter(|| {
+            next = next.wrapping_add(1);
+            tree.insert(
+                name_key(&format!("i{}", next % instances)),
+                name_key(&format!("w{next}")),
+            )
+        })
+    });
+    // A client's check of one Resolve answer of a service of 100 instances in a registry of
+    // `instances` services: rebuild the service's instance tree, then its path to the root.
+    let service = entries(100, "r");
+    let binding = name_key("binding");
+    let value = service_value(
+        &binding,
+        &StateTree::from_entries(service.clone())
+            .expect("distinct")
+            .root(),
+    );
+    tree.insert(name_key("payments"), value);
+    let root = tree.root();
+    let path = tree.prove(&name_key("payments"));
+    group.bench_function("client_check_service_of_100", |b| {
+        b.iter(|| {
+            let rebuilt = StateTree::from_entries(service.clone()).expect("distinct");
+            let value = service_value(&binding, &rebuilt.root());
+            verify_state_proof(&root, &name_key("payments"), Some(&value), &path).expect("whole")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    signatures,
+    apply,
+    log_append,
+    snapshot,
+    audit,
+    state_commitment
+);
 criterion_main!(benches);

@@ -65,7 +65,7 @@ fn main() {
                 let delays = delays.clone();
                 let ready = ready_tx.clone();
                 tasks.push(tokio::spawn(async move {
-                    let request = WatchRequest { service: "bench".into(), prefix: false, from_revision: 0 };
+                    let request = WatchRequest { service: "bench".into(), prefix: false, from_revision: 0, audit: None };
                     let mut stream = match client.watch(request).await {
                         Ok(s) => s.into_inner(),
                         Err(status) => {

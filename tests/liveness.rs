@@ -317,6 +317,7 @@ async fn compacted_revisions_are_refused_and_a_slow_watcher_is_cancelled_alone()
                 service: "churn".into(),
                 prefix: false,
                 from_revision: 0,
+                audit: None,
             })
             .await
             .expect("slow watcher opens")
@@ -377,6 +378,7 @@ async fn compacted_revisions_are_refused_and_a_slow_watcher_is_cancelled_alone()
             service: "churn".into(),
             prefix: false,
             from_revision: first_rev,
+            audit: None,
         })
         .await
         .expect_err("compacted");
@@ -552,6 +554,7 @@ async fn a_reader_holding_its_maximum_of_watchers_without_reading_keeps_node_mem
                 service: "hoard".into(),
                 prefix: false,
                 from_revision: 0,
+                audit: None,
             })
             .await
             .expect("watcher within the reader's maximum opens")
@@ -564,6 +567,7 @@ async fn a_reader_holding_its_maximum_of_watchers_without_reading_keeps_node_mem
             service: "hoard".into(),
             prefix: false,
             from_revision: 0,
+            audit: None,
         })
         .await
         .expect_err("one watcher past the maximum");

@@ -1166,6 +1166,7 @@ async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
                 service: "feed".into(),
                 prefix: false,
                 from_revision: first,
+                audit: None,
             })
             .await
             .unwrap()
@@ -1297,6 +1298,7 @@ async fn a_rogue_node_cannot_make_a_watcher_skip_forge_or_stall() {
             service: "feed".into(),
             prefix: false,
             from_revision: u64::MAX,
+            audit: None,
         })
         .await
         .expect_err("a future revision is not waited for");
@@ -2002,4 +2004,64 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
             .expect("an honest node answers");
         assert_eq!(found.instances.len(), 3);
     }
+
+    eprintln!("phase 11: watched puts are proven too; a rogue's unlogged put is refused");
+    let mut watch_config = cluster.client_config(None, &[2]);
+    watch_config.audit.require_checkpoint = true;
+    let watching = Client::connect(&watch_config).unwrap();
+    let from = covered_answer(&cluster, 2, "payments").await.revision + 1;
+    let mut watcher = watching.watch("payments", false, from);
+    payments
+        .register(signed_record(&key, "payments", "p4", 1, 446))
+        .await
+        .unwrap();
+    let change = tokio::time::timeout(Duration::from_secs(20), watcher.next())
+        .await
+        .expect("the put arrives")
+        .expect("and verifies");
+    assert!(change.put && change.instance == "p4", "{change:?}");
+    assert!(watching.audit_checkpoint().is_some());
+    let proven = covered_answer(&cluster, 2, "payments").await;
+    let unlogged_put = WatchEvent {
+        revision: proven.revision,
+        kind: watch_event::Kind::Put as i32,
+        service: "payments".into(),
+        instance: "p9".into(),
+        record: Some(signed_record(&key, "payments", "p9", 1, 6666)),
+        binding: proven.service.as_ref().unwrap().binding.clone(),
+        applied_revision: proven.revision,
+        audit: proven.audit.clone(),
+        inclusion: Some(RecordInclusion::default()),
+        position: 0,
+    };
+    let start = WatchEvent {
+        revision: proven.revision,
+        kind: watch_event::Kind::Start as i32,
+        applied_revision: proven.revision,
+        ..Default::default()
+    };
+    let rogue = RogueRegistry {
+        watch: vec![start, unlogged_put],
+        tamper: None,
+        ..RogueRegistry::tampering(
+            &proven,
+            Tamper::Deny {
+                details: Vec::new(),
+            },
+        )
+    };
+    let watch_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
+    watch_config.endpoints = vec![watch_addr];
+    let fooled = Client::connect(&watch_config).unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        fooled.watch("payments", false, proven.revision).next(),
+    )
+    .await
+    .expect("the watcher gives up")
+    .expect_err("an unlogged put was delivered");
+    assert!(
+        err.to_string().contains("cannot prove payments/p9"),
+        "{err}"
+    );
 }

@@ -1426,6 +1426,7 @@ impl FloodWorker {
                             service: "bench-0".into(),
                             prefix: false,
                             from_revision: 0,
+                            audit: None,
                         })
                         .await;
                     match result {

@@ -56,6 +56,20 @@ pub(crate) struct AuditTrust {
     trusted: Option<Checkpoint>,
     accepted: Option<Accepted>,
     alarms: Vec<String>,
+    /// The last checkpoint note whose signatures (and binding) this client verified: answers
+    /// and watch events carry the same note for the 2 s until the next, and its signatures
+    /// are most of a verifying client's cost per answer (three ed25519 verifications).
+    verified_note: Option<VerifiedNote>,
+}
+
+/// A note verified under the binding with these exact bytes. Reused only for the same bytes, so
+/// the only check it skips that depends on time is the binding's window, for at most the age
+/// limit (the note's age is checked on every use).
+#[derive(Debug, Clone)]
+struct VerifiedNote {
+    note: Vec<u8>,
+    binding: Vec<u8>,
+    checkpoint: Checkpoint,
 }
 
 /// What a request asked to be proven: the trust as it was then, which the answer is checked
@@ -93,6 +107,8 @@ pub(crate) struct Checked {
     state_root: Option<Hash>,
     /// Set when the answer's checkpoint shows the accepted tree was a fork.
     fork: Option<String>,
+    /// The note this check verified (not when it matched the one verified before).
+    verified_note: Option<VerifiedNote>,
 }
 
 fn hash32(bytes: &[u8], what: &str) -> Result<Hash, ClientError> {
@@ -113,6 +129,7 @@ impl AuditTrust {
             trusted: None,
             accepted: None,
             alarms: Vec::new(),
+            verified_note: None,
         }
     }
 
@@ -159,20 +176,35 @@ impl AuditTrust {
                 checkpoint: None,
                 state_root: None,
                 fork: None,
+                verified_note: None,
             });
         };
         let binding = evidence
             .checkpoint_binding
             .as_ref()
             .ok_or_else(|| refused(format!("{from} served a checkpoint without its keys")))?;
-        let signed = witnesses(binding)?
-            .verify(&evidence.checkpoint)
-            .map_err(|e| {
-                refused(format!(
-                    "{from} served a checkpoint that does not verify: {e}"
-                ))
-            })?;
-        let checkpoint = signed.checkpoint;
+        let binding_bytes = binding.encode_to_vec();
+        let mut verified_note = None;
+        let checkpoint = match &self.verified_note {
+            Some(known) if known.note == evidence.checkpoint && known.binding == binding_bytes => {
+                known.checkpoint.clone()
+            }
+            _ => {
+                let signed = witnesses(binding)?
+                    .verify(&evidence.checkpoint)
+                    .map_err(|e| {
+                        refused(format!(
+                            "{from} served a checkpoint that does not verify: {e}"
+                        ))
+                    })?;
+                verified_note = Some(VerifiedNote {
+                    note: evidence.checkpoint.clone(),
+                    binding: binding_bytes,
+                    checkpoint: signed.checkpoint.clone(),
+                });
+                signed.checkpoint
+            }
+        };
         let age_ms = now_ms.saturating_sub(checkpoint.time_ms);
         if age_ms > self.max_age_ms {
             return Err(refused(format!(
@@ -254,12 +286,16 @@ impl AuditTrust {
             checkpoint: Some(checkpoint),
             state_root: Some(state_root),
             fork,
+            verified_note,
         })
     }
 
     /// Learns from an answer that passed [`AuditTrust::check`] (and whose records did): a larger
     /// checkpoint, a larger accepted tree, a fork it revealed.
     pub(crate) fn commit(&mut self, checked: Checked) {
+        if let Some(note) = checked.verified_note {
+            self.verified_note = Some(note);
+        }
         if let Some(fork) = checked.fork {
             tracing::error!(alarm = %fork, "audit: a node served a forked history");
             if self.alarms.len() >= ALARMS_MAX {
@@ -1112,5 +1148,51 @@ mod tests {
             .check(lax.asked(), "n1", None, |_| unreachable!(), NOW)
             .expect("no checkpoint seen or required");
         unanchored.check_service(&hidden).expect("nothing to check");
+    }
+
+    #[test]
+    fn a_note_verified_once_is_not_verified_again_but_still_ages() {
+        let cluster = Cluster::new();
+        let mut trust = AuditTrust::new(MAX_AGE, true);
+        let mut log = Log::default();
+        log.noise(6);
+        let evidence = cluster.evidence(&log, 6, &trust.asked(), NOW);
+        let checked = check(&trust, &cluster, "n1", &evidence).expect("honest");
+        trust.commit(checked);
+        let no_keys = |_: &Envelope| -> Result<Witnesses, ClientError> {
+            Err(ClientError::Verification("keys asked for again".into()))
+        };
+        // The same note and binding: the signatures are not checked again.
+        let again = cluster.evidence(&log, 6, &trust.asked(), NOW);
+        trust
+            .check(trust.asked(), "n2", Some(&again), no_keys, NOW + 1_000)
+            .expect("the note verified before");
+        // Its age still counts.
+        let why = trust
+            .check(
+                trust.asked(),
+                "n2",
+                Some(&again),
+                no_keys,
+                NOW + MAX_AGE + 1,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("s old"), "{why}");
+        // Another note, or the same under another binding, is verified.
+        log.noise(1);
+        let next = cluster.evidence(&log, 7, &trust.asked(), NOW + 2_000);
+        let why = trust
+            .check(trust.asked(), "n2", Some(&next), no_keys, NOW + 2_000)
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("keys asked for again"), "{why}");
+        let rebound = AuditEvidence {
+            checkpoint_binding: Some(envelope(0xcc)),
+            ..again
+        };
+        assert!(trust
+            .check(trust.asked(), "n2", Some(&rebound), no_keys, NOW + 1_000)
+            .is_err());
     }
 }

@@ -1057,20 +1057,56 @@ impl Client {
         }
     }
 
+    /// Opens a watch stream on some node; returns the node's address and the stream.
     pub(crate) async fn open_watch(
         &self,
         request: WatchRequest,
-    ) -> Result<Streaming<WatchEvent>, ClientError> {
+    ) -> Result<(String, Streaming<WatchEvent>), ClientError> {
         self.with_retries(|addr| {
             let request = request.clone();
             async move {
-                self.registry(&addr)?
-                    .watch(request)
-                    .await
-                    .map(|r| r.into_inner())
+                let stream = self.registry(&addr)?.watch(request).await?;
+                Ok((addr, stream.into_inner()))
             }
         })
         .await
+    }
+
+    /// What a stream opened now asks the audit log to prove; `None` when the client does not
+    /// verify the audit log.
+    pub(crate) fn audit_asked(&self) -> Option<Asked> {
+        self.audit_trust().map(|t| t.asked())
+    }
+
+    /// Checks the audit evidence of a watched put whose record (`record`, verified) `from`
+    /// served in a stream that asked `asked`: as a Resolve answer's, without the state proof
+    /// (an event is one change, not a whole service).
+    pub(crate) fn check_watched_put(
+        &self,
+        asked: &Asked,
+        from: &str,
+        event: &WatchEvent,
+        record: &VerifiedRecord,
+    ) -> Result<(), ClientError> {
+        let admins = self
+            .admin_sets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.genesis.clone());
+        let checked = self.check_audit(Some(asked.clone()), from, event.audit.as_ref(), &admins)?;
+        if let (Some(checked), Some(envelope)) = (&checked, event.record.as_ref()) {
+            checked.check_record(
+                &event.service,
+                &event.instance,
+                record.payload.sequence,
+                envelope,
+                event.inclusion.as_ref(),
+            )?;
+        }
+        self.commit_audit(checked);
+        Ok(())
     }
 
     /// Renews the leases of `instances` every `interval` (a third of their TTL) over one

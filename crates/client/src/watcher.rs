@@ -5,14 +5,17 @@
 //! has an explicit position, even before its first event: it resumes from there, never from
 //! "now". Revisions must not go backwards and may not exceed the answering node's applied
 //! revision; each put is verified against the binding in force when it was applied (which the
-//! event carries), signed by an admin of the chain this client verified. A stream that breaks
-//! any of these is dropped and the watch resumes from its last good revision on another node.
+//! event carries), signed by an admin of the chain this client verified; with `[audit] verify`,
+//! each put also carries audit evidence and must be an applied registration in a tree that
+//! extends a quorum checkpoint no older than the age limit. A stream that breaks any of these is
+//! dropped and the watch resumes from its last good revision on another node.
 
 use std::time::Duration;
 
 use signpost_proto::v1::{watch_event, WatchEvent, WatchRequest};
 use tonic::{Code, Streaming};
 
+use crate::audit_trust::Asked;
 use crate::client::Client;
 use crate::error::ClientError;
 
@@ -54,6 +57,10 @@ pub struct Watcher<'a> {
     stream: Option<Streaming<WatchEvent>>,
     /// Whether the current stream's START event has arrived.
     started: bool,
+    /// The node serving the current stream, and what the stream asked the audit log to prove
+    /// (`None` when the client does not verify it).
+    from: String,
+    asked: Option<Asked>,
     failures: u32,
 }
 
@@ -76,6 +83,8 @@ impl<'a> Watcher<'a> {
             last_revision: 0,
             stream: None,
             started: false,
+            from: String::new(),
+            asked: None,
             failures: 0,
         }
     }
@@ -93,13 +102,17 @@ impl<'a> Watcher<'a> {
 
     async fn open(&mut self) -> Result<(), ClientError> {
         self.client.refresh_admin_sets().await?;
+        let asked = self.client.audit_asked();
         let request = WatchRequest {
             service: self.service.clone(),
             prefix: self.prefix,
             from_revision: self.resume_from,
+            audit: asked.as_ref().map(Asked::request),
         };
-        let stream = self.client.open_watch(request).await?;
+        let (from, stream) = self.client.open_watch(request).await?;
         self.stream = Some(stream);
+        self.from = from;
+        self.asked = asked;
         self.started = false;
         Ok(())
     }
@@ -223,7 +236,8 @@ impl<'a> Watcher<'a> {
     }
 
     /// A put's record must verify against the binding in force when it was applied, itself
-    /// signed by an admin of the verified chain.
+    /// signed by an admin of the verified chain, and (when the client checks the audit log) be
+    /// an applied registration in a tree that extends a quorum checkpoint.
     fn verify_put(&self, event: &WatchEvent) -> Result<(), String> {
         let (Some(record), Some(binding)) = (event.record.as_ref(), event.binding.as_ref()) else {
             return Err(format!(
@@ -242,6 +256,11 @@ impl<'a> Watcher<'a> {
                 "put of {}/{} carries a record of instance {}",
                 event.service, event.instance, verified.payload.instance
             ));
+        }
+        if let Some(asked) = &self.asked {
+            self.client
+                .check_watched_put(asked, &self.from, event, &verified)
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -97,6 +97,19 @@ pub struct ProofTarget {
     pub service: String,
     /// The instance.
     pub instance: String,
+    /// When set (a watch event's record), the registration of exactly the envelope with this
+    /// SHA-256; otherwise the revision's last registration of the instance, which is what the
+    /// state holds (one entry can register an instance twice).
+    pub envelope_sha256: Option<Hash>,
+}
+
+impl ProofTarget {
+    fn is_logged_by(&self, record: &AuditRecord) -> bool {
+        is_registration_of(record, &self.service, &self.instance)
+            && self
+                .envelope_sha256
+                .is_none_or(|digest| record.envelope_sha256.as_slice() == digest.as_slice())
+    }
 }
 
 /// A record's leaf and its inclusion proof.
@@ -158,7 +171,7 @@ fn is_registration_of(record: &AuditRecord, service: &str, instance: &str) -> bo
 pub struct AuditLog {
     store: Arc<Store>,
     state: StateMachine,
-    /// Where the records of registrations were found: (service, instance, revision) -> leaf
+    /// Where the records of registrations were found: (service, instance, revision, envelope) -> leaf
     /// index, a fact that never changes (the leaf is read and checked again on use). Cleared
     /// when full.
     found: Arc<std::sync::Mutex<HashMap<FoundKey, u64>>>,
@@ -173,7 +186,7 @@ const FOUND_CACHE_MAX: usize = 100_000;
 const EVIDENCE_CACHE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// A registration: service, instance, revision.
-type FoundKey = (String, String, u64);
+type FoundKey = (String, String, u64, Option<Hash>);
 
 /// What one answer's evidence is a function of.
 type EvidenceKey = (u64, Hash, [u64; 3], Vec<ProofTarget>);
@@ -510,6 +523,7 @@ impl AuditLog {
             target.service.clone(),
             target.instance.clone(),
             target.revision,
+            target.envelope_sha256,
         );
         let known = self
             .found
@@ -520,9 +534,7 @@ impl AuditLog {
         if let Some(index) = known.filter(|&index| index < size) {
             if let Some(leaf) = self.store.audit_leaf(index)? {
                 let record = decode_leaf(index, &leaf)?;
-                if record.revision == target.revision
-                    && is_registration_of(&record, &target.service, &target.instance)
-                {
+                if record.revision == target.revision && target.is_logged_by(&record) {
                     return Ok(Some((index, leaf)));
                 }
             }
@@ -612,7 +624,7 @@ impl AuditLog {
                 if record.revision != target.revision {
                     break 'pages;
                 }
-                if is_registration_of(&record, &target.service, &target.instance) {
+                if target.is_logged_by(&record) {
                     found = Some((index, leaf));
                 }
             }
@@ -819,9 +831,19 @@ mod tests {
             instance: instance.into(),
             applied,
             sequence: revision,
+            envelope_sha256: envelope_of(revision, position).to_vec(),
             ..Default::default()
         }
         .encode_to_vec()
+    }
+
+    /// The envelope hash the leaf at `position` of `revision` names.
+    fn envelope_of(revision: u64, position: u32) -> Hash {
+        sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            format!("{revision}/{position}"),
+        ))
+        .into()
     }
 
     /// A log of `revisions` entries of three commands each: p0 applied, p1 refused, p0 applied
@@ -855,6 +877,7 @@ mod tests {
 
     fn target(revision: u64, instance: &str) -> ProofTarget {
         ProofTarget {
+            envelope_sha256: None,
             revision,
             service: "payments".into(),
             instance: instance.into(),
@@ -880,6 +903,30 @@ mod tests {
         assert_eq!(log.find_record(&target(101, "p0"), size).unwrap(), None);
         let first_of_last = log.find_record(&target(100, "p0"), size - 1).unwrap();
         assert_eq!(first_of_last.map(|f| f.0), Some(size - 3));
+
+        eprintln!("phase 2b: a watch event's target names its envelope: the first of two puts");
+        let first_put = ProofTarget {
+            envelope_sha256: Some(envelope_of(50, 0)),
+            ..target(50, "p0")
+        };
+        assert_eq!(
+            log.find_record_cached(&first_put, size)
+                .unwrap()
+                .map(|f| f.0),
+            Some(49 * 3)
+        );
+        let unknown = ProofTarget {
+            envelope_sha256: Some([9; 32]),
+            ..target(50, "p0")
+        };
+        assert_eq!(log.find_record_cached(&unknown, size).unwrap(), None);
+        assert_eq!(
+            log.find_record_cached(&target(50, "p0"), size)
+                .unwrap()
+                .map(|f| f.0),
+            Some(49 * 3 + 2),
+            "the state's (last) registration is still found by its own key"
+        );
 
         eprintln!("phase 3: the evidence proves it, and the cached lookup agrees");
         let request = EvidenceRequest {

@@ -2,7 +2,8 @@
 //! → map the apply outcome. Reads are authorize → (read index) → serve from local state.
 
 use prost::Message;
-use signpost_consensus::audit_log::{EvidenceRequest, ProofTarget};
+use sha2::Digest;
+use signpost_consensus::audit_log::{EvidenceRequest, ProofTarget, RecordProof};
 use signpost_consensus::Consensus;
 use signpost_proto::v1::registry_server::Registry;
 use signpost_proto::v1::{
@@ -194,12 +195,6 @@ impl RegistryService {
         let Some(ask) = ask.filter(|a| a.prove) else {
             return Ok(None);
         };
-        let checkpoint_size = checkpoint.as_ref().map_or(0, |c| c.checkpoint.size);
-        let (tree_size, root) = (tree.size(), tree.root());
-        let request = EvidenceRequest {
-            tree,
-            extends: [checkpoint_size, ask.trusted_size, ask.accepted_size],
-        };
         let targets: Vec<ProofTarget> = views
             .iter()
             .flat_map(|view| {
@@ -210,60 +205,28 @@ impl RegistryService {
                         revision,
                         service: view.service.clone(),
                         instance: instance.clone(),
+                        envelope_sha256: None,
                     })
             })
             .collect();
-        let audit = self.consensus.audit().clone();
-        audit
-            .stored(tree_size, EVIDENCE_STORED_WAIT)
-            .await
-            .map_err(consensus_status)?;
-        let evidence = match audit.cached_evidence(&request, &targets) {
-            Some(evidence) => evidence,
-            None => tokio::task::spawn_blocking(move || audit.evidence(&request, &targets))
-                .await
-                .map_err(|e| Status::unavailable(format!("audit evidence task: {e}")))?
-                .map_err(consensus_status)?,
-        };
-        let mut inclusions = evidence.inclusions.into_iter();
+        let (evidence, proofs) = prove_records(
+            &self.consensus,
+            ask,
+            checkpoint,
+            tree,
+            checkpoint_binding,
+            targets,
+        )
+        .await?;
+        let mut proofs = proofs.into_iter();
         for service in services.iter_mut() {
             service.inclusions = service
                 .records
                 .iter()
-                .map(|_| {
-                    inclusions
-                        .next()
-                        .flatten()
-                        .map(|p| RecordInclusion {
-                            index: p.index,
-                            leaf: p.leaf,
-                            hashes: p.proof.iter().map(|h| h.to_vec()).collect(),
-                        })
-                        .unwrap_or_default()
-                })
+                .map(|_| inclusion(proofs.next().flatten()))
                 .collect();
         }
-        let hashes = |proof: &Vec<signpost_audit::Hash>| -> Vec<Vec<u8>> {
-            proof.iter().map(|h| h.to_vec()).collect()
-        };
-        let [from_checkpoint, from_trusted, from_accepted] = &evidence.consistency;
-        let head = evidence.head.unwrap_or_default();
-        Ok(Some(AuditEvidence {
-            checkpoint: checkpoint.map(|c| c.note).unwrap_or_default(),
-            checkpoint_binding: checkpoint_binding
-                .map(|b| {
-                    Envelope::decode(b.as_slice())
-                        .map_err(|e| Status::internal(format!("stored binding is corrupt: {e}")))
-                })
-                .transpose()?,
-            tree_size,
-            root_hash: root.to_vec(),
-            checkpoint_consistency: hashes(from_checkpoint),
-            trusted_consistency: hashes(from_trusted),
-            accepted_consistency: hashes(from_accepted),
-            head_leaf: head.leaf,
-            head_inclusion: hashes(&head.proof),
-        }))
+        Ok(Some(evidence))
     }
 
     /// `read` of the registry, with the revision and audit tree it was read at, and (when the
@@ -300,6 +263,112 @@ impl RegistryService {
             })
             .collect()
     }
+}
+
+/// A record's proof as served (empty where the node has none).
+fn inclusion(proof: Option<RecordProof>) -> RecordInclusion {
+    proof
+        .map(|p| RecordInclusion {
+            index: p.index,
+            leaf: p.leaf,
+            hashes: p.proof.iter().map(|h| h.to_vec()).collect(),
+        })
+        .unwrap_or_default()
+}
+
+/// The evidence of an answer read from `tree` (see [`RegistryService::evidence`]) and the
+/// proofs of `targets`' records in it, in order.
+async fn prove_records(
+    consensus: &Consensus,
+    ask: &AuditEvidenceRequest,
+    checkpoint: Option<signpost_audit::SignedCheckpoint>,
+    tree: signpost_audit::Frontier,
+    checkpoint_binding: Option<Vec<u8>>,
+    targets: Vec<ProofTarget>,
+) -> Result<(AuditEvidence, Vec<Option<RecordProof>>), Status> {
+    let checkpoint_size = checkpoint.as_ref().map_or(0, |c| c.checkpoint.size);
+    let (tree_size, root) = (tree.size(), tree.root());
+    let request = EvidenceRequest {
+        tree,
+        extends: [checkpoint_size, ask.trusted_size, ask.accepted_size],
+    };
+    let audit = consensus.audit().clone();
+    audit
+        .stored(tree_size, EVIDENCE_STORED_WAIT)
+        .await
+        .map_err(consensus_status)?;
+    let evidence = match audit.cached_evidence(&request, &targets) {
+        Some(evidence) => evidence,
+        None => tokio::task::spawn_blocking(move || audit.evidence(&request, &targets))
+            .await
+            .map_err(|e| Status::unavailable(format!("audit evidence task: {e}")))?
+            .map_err(consensus_status)?,
+    };
+    let hashes = |proof: &Vec<signpost_audit::Hash>| -> Vec<Vec<u8>> {
+        proof.iter().map(|h| h.to_vec()).collect()
+    };
+    let [from_checkpoint, from_trusted, from_accepted] = &evidence.consistency;
+    let head = evidence.head.unwrap_or_default();
+    let served = AuditEvidence {
+        checkpoint: checkpoint.map(|c| c.note).unwrap_or_default(),
+        checkpoint_binding: checkpoint_binding
+            .map(|b| {
+                Envelope::decode(b.as_slice())
+                    .map_err(|e| Status::internal(format!("stored binding is corrupt: {e}")))
+            })
+            .transpose()?,
+        tree_size,
+        root_hash: root.to_vec(),
+        checkpoint_consistency: hashes(from_checkpoint),
+        trusted_consistency: hashes(from_trusted),
+        accepted_consistency: hashes(from_accepted),
+        head_leaf: head.leaf,
+        head_inclusion: hashes(&head.proof),
+    };
+    Ok((served, evidence.inclusions))
+}
+
+/// The node's tree now and the checkpoint binding, read together.
+fn current_tree(consensus: &Consensus) -> (signpost_audit::Frontier, Option<Vec<u8>>) {
+    let state = consensus.state();
+    let binding = state
+        .registry
+        .resolve(signpost_audit::CHECKPOINT_SERVICE)
+        .map(|view| view.binding)
+        .filter(|binding| !binding.is_empty());
+    (state.audit.clone(), binding)
+}
+
+/// A watch event with its evidence, for a stream that asked: a put's record proven in the
+/// node's tree as it sends it (which holds the record: events go out after their batch is
+/// stored). Deletes carry none.
+async fn prove_event(
+    consensus: &Consensus,
+    ask: &AuditEvidenceRequest,
+    mut event: WatchEvent,
+) -> Result<WatchEvent, Status> {
+    if event.kind != signpost_proto::v1::watch_event::Kind::Put as i32 {
+        return Ok(event);
+    }
+    let checkpoint = consensus.checkpoints().latest();
+    let (tree, binding) = current_tree(consensus);
+    // Exactly this put's record: one entry can register an instance twice, and each put is
+    // its own event.
+    let envelope_sha256 = event.record.as_ref().map(|record| {
+        let digest: signpost_audit::Hash = sha2::Sha256::digest(record.encode_to_vec()).into();
+        digest
+    });
+    let target = ProofTarget {
+        revision: event.revision,
+        service: event.service.clone(),
+        instance: event.instance.clone(),
+        envelope_sha256,
+    };
+    let (evidence, proofs) =
+        prove_records(consensus, ask, checkpoint, tree, binding, vec![target]).await?;
+    event.audit = Some(evidence);
+    event.inclusion = Some(inclusion(proofs.into_iter().next().flatten()));
+    Ok(event)
 }
 
 /// Longest an answer waits for the audit tree it was read from to be written (apply writes its
@@ -717,6 +786,16 @@ impl Registry for RegistryService {
         let stream = futures::StreamExt::map(stream, move |event| {
             let _held = &permit;
             event
+        });
+        let Some(ask) = request.audit.filter(|a| a.prove) else {
+            return Ok(Response::new(Box::pin(stream)));
+        };
+        // One event at a time per stream: proofs are made as the watcher reads, so a slow
+        // watcher slows only its own stream.
+        let consensus = self.consensus.clone();
+        let stream = futures::StreamExt::then(stream, move |event| {
+            let consensus = consensus.clone();
+            async move { prove_event(&consensus, &ask, event?).await }
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -200,6 +200,9 @@ fn to_proto(event: &Event, applied_revision: u64) -> WatchEvent {
         binding: decode(&event.binding),
         applied_revision,
         position: event.position,
+        // Proofs are per stream (see RegistryService::watch), not per hub event.
+        audit: None,
+        inclusion: None,
     }
 }
 

@@ -155,7 +155,7 @@ impl Watcher {
         let message = match self {
             Watcher::Signpost { stream, .. } => tokio::time::timeout(wait, stream.message())
                 .await
-                .map(|r| r.map(|m| m.map(Incoming::Signpost))),
+                .map(|r| r.map(|m| m.map(|e| Incoming::Signpost(Box::new(e))))),
             Watcher::Etcd { stream } => tokio::time::timeout(wait, stream.rx.message())
                 .await
                 .map(|r| r.map(|m| m.map(Incoming::Etcd))),
@@ -200,7 +200,8 @@ impl Watcher {
 }
 
 enum Incoming {
-    Signpost(WatchEvent),
+    // Boxed: an event with audit evidence is several times an etcd response.
+    Signpost(Box<WatchEvent>),
     Etcd(etcd::WatchResponse),
 }
 
@@ -254,6 +255,7 @@ pub(super) async fn run_signpost(
                 service: WRITER.into(),
                 prefix: false,
                 from_revision: 0,
+                audit: None,
             })
             .await
             .with_context(|| format!("opening watch stream {name} at {addr}"))?
