@@ -646,7 +646,15 @@ impl Client {
                 self.check_not_behind(&addr, response.revision)
             };
             let verified = checked
-                .and_then(|()| self.current_admin_set(&response.admin_chain))
+                .and_then(|()| {
+                    // A proof of absence may leave a long chain out (it travels in trailers):
+                    // the admin sets this client verified before stand in.
+                    if absent.is_some() && response.admin_chain.is_empty() {
+                        Ok(self.latest_admin_set())
+                    } else {
+                        self.current_admin_set(&response.admin_chain)
+                    }
+                })
                 .and_then(|admins| {
                     let audit = self.check_audit(asked, &addr, response.audit.as_ref(), &admins)?;
                     let records = response.service.unwrap_or_default();
@@ -970,6 +978,16 @@ impl Client {
         self.current_admin_set(&page.admin_chain).map(|_| ())
     }
 
+    /// The newest admin set this client has verified (genesis if none since).
+    fn latest_admin_set(&self) -> AdminSet {
+        self.admin_sets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.genesis.clone())
+    }
+
     fn remember_admin_sets(&self, sets: Vec<AdminSet>) {
         let mut known = self
             .admin_sets
@@ -1088,13 +1106,7 @@ impl Client {
         event: &WatchEvent,
         record: &VerifiedRecord,
     ) -> Result<(), ClientError> {
-        let admins = self
-            .admin_sets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .last()
-            .cloned()
-            .unwrap_or_else(|| self.genesis.clone());
+        let admins = self.latest_admin_set();
         let checked = self.check_audit(Some(asked.clone()), from, event.audit.as_ref(), &admins)?;
         if let (Some(checked), Some(envelope)) = (&checked, event.record.as_ref()) {
             checked.check_record(

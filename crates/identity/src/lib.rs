@@ -100,7 +100,7 @@ pub use tls_config::{
 };
 pub use tls_connector::{
     connect_channel, connect_channel_from, TlsConnector, HTTP2_KEEPALIVE_INTERVAL,
-    HTTP2_KEEPALIVE_TIMEOUT,
+    HTTP2_KEEPALIVE_TIMEOUT, HTTP2_MAX_HEADER_LIST_BYTES,
 };
 pub use tls_incoming::{
     SourceAllowlist, TlsConnection, TlsIncoming, CONNECTIONS_OPEN, HANDSHAKES_REFUSED,

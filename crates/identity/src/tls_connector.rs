@@ -20,6 +20,10 @@ use crate::error::{IdentityError, Result};
 /// Interval of HTTP/2 PINGs on idle channels: finds dead peers (and keeps NAT/conntrack
 /// entries alive) without waiting for a request to time out.
 pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Largest header block (trailers included) a channel accepts, raw. A NOT_FOUND carrying a
+/// proof of absence in its status details is a few KiB of base64; with a long admin chain it
+/// passes hyper's 16 KiB default, and a server keeps the details under 32 KiB before base64.
+pub const HTTP2_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// How long a PING may go unanswered before the connection is considered dead.
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -168,6 +172,7 @@ pub fn connect_channel_from(
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST_BYTES)
         .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     Ok(endpoint

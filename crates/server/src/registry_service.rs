@@ -371,6 +371,20 @@ async fn prove_event(
     Ok(event)
 }
 
+/// Most bytes of a NOT_FOUND's status details (before base64): they travel in the trailers,
+/// whose size clients bound (`signpost_identity::HTTP2_MAX_HEADER_LIST_BYTES`).
+const ABSENCE_DETAILS_BYTES_MAX: usize = 32 * 1024;
+
+/// The encoded proof of absence; without the admin chain when that would pass
+/// [`ABSENCE_DETAILS_BYTES_MAX`] (only a long chain can: the evidence is a few KiB). A client
+/// then checks the checkpoint binding against the admin sets it already verified.
+fn absence_details(mut details: ResolveResponse) -> Vec<u8> {
+    if details.encoded_len() > ABSENCE_DETAILS_BYTES_MAX {
+        details.admin_chain.clear();
+    }
+    details.encode_to_vec()
+}
+
 /// Longest an answer waits for the audit tree it was read from to be written (apply writes its
 /// batch right after moving the state; milliseconds).
 const EVIDENCE_STORED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -584,16 +598,16 @@ impl Registry for RegistryService {
                 )
                 .await?;
             let [service] = services;
-            let details = ResolveResponse {
+            let details = absence_details(ResolveResponse {
                 service: Some(service),
                 revision: read.revision,
                 admin_chain: self.admin_chain()?,
                 audit,
-            };
+            });
             return Err(Status::with_details_and_metadata(
                 absent.code(),
                 absent.message(),
-                details.encode_to_vec().into(),
+                details.into(),
                 absent.metadata().clone(),
             ));
         };
@@ -798,5 +812,43 @@ impl Registry for RegistryService {
             async move { prove_event(&consensus, &ask, event?).await }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proof_of_absence_leaves_out_an_admin_chain_too_long_for_the_trailers() {
+        let rotation = |bytes: usize| MultiEnvelope {
+            payload: vec![7; bytes],
+            ..MultiEnvelope::default()
+        };
+        let answer = |chain: Vec<MultiEnvelope>| ResolveResponse {
+            service: Some(ServiceRecords {
+                service: "ghost".into(),
+                ..ServiceRecords::default()
+            }),
+            revision: 9,
+            admin_chain: chain,
+            audit: Some(AuditEvidence {
+                checkpoint: vec![1; 500],
+                ..AuditEvidence::default()
+            }),
+        };
+        // A short chain stays: the client verifies the checkpoint binding from it.
+        let kept = absence_details(answer(vec![rotation(2_000); 3]));
+        let decoded = ResolveResponse::decode(kept.as_slice()).unwrap();
+        assert_eq!(decoded.admin_chain.len(), 3);
+        // One past the budget goes, the proof stays.
+        let long = answer(vec![rotation(2_000); 17]);
+        assert!(long.encoded_len() > ABSENCE_DETAILS_BYTES_MAX);
+        let cut = absence_details(long);
+        assert!(cut.len() <= ABSENCE_DETAILS_BYTES_MAX);
+        let decoded = ResolveResponse::decode(cut.as_slice()).unwrap();
+        assert!(decoded.admin_chain.is_empty());
+        assert_eq!(decoded.audit.unwrap().checkpoint.len(), 500);
+        assert_eq!(decoded.service.unwrap().service, "ghost");
     }
 }
