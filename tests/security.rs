@@ -1611,6 +1611,31 @@ fn hex_hashes(proof: Vec<signpost_audit::Hash>) -> Vec<Vec<u8>> {
     proof.into_iter().map(|h| h.to_vec()).collect()
 }
 
+/// Resolves payments from `rogue` alone, which `config`'s client must refuse with a message
+/// holding `refusal` (a verification failure, never NOT_FOUND), then from it and node 2, which
+/// must answer; returns that answer.
+async fn refused_then_answered(
+    cluster: &TestCluster,
+    mut config: ClientConfig,
+    rogue: &str,
+    refusal: &str,
+) -> signpost_client::Resolved {
+    config.endpoints = vec![rogue.to_owned()];
+    let err = Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect_err("the rogue's answer was accepted");
+    assert_ne!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert!(err.to_string().contains(refusal), "{err}");
+    config.endpoints = vec![rogue.to_owned(), cluster.client_addr(2)];
+    Client::connect(&config)
+        .unwrap()
+        .resolve("payments", true)
+        .await
+        .expect("an honest node answers")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_that_lies_about_the_log(
 ) {
@@ -1672,27 +1697,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
     );
     let stolen = cluster.issue("node", "66");
     let unlogged_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
-    let mut config = cluster.client_config(None, &[]);
-    config.endpoints = vec![unlogged_addr.clone()];
-    let err = Client::connect(&config)
-        .unwrap()
-        .resolve("payments", true)
-        .await
-        .expect_err("an unlogged record was accepted");
-    assert!(
-        err.to_string().contains("cannot prove payments/p9"),
-        "{err}"
-    );
-    config.endpoints = vec![
-        unlogged_addr,
-        cluster.client_addr(1),
-        cluster.client_addr(2),
-    ];
-    let fell_back = Client::connect(&config)
-        .unwrap()
-        .resolve("payments", true)
-        .await
-        .expect("an honest node answers");
+    let fell_back = refused_then_answered(
+        &cluster,
+        cluster.client_config(None, &[]),
+        &unlogged_addr,
+        "cannot prove payments/p9",
+    )
+    .await;
     assert_eq!(fell_back.instances.len(), 1, "only p1 is registered");
 
     eprintln!("phase 4: a rogue replays a genuine answer: refused once its checkpoint is too old");
@@ -1886,24 +1897,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
         },
     );
     let hide_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
-    let mut config = cluster.client_config(None, &[]);
-    config.endpoints = vec![hide_addr.clone()];
-    let err = Client::connect(&config)
-        .unwrap()
-        .resolve("payments", true)
-        .await
-        .expect_err("an answer without p3 was accepted");
-    assert!(
-        err.to_string()
-            .contains("is not the whole current state of the service"),
-        "{err}"
-    );
-    config.endpoints = vec![hide_addr, cluster.client_addr(2)];
-    let whole = Client::connect(&config)
-        .unwrap()
-        .resolve("payments", true)
-        .await
-        .expect("an honest node answers");
+    let whole = refused_then_answered(
+        &cluster,
+        cluster.client_config(None, &[]),
+        &hide_addr,
+        "is not the whole current state of the service",
+    )
+    .await;
     assert_eq!(whole.instances.len(), 3);
 
     eprintln!(
@@ -1931,24 +1931,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
         },
     );
     let freeze_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
-    let mut config = cluster.client_config(None, &[]);
-    config.endpoints = vec![freeze_addr.clone()];
-    let err = Client::connect(&config)
-        .unwrap()
-        .resolve("payments", true)
-        .await
-        .expect_err("a frozen p1 was accepted");
-    assert!(
-        err.to_string()
-            .contains("is not the whole current state of the service"),
-        "{err}"
-    );
-    config.endpoints = vec![freeze_addr, cluster.client_addr(2)];
-    let current = Client::connect(&config)
-        .unwrap()
-        .resolve("payments", true)
-        .await
-        .expect("an honest node answers");
+    let current = refused_then_answered(
+        &cluster,
+        cluster.client_config(None, &[]),
+        &freeze_addr,
+        "is not the whole current state of the service",
+    )
+    .await;
     let ports: Vec<u32> = current
         .instances
         .iter()
@@ -1988,20 +1977,7 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
         let deny_addr = serve_rogue(&cluster, &stolen, rogue).await.to_string();
         let mut config = cluster.client_config(None, &[]);
         config.audit.require_checkpoint = true;
-        config.endpoints = vec![deny_addr.clone()];
-        let err = Client::connect(&config)
-            .unwrap()
-            .resolve("payments", true)
-            .await
-            .expect_err("a denial was believed");
-        assert_ne!(err.code(), Some(tonic::Code::NotFound), "{err}");
-        assert!(err.to_string().contains(refusal), "{err}");
-        config.endpoints = vec![deny_addr, cluster.client_addr(2)];
-        let found = Client::connect(&config)
-            .unwrap()
-            .resolve("payments", true)
-            .await
-            .expect("an honest node answers");
+        let found = refused_then_answered(&cluster, config, &deny_addr, refusal).await;
         assert_eq!(found.instances.len(), 3);
     }
 

@@ -711,6 +711,14 @@ mod tests {
         trust.check(trust.asked(), from, Some(evidence), |_| Ok(witnesses), NOW)
     }
 
+    /// A client that took an honest answer from `log` with a checkpoint at `size`.
+    fn trusting(cluster: &Cluster, log: &Log, size: u64) -> AuditTrust {
+        let mut trust = AuditTrust::new(MAX_AGE, false);
+        let evidence = cluster.evidence(log, size, &trust.asked(), NOW);
+        trust.commit(check(&trust, cluster, "n1", &evidence).unwrap());
+        trust
+    }
+
     fn problem(result: Result<Checked, ClientError>) -> String {
         result.expect_err("the evidence was accepted").to_string()
     }
@@ -800,16 +808,7 @@ mod tests {
         let cluster = Cluster::new();
         let mut log = Log::default();
         log.noise(10);
-        let mut trust = AuditTrust::new(MAX_AGE, false);
-        trust.commit(
-            check(
-                &trust,
-                &cluster,
-                "n1",
-                &cluster.evidence(&log, 10, &trust.asked(), NOW),
-            )
-            .unwrap(),
-        );
+        let trust = trusting(&cluster, &log, 10);
 
         // Rolled back: an older, genuine answer.
         let mut old = Log::default();
@@ -832,16 +831,7 @@ mod tests {
         let cluster = Cluster::new();
         let mut log = Log::default();
         log.noise(5);
-        let mut trust = AuditTrust::new(MAX_AGE, false);
-        trust.commit(
-            check(
-                &trust,
-                &cluster,
-                "n1",
-                &cluster.evidence(&log, 3, &trust.asked(), NOW),
-            )
-            .unwrap(),
-        );
+        let trust = trusting(&cluster, &log, 3);
         log.noise(6);
         let good = cluster.evidence(&log, 8, &trust.asked(), NOW);
         check(&trust, &cluster, "n1", &good).unwrap();
@@ -930,16 +920,7 @@ mod tests {
         let cluster = Cluster::new();
         let mut honest = Log::default();
         honest.noise(6);
-        let mut trust = AuditTrust::new(MAX_AGE, false);
-        trust.commit(
-            check(
-                &trust,
-                &cluster,
-                "n1",
-                &cluster.evidence(&honest, 6, &trust.asked(), NOW),
-            )
-            .unwrap(),
-        );
+        let mut trust = trusting(&cluster, &honest, 6);
 
         // phase 1: a rogue extends the checkpointed tree with a record of its own.
         let mut forged = Log::default();

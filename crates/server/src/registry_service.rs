@@ -571,65 +571,52 @@ impl Registry for RegistryService {
         });
         debug_assert!(read.revision >= barrier || request.stale);
         let (view, proof) = read.answer;
-        let state = proof.map(|p| state_proof(&request.service, p));
-        let Some(view) = view else {
-            let absent = refusal(
+        let not_found = || {
+            refusal(
                 Reason::NotFound,
                 &format!("service {} is not registered", request.service),
-            );
-            if !prove {
-                return Err(absent);
-            }
-            // The proof of absence rides in the status details, so NOT_FOUND stays NOT_FOUND
-            // for every client while a verifying one can check it.
-            let mut services = [ServiceRecords {
-                service: request.service.clone(),
-                state,
-                ..ServiceRecords::default()
-            }];
-            let audit = self
-                .evidence(
-                    request.audit.as_ref(),
-                    checkpoint,
-                    read.tree,
-                    read.checkpoint_binding,
-                    &[],
-                    &mut services,
-                )
-                .await?;
-            let [service] = services;
-            let details = absence_details(ResolveResponse {
-                service: Some(service),
-                revision: read.revision,
-                admin_chain: self.admin_chain()?,
-                audit,
-            });
-            return Err(Status::with_details_and_metadata(
-                absent.code(),
-                absent.message(),
-                details.into(),
-                absent.metadata().clone(),
-            ));
+            )
         };
-        let mut services = [service_records(&view)?];
-        services[0].state = state;
+        if view.is_none() && !prove {
+            return Err(not_found());
+        }
+        let mut services = [match &view {
+            Some(view) => service_records(view)?,
+            None => ServiceRecords {
+                service: request.service.clone(),
+                ..ServiceRecords::default()
+            },
+        }];
+        services[0].state = proof.map(|p| state_proof(&request.service, p));
         let audit = self
             .evidence(
                 request.audit.as_ref(),
                 checkpoint,
                 read.tree,
                 read.checkpoint_binding,
-                std::slice::from_ref(&view),
+                view.as_slice(),
                 &mut services,
             )
             .await?;
         let [service] = services;
-        Ok(Response::new(ResolveResponse {
+        let answer = ResolveResponse {
             service: Some(service),
             revision: read.revision,
             admin_chain: self.admin_chain()?,
             audit,
-        }))
+        };
+        if view.is_none() {
+            // The proof of absence rides in the status details, so NOT_FOUND stays NOT_FOUND
+            // for every client while a verifying one can check it.
+            let absent = not_found();
+            return Err(Status::with_details_and_metadata(
+                absent.code(),
+                absent.message(),
+                absence_details(answer).into(),
+                absent.metadata().clone(),
+            ));
+        }
+        Ok(Response::new(answer))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

@@ -465,21 +465,13 @@ impl Store {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let cf = self.cf(CF_AUDIT)?;
-        let start = audit_leaf_key(from);
         let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut bytes = 0usize;
-        let iter = self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
-        for item in iter {
+        for item in self.audit_leaf_entries(from)? {
             if out.len() >= limit {
                 break;
             }
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let Some(index) = parse_index(&key, AUDIT_LEAF) else {
-                break;
-            };
+            let (index, value) = item?;
             let expected = from + out.len() as u64;
             if index != expected {
                 break;
@@ -491,6 +483,22 @@ impl Store {
             out.push((index, value.into_vec()));
         }
         Ok(out)
+    }
+
+    /// The stored audit records from index `from` on, in index order, up to the last one.
+    fn audit_leaf_entries(
+        &self,
+        from: u64,
+    ) -> Result<impl Iterator<Item = Result<(u64, Box<[u8]>)>> + '_> {
+        let cf = self.cf(CF_AUDIT)?;
+        let start = audit_leaf_key(from);
+        let iter = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
+        Ok(iter.map_while(move |item| match item {
+            Err(e) => Some(Err(self.rocks(e))),
+            Ok((key, value)) => parse_index(&key, AUDIT_LEAF).map(|index| Ok((index, value))),
+        }))
     }
 
     /// Stored audit record `index`, if stored: one point read.
@@ -506,21 +514,16 @@ impl Store {
         end: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let cf = self.cf(CF_AUDIT)?;
-        let start = audit_leaf_key(from);
         let mut out = Vec::new();
-        let iter = self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward));
-        for item in iter {
+        for item in self.audit_leaf_entries(from)? {
             if out.len() >= limit {
                 break;
             }
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            match parse_index(&key, AUDIT_LEAF) {
-                Some(index) if index < end => out.push((index, value.into_vec())),
-                _ => break,
+            let (index, value) = item?;
+            if index >= end {
+                break;
             }
+            out.push((index, value.into_vec()));
         }
         Ok(out)
     }

@@ -109,14 +109,7 @@ impl Registry {
                         };
                         let time_ms = inner.time_ms.max(self.clock_ms);
                         Applied {
-                            audit: audit_leaf(
-                                revision,
-                                position,
-                                time_ms,
-                                inner,
-                                &outcome,
-                                &self.commitment.root(),
-                            ),
+                            audit: self.audit_leaf(revision, position, time_ms, inner, &outcome),
                             outcome,
                             changes: Vec::new(),
                             events: Vec::new(),
@@ -145,6 +138,26 @@ impl Registry {
         verified: Option<&VerifiedSignatures>,
     ) -> Applied {
         self.apply_one(revision, 0, request, verified)
+    }
+
+    /// The audit record of `request` (see [`audit_leaf`]), carrying the state commitment's root
+    /// as the request left it.
+    fn audit_leaf(
+        &self,
+        revision: u64,
+        position: u32,
+        time_ms: u64,
+        request: &Request,
+        outcome: &Outcome,
+    ) -> Option<Vec<u8>> {
+        audit_leaf(
+            revision,
+            position,
+            time_ms,
+            request,
+            outcome,
+            &self.commitment.root(),
+        )
     }
 
     /// [`Registry::apply_with`] of the `position`-th request of the entry at `revision`.
@@ -194,14 +207,7 @@ impl Registry {
                 self.advance_clock(&mut txn);
                 let outcome = Outcome::Applied { revision };
                 Applied {
-                    audit: audit_leaf(
-                        revision,
-                        position,
-                        txn.time_ms,
-                        request,
-                        &outcome,
-                        &self.commitment.root(),
-                    ),
+                    audit: self.audit_leaf(revision, position, txn.time_ms, request, &outcome),
                     outcome,
                     changes: txn.changes,
                     events: txn.events,
@@ -218,14 +224,7 @@ impl Registry {
                     detail: error.detail(),
                 };
                 Applied {
-                    audit: audit_leaf(
-                        revision,
-                        position,
-                        txn.time_ms,
-                        request,
-                        &outcome,
-                        &self.commitment.root(),
-                    ),
+                    audit: self.audit_leaf(revision, position, txn.time_ms, request, &outcome),
                     outcome,
                     changes: Vec::new(),
                     events: Vec::new(),
