@@ -143,6 +143,18 @@ fn signatures(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // A follower's apply: no admission check to reuse, but the service's key was decompressed
+    // by an earlier registration.
+    let followers = VerifiedSignatures::new(1);
+    group.bench_function("open_record_at_apply_key_already_parsed", |b| {
+        b.iter(|| {
+            signpost_record::open_record_with(
+                &envelope,
+                signpost_record::SignatureCheck::Reuse(&followers),
+            )
+            .map(|v| v.key)
+        })
+    });
     group.finish();
 
     // Batch verification: what apply would pay per signature if it verified a batch at once

@@ -1,16 +1,26 @@
 //! A node's memory of signatures it has already verified, so the leader's admission check and
-//! its apply of the same bytes cost one `verify_strict`, not two.
+//! its apply of the same bytes cost one `verify_strict`, not two; and of the public keys it has
+//! already decompressed, so a service's thousandth registration does not pay for its key's
+//! square root again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
 
+use crate::error::RecordError;
+use crate::limits::PUBLIC_KEY_BYTES;
 use crate::payload_kind::PayloadKind;
+use crate::verify::parse_public_key;
 
 /// Default number of remembered signatures: far above the proposals a node has in flight, and
 /// about 1 MiB with the set's overhead.
 pub const VERIFIED_SIGNATURES_DEFAULT: usize = 16_384;
+
+/// Decompressed public keys kept, at most: one per bound service a node sees registering, about
+/// 200 bytes each. When full the set starts again empty, which costs one decompression per key.
+pub(crate) const PARSED_KEYS_MAX: usize = 4_096;
 
 /// Digests of `(kind, key, signature, payload)` tuples that passed `verify_strict` on this node.
 ///
@@ -23,6 +33,9 @@ pub const VERIFIED_SIGNATURES_DEFAULT: usize = 16_384;
 pub struct VerifiedSignatures {
     capacity: usize,
     inner: Mutex<Inner>,
+    // Raw key to its decompressed point. `VerifyingKey::from_bytes` is a pure function of the
+    // 32 bytes, so a hit gives exactly what parsing would: results stay deterministic.
+    keys: Mutex<HashMap<[u8; PUBLIC_KEY_BYTES], VerifyingKey>>,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +54,7 @@ impl VerifiedSignatures {
         VerifiedSignatures {
             capacity: capacity.max(1),
             inner: Mutex::new(Inner::default()),
+            keys: Mutex::new(HashMap::new()),
         }
     }
 
@@ -99,6 +113,26 @@ impl VerifiedSignatures {
     pub(crate) fn take(&self, digest: &[u8; 32]) -> bool {
         self.lock().digests.remove(digest).is_some()
     }
+
+    /// The verifying key of `raw`, decompressed once and then kept (invalid points are refused
+    /// and not kept).
+    pub(crate) fn key(&self, raw: &[u8; PUBLIC_KEY_BYTES]) -> Result<VerifyingKey, RecordError> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = keys.get(raw) {
+            return Ok(*key);
+        }
+        let key = parse_public_key(raw)?;
+        if keys.len() >= PARSED_KEYS_MAX {
+            keys.clear();
+        }
+        keys.insert(*raw, key);
+        Ok(key)
+    }
+
+    /// Decompressed keys held now.
+    pub fn parsed_keys(&self) -> usize {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +185,37 @@ mod tests {
         let inner = cache.lock();
         assert!(inner.order.len() <= 6, "order holds {}", inner.order.len());
         assert!(inner.digests.is_empty());
+    }
+
+    #[test]
+    fn a_parsed_key_is_the_key_parsing_gives_and_the_set_stays_bounded() {
+        use ed25519_dalek::SigningKey;
+        let cache = VerifiedSignatures::new(1);
+        // Phase 1: a valid key parses to the same point, fresh or kept.
+        let raw = SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes();
+        let fresh = parse_public_key(&raw).expect("valid key");
+        assert_eq!(cache.key(&raw).expect("valid key"), fresh);
+        assert_eq!(cache.key(&raw).expect("kept key"), fresh);
+        assert_eq!(cache.parsed_keys(), 1);
+        // Phase 2: a point that is not on the curve is refused every time and never kept.
+        let mut invalid = [0u8; 32];
+        invalid[0] = 2;
+        assert!(
+            parse_public_key(&invalid).is_err(),
+            "the test needs an invalid point"
+        );
+        for _ in 0..2 {
+            assert!(cache.key(&invalid).is_err());
+        }
+        assert_eq!(cache.parsed_keys(), 1);
+        // Phase 3: at the bound the set starts again, so it never holds more than the bound.
+        for n in 0..PARSED_KEYS_MAX + 10 {
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            let raw = SigningKey::from_bytes(&seed).verifying_key().to_bytes();
+            cache.key(&raw).expect("valid key");
+            assert!(cache.parsed_keys() <= PARSED_KEYS_MAX);
+        }
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub fn verify_envelope_cached(
     if !remember && cache.take(&digest) {
         return Ok(raw_key);
     }
-    let key = parse_public_key(&raw_key)?;
+    let key = cache.key(&raw_key)?;
     verify_signature(
         kind,
         &envelope.payload,
