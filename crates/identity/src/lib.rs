@@ -86,7 +86,7 @@ pub use ca::{
     CRL_FILE, CRL_NEXT_UPDATE, EXTRA_SANS_MAX, ISSUED_LOG_FILE, LEAF_VALIDITY_MAX, REVOKED_MAX,
 };
 pub use error::{IdentityError, Result};
-pub use peer::peer_identity;
+pub use peer::{peer_identity, PeerIdentities, PEER_IDENTITIES_MAX, PEER_IDENTITY_CERT_BYTES_MAX};
 pub use spiffe_id::{
     identity_from_cert_der, validate_trust_domain, Identity, SpiffeId, DEFAULT_VALIDITY_NODE,
     DEFAULT_VALIDITY_SHORT, NAME_LEN_MAX, TRUST_DOMAIN_LEN_MAX,

@@ -11,8 +11,8 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use signpost_identity::{
-    identity_from_cert_der, Ca, Identity, IdentityError, IssueOptions, SpiffeId,
-    DEFAULT_VALIDITY_NODE, DEFAULT_VALIDITY_SHORT,
+    identity_from_cert_der, Ca, Identity, IdentityError, IssueOptions, PeerIdentities, SpiffeId,
+    DEFAULT_VALIDITY_NODE, DEFAULT_VALIDITY_SHORT, PEER_IDENTITIES_MAX,
 };
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -494,4 +494,49 @@ fn issue_options_that_cannot_work_are_refused() {
         matches!(err, IdentityError::InvalidSpiffeId { .. }),
         "{err:?}"
     );
+}
+
+#[test]
+fn a_kept_peer_identity_is_what_parsing_gives_and_the_set_stays_bounded() {
+    init_logging();
+    let identities = PeerIdentities::new();
+
+    tracing::info!("phase: a certificate parses to the same identity, fresh or kept");
+    let payments = self_signed_with_sans(vec![uri("spiffe://td/service/payments")]);
+    let fresh = identity_from_cert_der(&payments).unwrap();
+    assert_eq!(identities.identity(&payments).unwrap(), fresh);
+    assert_eq!(identities.identity(&payments).unwrap(), fresh);
+    assert_eq!(identities.len(), 1);
+
+    tracing::info!("phase: another certificate is another entry, never the first one's");
+    let orders = self_signed_with_sans(vec![uri("spiffe://td/service/orders")]);
+    assert_eq!(
+        identities.identity(&orders).unwrap().to_string(),
+        "spiffe://td/service/orders"
+    );
+    assert_eq!(identities.len(), 2);
+
+    tracing::info!("phase: a refused certificate is refused every time and never kept");
+    let two = self_signed_with_sans(vec![
+        uri("spiffe://td/node/1"),
+        uri("spiffe://td/admin/root"),
+    ]);
+    for _ in 0..2 {
+        assert!(matches!(
+            identities.identity(&two).unwrap_err(),
+            IdentityError::UriSanMultiple { count: 2 }
+        ));
+    }
+    assert_eq!(identities.len(), 2);
+
+    tracing::info!("phase: past the bound the set starts again; it never holds more");
+    for n in 0..PEER_IDENTITIES_MAX + 5 {
+        let der = self_signed_with_sans(vec![uri(&format!("spiffe://td/service/s{n}"))]);
+        assert_eq!(
+            identities.identity(&der).unwrap().to_string(),
+            format!("spiffe://td/service/s{n}")
+        );
+        assert!(identities.len() <= PEER_IDENTITIES_MAX);
+    }
+    assert_eq!(identities.identity(&payments).unwrap(), fresh);
 }

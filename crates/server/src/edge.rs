@@ -2,7 +2,8 @@
 //! its interceptors. For each request it
 //!
 //! - reads the caller's verified SPIFFE identity from the TLS connection once and hands it to
-//!   the handlers (request extensions), which authorize from it;
+//!   the handlers (request extensions), which authorize from it; the identity of each
+//!   certificate is parsed once per listener ([`PeerIdentities`]), not once per request;
 //! - after the handler answers, records the request's latency per method and code
 //!   (`signpost_rpc_duration_seconds`), counts it per method, code and identity class
 //!   (`signpost_rpc_requests_total`), counts sheds per limit and class
@@ -24,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use signpost_identity::{Identity, SpiffeId};
+use signpost_identity::{Identity, PeerIdentities, SpiffeId};
 use tonic::codegen::http;
 
 use crate::admission::{Admission, Op};
@@ -48,6 +49,7 @@ pub struct EdgeIdentity(pub SpiffeId);
 pub struct EdgeLayer {
     admission: Admission,
     trust_domain: std::sync::Arc<str>,
+    identities: std::sync::Arc<PeerIdentities>,
 }
 
 impl EdgeLayer {
@@ -56,6 +58,7 @@ impl EdgeLayer {
         EdgeLayer {
             admission,
             trust_domain: trust_domain.into(),
+            identities: std::sync::Arc::new(PeerIdentities::new()),
         }
     }
 }
@@ -68,6 +71,7 @@ impl<S> Layer<S> for EdgeLayer {
             inner,
             admission: self.admission.clone(),
             trust_domain: self.trust_domain.clone(),
+            identities: self.identities.clone(),
         }
     }
 }
@@ -78,6 +82,9 @@ pub struct Edge<S> {
     inner: S,
     admission: Admission,
     trust_domain: std::sync::Arc<str>,
+    // Shared by every connection of the listener: one X.509 parse per certificate, not per
+    // request.
+    identities: std::sync::Arc<PeerIdentities>,
 }
 
 /// Methods served by libraries rather than our handlers, admitted at the edge.
@@ -96,12 +103,15 @@ pub fn identity_class(id: Option<&SpiffeId>) -> &'static str {
     }
 }
 
-fn verified_identity<B>(request: &http::Request<B>) -> Option<SpiffeId> {
+fn verified_identity<B>(
+    request: &http::Request<B>,
+    identities: &PeerIdentities,
+) -> Option<SpiffeId> {
     let info = request
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()?;
     let certs = info.peer_certs()?;
-    signpost_identity::identity_from_cert_der(certs.first()?).ok()
+    identities.identity(certs.first()?).ok()
 }
 
 /// A gRPC method path as a bounded label: unknown paths (a scanner probing) become "other".
@@ -209,7 +219,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
         let method = method_label(request.uri().path());
-        let identity = verified_identity(&request);
+        let identity = verified_identity(&request, &self.identities);
         let class = identity_class(identity.as_ref());
         let who = identity
             .as_ref()
