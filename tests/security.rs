@@ -1687,11 +1687,13 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
     eprintln!(
         "phase 3: a rogue adds a validly signed record nobody registered: it cannot prove it"
     );
+    let admin_registry =
+        || signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1);
     let unlogged = signed_record(&key, "payments", "p9", 1, 6666);
     let rogue = RogueRegistry::tampering(
         &genuine,
         Tamper::Unlogged {
-            upstream: signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1),
+            upstream: admin_registry(),
             record: unlogged,
         },
     );
@@ -1888,8 +1890,6 @@ async fn a_client_checks_answers_against_quorum_checkpoints_and_catches_a_node_t
     );
 
     eprintln!("phase 8: a rogue leaves an instance out of an honest answer: the state proof fails");
-    let admin_registry =
-        || signpost_tests::raw_registry(&cluster, &cluster.root().join("admin-cert"), 1);
     let rogue = RogueRegistry::tampering(
         &genuine,
         Tamper::Hide {

@@ -35,6 +35,9 @@ pub struct RaftService {
     state_machine: crate::state_machine::StateMachine,
     // The configured genesis, for a node that has none of its own yet.
     expected_genesis: Option<signpost_record::AdminSet>,
+    // Peer certificates' identities, parsed once per certificate rather than once per RPC
+    // (heartbeats, appends and, with forwarding on, every forwarded request).
+    identities: Arc<signpost_identity::PeerIdentities>,
     // Takes requests followers forward while this node leads.
     desk: crate::forward::ForwardDesk,
     // Answers the leader's cosign requests.
@@ -66,6 +69,7 @@ impl RaftService {
         checkpoints: crate::checkpoints::Checkpoints,
     ) -> RaftService {
         RaftService {
+            identities: Arc::new(signpost_identity::PeerIdentities::new()),
             raft,
             trust_domain,
             liveness,
@@ -88,7 +92,7 @@ impl RaftService {
     /// Only nodes of our trust domain may speak Raft. The decision uses the verified peer
     /// certificate; nothing in the message can change it.
     fn authorize<T>(&self, request: &Request<T>) -> Result<u64, Status> {
-        let peer: SpiffeId = signpost_identity::peer_identity(request)?;
+        let peer: SpiffeId = self.identities.of_request(request)?;
         match (&peer.identity, peer.trust_domain == self.trust_domain) {
             (Identity::Node(id), true) => Ok(*id),
             _ => Err(Status::permission_denied(format!(

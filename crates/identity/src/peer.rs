@@ -7,14 +7,20 @@ use crate::spiffe_id::{identity_from_cert_der, SpiffeId};
 /// connection carries no peer certificate (not served through `TlsIncoming`) or the
 /// certificate names no valid SPIFFE ID.
 pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<SpiffeId, tonic::Status> {
+    identity_of_leaf(request, identity_from_cert_der)
+}
+
+fn identity_of_leaf<T>(
+    request: &tonic::Request<T>,
+    identity: impl FnOnce(&[u8]) -> crate::Result<SpiffeId>,
+) -> Result<SpiffeId, tonic::Status> {
     let certs = request.peer_certs().ok_or_else(|| {
         tonic::Status::unauthenticated("no client certificate on this connection")
     })?;
     let leaf = certs
         .first()
         .ok_or_else(|| tonic::Status::unauthenticated("empty client certificate chain"))?;
-    identity_from_cert_der(leaf)
-        .map_err(|e| tonic::Status::unauthenticated(format!("client certificate: {e}")))
+    identity(leaf).map_err(|e| tonic::Status::unauthenticated(format!("client certificate: {e}")))
 }
 
 /// Distinct client certificates whose identities a [`PeerIdentities`] keeps, at most.
@@ -56,6 +62,11 @@ impl PeerIdentities {
         }
         known.insert(der.into(), id.clone());
         Ok(id)
+    }
+
+    /// [`peer_identity`], with the certificate's identity kept.
+    pub fn of_request<T>(&self, request: &tonic::Request<T>) -> Result<SpiffeId, tonic::Status> {
+        identity_of_leaf(request, |der| self.identity(der))
     }
 
     /// Certificates kept now.
